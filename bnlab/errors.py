@@ -1,0 +1,30 @@
+"""Error types shared by every layer.
+
+Each error message names the problem *and* the fix, so the CLI can print it as is (no traceback).
+They subclass the built-in type a caller would naturally catch (ValueError, FileNotFoundError, ...),
+so code written for torch.nn keeps working.
+"""
+
+
+class BnlabError(Exception):
+    """Base class: the CLI prints these as one clear message and exits non-zero."""
+
+
+class ConfigError(BnlabError, ValueError):
+    """A bad argument, config key or value (unknown name, wrong type, out of range)."""
+
+
+class ShapeError(BnlabError, ValueError):
+    """An input tensor of the wrong rank, channel count or dtype."""
+
+
+class DataNotFoundError(BnlabError, FileNotFoundError):
+    """A dataset that is not in any of the searched places."""
+
+
+class CorruptDataError(BnlabError, ValueError):
+    """A data or checkpoint file that is truncated, has the wrong size/hash, or a bad header."""
+
+
+class RunLockedError(BnlabError, RuntimeError):
+    """Another process holds the lock of a run directory."""
