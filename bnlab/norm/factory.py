@@ -1,0 +1,99 @@
+"""Norm layers chosen by name, and conversion of existing models.
+
+With/without BN is a config value, never a code fork: models call ``make_norm(cfg.norm, C, dims)``.
+``convert`` swaps the BN layers of an existing model between torch.nn and bnlab, keeping parameters,
+statistics, device, dtype and train/eval mode, so bnlab's layers (and probes) can be used on models
+built elsewhere.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from bnlab.errors import ConfigError
+from bnlab.norm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+
+__all__ = ["make_norm", "norm_names", "convert", "register_norm"]
+
+_BNLAB_BN = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
+_TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+# name -> builder(num_features, dims, **kwargs). Variants (noisy, lp, ghost, renorm, frozen, ...)
+# register themselves here as they are added.
+_NORMS: dict[str, Callable[..., nn.Module]] = {
+    "batch": lambda num_features, dims, **kw: _BNLAB_BN[dims](num_features, **kw),
+    "none": lambda num_features, dims, **kw: nn.Identity(),
+}
+
+
+def register_norm(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Add a norm layer to the factory: ``builder(num_features, dims, **kwargs) -> nn.Module``."""
+    _NORMS[name] = builder
+
+
+def norm_names() -> list[str]:
+    return sorted(_NORMS)
+
+
+def make_norm(name: str, num_features: int, dims: int, **kwargs) -> nn.Module:
+    """Build the norm layer ``name`` for ``num_features`` channels.
+
+    dims: 1 for (N, C) / (N, C, L) inputs, 2 for (N, C, H, W), 3 for (N, C, D, H, W).
+    ``"none"`` gives ``nn.Identity`` so a model without normalization has no extra modules.
+    """
+    if name not in _NORMS:
+        raise ConfigError(f"unknown norm {name!r}; known norms: {', '.join(norm_names())}")
+    if dims not in _BNLAB_BN:
+        raise ConfigError(f"dims must be 1 (N,C[,L]), 2 (N,C,H,W) or 3 (N,C,D,H,W), got {dims!r}")
+    return _NORMS[name](num_features, dims, **kwargs)
+
+
+def _copy_bn(src: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A new BN of class ``cls`` with src's hyper-parameters, parameters and statistics."""
+    ref = src.weight if src.weight is not None else src.running_mean
+    dst = cls(
+        src.num_features,
+        eps=src.eps,
+        momentum=src.momentum,
+        affine=src.affine,
+        track_running_stats=src.track_running_stats,
+        device=ref.device if ref is not None else None,
+        dtype=ref.dtype if ref is not None else None,
+    )
+    dst.load_state_dict(src.state_dict())
+    if src.affine:
+        dst.weight.requires_grad_(src.weight.requires_grad)
+        dst.bias.requires_grad_(src.bias.requires_grad)
+    dst.train(src.training)
+    return dst
+
+
+def _dims_of(module: nn.Module) -> int | None:
+    for dims in (1, 2, 3):
+        if type(module) in (_TORCH_BN[dims], _BNLAB_BN[dims]):
+            return dims
+    return None
+
+
+def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
+    """Swap every BatchNorm1d/2d/3d of ``model`` for bnlab's (``to="bnlab"``) or torch.nn's
+    (``to="torch"``), in place, keeping parameters and statistics; returns the model.
+
+    Subclasses (SyncBatchNorm, lazy or custom BN layers) are left alone: their behaviour is not
+    that of the plain class.
+    """
+    if to not in ("bnlab", "torch"):
+        raise ConfigError(f"convert(to=...) must be 'bnlab' or 'torch', got {to!r}")
+    target = _BNLAB_BN if to == "bnlab" else _TORCH_BN
+    source = _TORCH_BN if to == "bnlab" else _BNLAB_BN
+    if isinstance(model, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, _BatchNorm)):
+        dims = _dims_of(model)
+        return _copy_bn(model, target[dims]) if dims and type(model) is source[dims] else model
+    for name, child in model.named_children():
+        dims = _dims_of(child)
+        if dims is not None and type(child) is source[dims]:
+            setattr(model, name, _copy_bn(child, target[dims]))
+        else:
+            convert(child, to=to)
+    return model
