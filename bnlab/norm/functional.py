@@ -152,7 +152,6 @@ def batch_norm(
         shift = xc.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]  # (C,)
         d = xc - _per_channel(shift, x)
         var_d, mean_d = torch.var_mean(d, dim=dims, correction=0, keepdim=True)  # (1, C, 1, ...)
-        x_hat = (d - mean_d) * torch.rsqrt(var_d + eps)
         if training and running_mean is not None:
             with torch.no_grad():
                 batch_mean = mean_d.flatten() + shift  # (C,)
@@ -173,14 +172,17 @@ def batch_norm(
                         NonFiniteBatchWarning,
                         stacklevel=3,
                     )
+        scale = torch.rsqrt(var_d + eps)  # (1, C, 1, ...)
+        centered = d - mean_d
     else:
-        rm = _per_channel(running_mean.to(cdtype), x)
-        rv = _per_channel(running_var.to(cdtype), x)
-        x_hat = (xc - rm) * torch.rsqrt(rv + eps)
+        scale = _per_channel(torch.rsqrt(running_var.to(cdtype) + eps), x)
+        centered = xc - _per_channel(running_mean.to(cdtype), x)
 
-    out = x_hat
+    # Fold gamma into the per-channel scale so the affine map costs one fused pass (addcmul).
     if weight is not None:
-        out = out * _per_channel(weight.to(cdtype), x)
+        scale = scale * _per_channel(weight.to(cdtype), x)
     if bias is not None:
-        out = out + _per_channel(bias.to(cdtype), x)
+        out = torch.addcmul(_per_channel(bias.to(cdtype), x), centered, scale)
+    else:
+        out = centered * scale
     return BatchNormOutput(out.to(x.dtype), new_mean, new_var, new_count)

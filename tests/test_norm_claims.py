@@ -1,0 +1,141 @@
+"""Claims D.1-D.5 of shared/papers.md, numerical stability, low precision, properties."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bnlab.norm as bn
+from bnlab.norm import reference as ref
+from bnlab.norm.functional import batch_norm
+
+
+@pytest.mark.parametrize("shape", [(64, 5), (16, 5, 4, 4)])
+def test_d1_normalized_batch_has_zero_mean_and_near_unit_variance(shape):
+    """D.1: before gamma/beta the batch mean is 0 and the biased variance is sigma^2/(sigma^2+eps);
+    conv BN uses statistics over (N, H, W) per channel."""
+    torch.manual_seed(0)
+    scale = torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0], dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64) * scale.view(1, -1, *[1] * (len(shape) - 2)) + 3.0
+    eps = 1e-3
+    y = batch_norm(x, None, None, None, None, training=True, eps=eps).out
+    dims = [0, *range(2, len(shape))]
+    assert y.mean(dims).abs().max().item() < 1e-6
+    sigma2 = x.var(dims, unbiased=False)
+    torch.testing.assert_close(y.var(dims, unbiased=False), sigma2 / (sigma2 + eps), rtol=1e-10, atol=0)
+
+
+def test_d3_inference_is_the_affine_map_and_per_example():
+    """D.3: after Alg. 2's population statistics, eval output = gamma/sqrt(Var+eps) x + (beta - ...),
+    and one example's output does not depend on the rest of the batch."""
+    torch.manual_seed(0)
+    module = bn.BatchNorm2d(3, momentum=None).double()
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        module.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    batches = [torch.randn(8, 3, 4, 4, dtype=torch.float64) * 2 + 1 for _ in range(6)]
+    for b in batches:
+        module(b)
+    mean, var = ref.population_statistics([b.numpy() for b in batches])
+    a, c = ref.inference_affine(module.weight.detach().numpy(), module.bias.detach().numpy(), mean, var, module.eps)
+    module.eval()
+    x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    y = module(x)
+    expected = a.reshape(1, 3, 1, 1) * x.numpy() + c.reshape(1, 3, 1, 1)
+    np.testing.assert_allclose(y.detach().numpy(), expected, rtol=0, atol=1e-12)
+    other = torch.cat([x[:1], torch.randn(4, 3, 4, 4, dtype=torch.float64) * 50])
+    assert torch.equal(module(other)[0], y[0])
+    assert torch.equal(module(x[:1])[0], y[0])
+
+
+@pytest.mark.parametrize("a", [0.1, 10.0])
+def test_d4_scale_invariance(a):
+    """D.4 (Ioffe 3.3): BN((aW)u) = BN(Wu), d/du unchanged, d/d(aW) = (1/a) d/dW."""
+    torch.manual_seed(0)
+    u = torch.randn(32, 7, dtype=torch.float64)
+    w = torch.randn(5, 7, dtype=torch.float64)
+    g = torch.randn(32, 5, dtype=torch.float64)
+    gamma, beta = torch.rand(5, dtype=torch.float64) + 0.5, torch.randn(5, dtype=torch.float64)
+    eps = 1e-12  # the identity is exact only as eps -> 0 (papers.md A.6)
+
+    def run(weight):
+        weight = weight.clone().requires_grad_()
+        uu = u.clone().requires_grad_()
+        y = batch_norm(uu @ weight.T, gamma, beta, None, None, training=True, eps=eps).out
+        y.backward(g)
+        return y.detach(), weight.grad, uu.grad
+
+    y1, dw1, du1 = run(w)
+    y2, dw2, du2 = run(a * w)
+    torch.testing.assert_close(y2, y1, rtol=0, atol=1e-8)
+    torch.testing.assert_close(du2, du1, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(dw2, dw1 / a, rtol=1e-7, atol=1e-9)
+
+
+def test_d5_santurkar_theorem_4_1_gradient_norm_identity():
+    """D.5: ||dL/dy_j||^2 = (gamma^2/sigma_j^2)(||g||^2 - <1,g>^2/m - <g, y_hat_j>^2/m), eps = 0."""
+    torch.manual_seed(0)
+    m = 50
+    y = (torch.randn(m, 1, dtype=torch.float64) * 3 + 2).requires_grad_()
+    g = torch.randn(m, 1, dtype=torch.float64)
+    gamma = torch.tensor([1.7], dtype=torch.float64)
+    # eps must be positive in bnlab; 1e-300 is zero at float64 precision for sigma^2 ~ 9
+    z = batch_norm(y, gamma, torch.zeros(1, dtype=torch.float64), None, None, training=True, eps=1e-300).out
+    z.backward(g)
+    sigma2 = y.detach().var(unbiased=False)
+    y_hat = (y.detach() - y.detach().mean()) / sigma2.sqrt()
+    gv, yh = g.flatten(), y_hat.flatten()
+    rhs = gamma**2 / sigma2 * (gv @ gv - gv.sum() ** 2 / m - (gv @ yh) ** 2 / m)
+    lhs = y.grad.flatten() @ y.grad.flatten()
+    torch.testing.assert_close(lhs, rhs.flatten()[0], rtol=1e-12, atol=0)
+    assert lhs.sqrt() <= gamma / sigma2.sqrt() * gv.norm()
+
+
+def test_float32_large_mean_small_std_has_no_catastrophic_cancellation():
+    torch.manual_seed(0)
+    x = (torch.randn(128, 4, 8, 8, dtype=torch.float64) * 1e-3 + 1e4).float()
+    y = bn.BatchNorm2d(4)(x)
+    y_ref, _ = ref.forward(x.double().numpy(), np.ones(4), np.zeros(4), eps=1e-5)
+    assert np.abs(y.detach().numpy() - y_ref).max() < 1e-3
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 8e-2)])
+def test_half_precision_keeps_float32_statistics(dtype, tol):
+    torch.manual_seed(0)
+    x32 = torch.randn(32, 6, 5, 5) * 2 + 1
+    m32, mlow = bn.BatchNorm2d(6), bn.BatchNorm2d(6)  # float32 parameters and statistics
+    y32 = m32(x32)
+    ylow = mlow(x32.to(dtype))
+    assert ylow.dtype == dtype
+    assert mlow.running_mean.dtype == torch.float32 and mlow.running_var.dtype == torch.float32
+    torch.testing.assert_close(ylow.float(), y32, rtol=tol, atol=tol)
+    torch.testing.assert_close(mlow.running_mean, m32.running_mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(mlow.running_var, m32.running_var, rtol=tol, atol=tol)
+    ylow.float().sum().backward()  # gradients flow in low precision too
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 9),
+    c=st.integers(1, 5),
+    spatial=st.lists(st.integers(1, 4), min_size=0, max_size=2),
+    momentum=st.one_of(st.none(), st.floats(0.0, 1.0)),
+    eps=st.floats(1e-8, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_property_matches_torch_nn(n, c, spatial, momentum, eps, seed):
+    shape = (n, c, *spatial)
+    dims = {0: 1, 1: 1, 2: 2}[len(spatial)]  # (N,C) and (N,C,L) are BatchNorm1d inputs
+    torch.manual_seed(seed)
+    t = getattr(torch.nn, f"BatchNorm{dims}d")(c, eps=eps, momentum=momentum).double()
+    o = getattr(bn, f"BatchNorm{dims}d")(c, eps=eps, momentum=momentum).double()
+    for _ in range(2):
+        x = torch.randn(shape, dtype=torch.float64) * 3
+        torch.testing.assert_close(o(x), t(x), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(o.running_mean, t.running_mean, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(o.running_var, t.running_var, rtol=1e-9, atol=1e-12)
+    o.eval(), t.eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(o(x), t(x), rtol=1e-9, atol=1e-9)
