@@ -1,0 +1,286 @@
+"""Shared machinery of the probes: find layers, and run a forward pass that changes nothing.
+
+The contract (design.md, "Probes never change what they measure"): switching a probe on must leave
+the training trajectory bit-identical. A forward pass can change a model in four ways, and
+`capture` isolates each of them:
+
+1. buffers (BN running statistics, ``num_batches_tracked``): the forward runs through
+   ``torch.func.functional_call`` on *clones* of every buffer, fresh clones per chunk;
+2. ``.training`` flags: set explicitly from ``bn_mode`` and restored for every module in ``finally``;
+3. the global RNG (dropout, noisy BN): the pass runs inside ``torch.random.fork_rng`` and is
+   re-seeded there, so it is also reproducible;
+4. module-owned ``torch.Generator`` attributes (a noisy BN with its own generator): their states are
+   saved and restored.
+
+Parameters are not cloned (a forward pass under ``no_grad`` does not write them). Other Python state
+a custom ``forward`` mutates (counters, caches) is outside what can be isolated generically.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Callable, Literal, Union
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.errors import ConfigError, ShapeError
+
+Where = Literal["input", "output"]
+BnMode = Literal["batch", "running"]
+# A probe target: one name, a list of names, or {label: name or module} (labels key the results).
+ModuleSpec = Union[str, Sequence[str], Mapping[str, Union[str, nn.Module]]]
+
+_BN_MODES = ("batch", "running")
+_WHERES = ("input", "output")
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for torch.nn BatchNorm*/SyncBatchNorm/InstanceNorm (``_NormBase``) and bnlab's BN modules.
+
+    bnlab's modules subclass ``nn.Module`` directly (not ``_NormBase``) and mark themselves with the
+    class attribute ``_is_bnlab_batchnorm = True``; duck typing on buffer names would also catch
+    unrelated modules that happen to keep running averages.
+    """
+    return isinstance(module, nn.modules.batchnorm._NormBase) or bool(
+        getattr(module, "_is_bnlab_batchnorm", False)
+    )
+
+
+def is_dropout(module: nn.Module) -> bool:
+    """Dropout-like modules: always evaluated in eval mode by probes (the statistic of interest is
+    that of the network, not of one random mask)."""
+    return isinstance(module, nn.modules.dropout._DropoutNd)
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; use one of {', '.join(map(repr, choices))}.")
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ConfigError(f"chunk_size={chunk_size!r} must be a positive int or None (one chunk).")
+
+
+def _name_hint(names: Sequence[str], limit: int = 12) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return shown + more
+
+
+def resolve_modules(model: nn.Module, modules: ModuleSpec) -> dict[str, tuple[str, nn.Module]]:
+    """Map each requested label to ``(qualified name, module)`` of ``model``.
+
+    Accepts a name, a sequence of names (label = name), or a mapping ``label -> name | module``
+    (labels let an experiment call ``"features.7"`` simply ``"layer3"``). Unknown names are a
+    ConfigError that lists valid ones, because a typo would otherwise silently measure nothing.
+    """
+    named = dict(model.named_modules())
+    by_id = {id(m): n for n, m in named.items()}
+    if isinstance(modules, str):
+        modules = [modules]
+    if isinstance(modules, Mapping):
+        items = list(modules.items())
+    elif isinstance(modules, Sequence):
+        items = [(n, n) for n in modules]
+    else:
+        raise ConfigError(
+            f"modules must be a name, a list of names or a dict label -> name, got {type(modules).__name__}."
+        )
+    if not items:
+        raise ConfigError(f"modules is empty; pass names such as {_name_hint([n for n in named if n])}.")
+    out: dict[str, tuple[str, nn.Module]] = {}
+    for label, ref in items:
+        if isinstance(ref, nn.Module):
+            if id(ref) not in by_id:
+                raise ConfigError(f"module given for {label!r} is not part of the model; pass its name instead.")
+            name = by_id[id(ref)]
+        elif isinstance(ref, str):
+            name = ref
+        else:
+            raise ConfigError(f"modules[{label!r}] must be a module name or module, got {type(ref).__name__}.")
+        if name not in named:
+            valid = [n for n in named if n] or [""]
+            raise ConfigError(
+                f"unknown module name {name!r}; valid names (dict(model.named_modules())) include "
+                f"{_name_hint(valid)}."
+            )
+        out[str(label)] = (name, named[name])
+    return out
+
+
+def batchnorm_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if is_batchnorm(m)]
+
+
+def to_units(t: Tensor) -> Tensor:
+    """(N, C, *spatial) -> (N*prod(spatial), C) float64 copy; BN's convention: unit = channel,
+    samples = batch and spatial positions. A copy, because in-place ops later in the forward
+    (ReLU(inplace=True)) would otherwise change what was recorded."""
+    if not isinstance(t, Tensor):
+        raise ShapeError(f"expected a tensor activation, got {type(t).__name__}.")
+    if t.dim() == 0:
+        raise ShapeError("cannot take per-unit statistics of a 0-d activation; measure another module.")
+    if t.dim() == 1:
+        t = t.unsqueeze(1)  # (N,) -> (N, 1): one unit
+    c = t.shape[1]
+    return t.detach().movedim(1, -1).reshape(-1, c).to(torch.float64, copy=True)  # (S, C)
+
+
+def _first_tensor(args: tuple, kwargs: dict | None) -> Tensor:
+    for a in list(args) + list((kwargs or {}).values()):
+        if isinstance(a, Tensor):
+            return a
+    raise ShapeError("the measured module was called without a tensor argument; measure its output instead.")
+
+
+def _first_output(out: object) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    raise ShapeError(f"the measured module returned {type(out).__name__}, not a tensor; measure another module.")
+
+
+def _rng_devices(model: nn.Module, x: Tensor) -> list[int]:
+    devs = {t.device.index or 0 for t in [x, *model.parameters(), *model.buffers()] if t.device.type == "cuda"}
+    return sorted(devs)
+
+
+def _module_generators(model: nn.Module) -> list[torch.Generator]:
+    gens: dict[int, torch.Generator] = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            if isinstance(v, torch.Generator):
+                gens[id(v)] = v
+    return list(gens.values())
+
+
+@contextlib.contextmanager
+def isolated(model: nn.Module, x: Tensor, *, bn_mode: BnMode, seed: int | None) -> Iterator[None]:
+    """Training flags from ``bn_mode``, forked and seeded RNGs, and restoration of all of it."""
+    check_choice("bn_mode", bn_mode, _BN_MODES)
+    flags = [(m, m.training) for m in model.modules()]
+    gens = [(g, g.get_state()) for g in _module_generators(model)]
+    devices = _rng_devices(model, x)
+    try:
+        with torch.random.fork_rng(devices=devices):
+            if seed is not None:
+                torch.default_generator.manual_seed(seed)
+                for d in devices:
+                    with torch.cuda.device(d):
+                        torch.cuda.manual_seed(seed)
+            for m in model.modules():
+                if is_batchnorm(m):
+                    m.training = bn_mode == "batch"  # not .train(): that would recurse into children
+                elif is_dropout(m):
+                    m.training = False
+            with torch.no_grad():
+                yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+        for g, state in gens:
+            g.set_state(state)
+
+
+def _chunks(x: Tensor, chunk_size: int | None) -> Sequence[Tensor]:
+    if not isinstance(x, Tensor):
+        raise ShapeError(f"x must be a tensor (the probe batch), got {type(x).__name__}.")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ShapeError(f"x must have a non-empty batch dimension, got shape {tuple(x.shape)}.")
+    return [x] if chunk_size is None else list(torch.split(x, chunk_size, dim=0))
+
+
+def forward_chunks(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    bn_mode: BnMode,
+    chunk_size: int | None = None,
+    seed: int | None = 0,
+    on_chunk: Callable[[int], None] | None = None,
+) -> None:
+    """Run ``model`` over ``x`` (optionally in chunks) without side effects; hooks do the measuring.
+
+    Each chunk gets fresh buffer clones, so every chunk sees the model's state as it was (a chunk
+    must not see running statistics that an earlier chunk updated, e.g. batch renorm).
+    """
+    check_chunk_size(chunk_size)
+    chunks = _chunks(x, chunk_size)
+    with isolated(model, x, bn_mode=bn_mode, seed=seed):
+        for i, xc in enumerate(chunks):
+            if on_chunk is not None:
+                on_chunk(i)
+            buffers = {n: b.clone() for n, b in model.named_buffers()}
+            try:
+                torch.func.functional_call(model, buffers, (xc,))
+            except ValueError as e:
+                if bn_mode == "batch" and xc.shape[0] == 1:
+                    raise ShapeError(
+                        f"bn_mode='batch' needs more than one sample per chunk, but a chunk has 1 "
+                        f"(batch {x.shape[0]}, chunk_size {chunk_size}); choose a chunk_size that "
+                        f"does not leave a single sample, or bn_mode='running'."
+                    ) from e
+                raise
+
+
+def capture(
+    model: nn.Module,
+    x: Tensor,
+    targets: Mapping[str, nn.Module],
+    *,
+    where: Where = "input",
+    bn_mode: BnMode = "batch",
+    chunk_size: int | None = None,
+    seed: int | None = 0,
+) -> dict[str, Tensor]:
+    """Activations of each target module as ``(samples, units)`` float64, pooled over chunks.
+
+    ``where="input"`` uses a *pre*-hook: an in-place module (``ReLU(inplace=True)``) would have
+    overwritten its input by the time a post-hook runs. A module called several times in one
+    forward (weight sharing) contributes the samples of every call. Hooks are always removed.
+    """
+    check_choice("where", where, _WHERES)
+    store: dict[str, list[Tensor]] = {label: [] for label in targets}
+    handles = []
+
+    def make_hook(label: str):
+        if where == "input":
+            def pre(module, args, kwargs):
+                store[label].append(to_units(_first_tensor(args, kwargs)))
+            return pre
+
+        def post(module, args, output):
+            store[label].append(to_units(_first_output(output)))
+        return post
+
+    try:
+        for label, module in targets.items():
+            if where == "input":
+                handles.append(module.register_forward_pre_hook(make_hook(label), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(make_hook(label)))
+        forward_chunks(model, x, bn_mode=bn_mode, chunk_size=chunk_size, seed=seed)
+    finally:
+        for h in handles:
+            h.remove()
+
+    out: dict[str, Tensor] = {}
+    for label, parts in store.items():
+        if not parts:
+            raise ConfigError(
+                f"module {label!r} was not called during the forward pass, so nothing was recorded; "
+                f"measure a module that the model's forward uses."
+            )
+        widths = {p.shape[1] for p in parts}
+        if len(widths) != 1:
+            raise ShapeError(
+                f"module {label!r} saw activations with different unit counts {sorted(widths)} "
+                f"across calls; measure a module with a fixed number of channels."
+            )
+        out[label] = torch.cat(parts, dim=0)
+    return out
