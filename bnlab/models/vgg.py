@@ -1,0 +1,138 @@
+"""VGG (Simonyan & Zisserman) for the Santurkar et al. 2018 experiments (papers.md B.2-B.7).
+
+Santurkar uses a "VGG-like network" on CIFAR-10 with Glorot init and plain SGD; the exact variant and
+width are unknown (papers.md B.2/B.10). Their figures index layers up to "Layer #13", which matches the
+13 conv layers of VGG-16, so VGG-16 is the default reproduction topology (papers.md B.2 [I]); VGG-11
+(configuration "A", 8 convs) is what the public reproductions use (papers.md C.1). ``width`` scales
+every conv channel count for the CPU scale-down (papers.md E: widths /4 or /8).
+
+Choices the papers leave open, and ours:
+- Norm placement: after each conv, before the ReLU; the conv bias is dropped when a norm follows
+  (Ioffe, papers.md A.5; Santurkar "before the non-linearity", papers.md B.2).
+- Max-pools on small inputs: a 2x2 max-pool is skipped once the feature map is 1x1 (it would make it
+  0x0). On 32x32 inputs all five pools run (32 -> 1); on 28x28 the fifth is skipped (28-14-7-3-1); on
+  8x8 the last two are. Skipping keeps the conv stack and the weight-layer count unchanged for every
+  dataset; adaptive pooling at the end would also work but would average the spatial positions that a
+  larger input keeps, changing the head's input.
+- Head: ``"linear"`` (default) is one linear layer from the flattened features to the classes, the
+  usual CIFAR VGG head (512 -> 10 at width 1 on 32x32); weight layer #14 of VGG-16. ``"mlp"`` is the
+  classic CIFAR head FC H-H-classes with H = the last conv width (512 at width 1, as in the
+  reproduction of papers.md C.1), each hidden FC followed by the norm and the activation, like the
+  convs. Whether Santurkar's FC layers had BN is unknown (papers.md B.10). No dropout (plain SGD, no
+  regularizers, papers.md B.2).
+- Init: Glorot uniform for every conv and linear weight, zero biases (papers.md B.2, see ``_init``);
+  norm γ = 1, β = 0 (the factory's default).
+
+Layer names (VGG-11, linear head): ``conv1 norm1 act1 pool1 conv2 norm2 act2 pool2 conv3 ... conv8 norm8
+act8 pool5 flatten fc9``; the number in ``conv{k}``/``fc{k}``/``norm{k}``/``act{k}`` is the weight-layer
+index k ("Layer #k").
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from bnlab.errors import ConfigError
+from bnlab.models._activations import make_activation
+from bnlab.models._base import (
+    ACT,
+    NORM,
+    WEIGHT,
+    LayeredModel,
+    check_image_input,
+    check_positive_int,
+    uses_norm,
+)
+from bnlab.models._init import glorot_
+from bnlab.norm.factory import make_norm
+
+# Conv channel counts at width 1; "M" is a 2x2 max-pool (Simonyan & Zisserman Table 1, configs A and D).
+ARCHS: dict[str, tuple[int | str, ...]] = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+}
+HEADS = ("linear", "mlp")
+
+
+def scaled_channels(channels: int, width: float) -> int:
+    """channels * width rounded half up, at least 1 (so width 1/8 gives 8-16-32-64-64 for VGG)."""
+    return max(1, math.floor(channels * width + 0.5))
+
+
+class VGG(LayeredModel):
+    """VGG-11/16 conv stack with a norm before every activation and a small classifier head.
+
+    Args:
+        arch: "vgg11" or "vgg16".
+        width: channel multiplier (> 0) applied to every conv (and to the "mlp" head's hidden width).
+        norm: norm name for ``make_norm`` ("batch", "none", ...).
+        in_channels, input_size: shape of the (square) input images, e.g. 3 and 32 for CIFAR-10.
+        num_classes: output units.
+        activation: "relu" (default), "sigmoid" or "tanh".
+        head: "linear" or "mlp" (see the module docstring).
+
+    Works with ``channels_last`` inputs (and weights): nothing in the chain assumes a memory format.
+    """
+
+    def __init__(
+        self,
+        arch: str = "vgg16",
+        width: float = 1.0,
+        norm: str = "batch",
+        in_channels: int = 3,
+        input_size: int = 32,
+        num_classes: int = 10,
+        activation: str = "relu",
+        head: str = "linear",
+    ) -> None:
+        super().__init__()
+        if arch not in ARCHS:
+            raise ConfigError(f"unknown VGG arch {arch!r}; valid archs: {', '.join(ARCHS)}")
+        if head not in HEADS:
+            raise ConfigError(f"unknown VGG head {head!r}; valid heads: {', '.join(HEADS)}")
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not (
+            math.isfinite(width) and width > 0
+        ):
+            raise ConfigError(f"width must be a positive finite number, got {width!r}")
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("input_size", input_size)
+        check_positive_int("num_classes", num_classes)
+        self.arch, self.width, self.head, self.norm_name = arch, width, head, norm
+        self.in_channels, self.input_size = in_channels, input_size
+
+        bias = not uses_norm(norm)
+        k, n_pools, size, channels = 0, 0, input_size, in_channels
+        for item in ARCHS[arch]:
+            if item == "M":
+                if size >= 2:  # a 1x1 map cannot be pooled further: skip (module docstring)
+                    n_pools += 1
+                    self._add(f"pool{n_pools}", nn.MaxPool2d(kernel_size=2, stride=2))  # (N, C, s/2, s/2)
+                    size //= 2
+                continue
+            k += 1
+            out = scaled_channels(int(item), width)
+            self._add(f"conv{k}", nn.Conv2d(channels, out, 3, padding=1, bias=bias), WEIGHT)  # (N, out, s, s)
+            self._add(f"norm{k}", make_norm(norm, out, 2), NORM)  # (N, out, s, s)
+            self._add(f"act{k}", make_activation(activation), ACT)  # (N, out, s, s)
+            channels = out
+        self.feature_size = size  # spatial size of the last feature map
+
+        self._add("flatten", nn.Flatten())  # (N, C * s * s)
+        features = channels * size * size
+        if head == "mlp":
+            hidden = channels  # H = last conv width (512 at width 1)
+            for _ in range(2):
+                k += 1
+                self._add(f"fc{k}", nn.Linear(features, hidden, bias=bias), WEIGHT)  # (N, H)
+                self._add(f"norm{k}", make_norm(norm, hidden, 1), NORM)  # (N, H)
+                self._add(f"act{k}", make_activation(activation), ACT)  # (N, H)
+                features = hidden
+        self._add(f"fc{k + 1}", nn.Linear(features, num_classes), WEIGHT)  # (N, num_classes)
+
+        for layer in self.weight_layers().values():
+            glorot_(layer)
+
+    def _check_input(self, x: Tensor) -> None:
+        check_image_input(x, self.in_channels, self.input_size, f"VGG({self.arch!r})")
