@@ -9,15 +9,18 @@ Numerics:
 
 * Statistics are computed in float32 for half/bfloat16 inputs (in the input dtype otherwise) and
   returned in the dtype of the running buffers; the output has the input's dtype and memory format.
-* Mean and variance are computed on data shifted by one sample per channel (the "shifted data"
-  algorithm). Normalizing ``x - mu`` directly loses everything when |mean| >> std in float32
-  (mean 1e4, std 1e-3: the rounding of mu alone is half a standard deviation); after the shift the
-  deviations are small numbers and the result matches a float64 reference.
+* Training uses torch's fused kernel (one pass, fused backward, double backward) when it is
+  accurate, and otherwise the "shifted data" algorithm: normalizing ``x - mu`` directly loses
+  everything when |mean| >> std in float32 (mean 1e4, std 1e-3: the rounding of mu alone is half a
+  standard deviation). The kernel's statistics tell which case applies (|mean|/std above 1e3 in
+  float32); then mean and variance are computed on data shifted by one sample per channel, whose
+  deviations are small numbers, and the result matches a float64 reference. Half/bfloat16 inputs
+  always take that path, with float32 statistics.
 * A training batch whose statistics are not finite (NaN/inf inputs) leaves the running statistics
   and ``num_batches_tracked`` unchanged and warns; the output of that batch is returned as computed.
 
-The forward is composed of differentiable torch ops, so autograd, double backward (Hessian-vector
-products in bnlab.measure) and ``torch.func`` all work; fused kernels are a later, optional path.
+Both paths are differentiable torch ops, so autograd, double backward (Hessian-vector products) and
+``torch.func`` all work.
 """
 from __future__ import annotations
 
@@ -134,55 +137,85 @@ def batch_norm(
         raise ConfigError("momentum=None (cumulative average) needs num_batches_tracked; pass the counter tensor")
 
     use_batch_stats = training or running_mean is None
+    if not use_batch_stats:
+        return BatchNormOutput(_inference(x, weight, bias, running_mean, running_var, eps), running_mean,
+                               running_var, num_batches_tracked)
+
+    count = x.numel() // x.shape[1]
+    if count <= 1 and training:
+        raise ShapeError(
+            f"expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}: "
+            f"the batch variance of a single value is 0 and BN would output beta; use a batch size > 1, "
+            f"or call model.eval() to use the running statistics"
+        )
+    result = _train_native(x, weight, bias, eps) if x.dtype in _NATIVE_RATIO else None
+    out, batch_mean, batch_var = result if result is not None else _train_shifted(x, weight, bias, eps)
+
+    new_mean, new_var, new_count = running_mean, running_var, num_batches_tracked
+    if training and running_mean is not None:
+        with torch.no_grad():
+            if bool(torch.isfinite(batch_mean).all()) and bool(torch.isfinite(batch_var).all()):
+                if num_batches_tracked is not None:
+                    new_count = num_batches_tracked + 1
+                f = 1.0 / float(new_count) if momentum is None else momentum
+                unbiased = batch_var * (count / (count - 1))
+                sdt = running_mean.dtype
+                new_mean = running_mean * (1 - f) + batch_mean.to(sdt) * f
+                new_var = running_var * (1 - f) + unbiased.to(sdt) * f
+            else:
+                warnings.warn(
+                    "batch norm got a training batch with NaN or inf values; its statistics were not "
+                    "added to the running mean/variance (they keep their previous values). "
+                    "Check the input data and the learning rate.",
+                    NonFiniteBatchWarning,
+                    stacklevel=3,
+                )
+    return BatchNormOutput(out, new_mean, new_var, new_count)
+
+
+# Largest |mean| / std for which torch's fused kernel is accurate: it normalizes x - mean with mean
+# rounded to the input precision, an error of about ulp(mean) / std in x_hat (float32: 6e-8 * ratio).
+_NATIVE_RATIO = {torch.float32: 1e3, torch.float64: 1e10}
+
+
+def _train_native(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor] | None:
+    """torch's fused training kernel (one pass forward, fused backward, double backward supported);
+    None when the data is too ill-conditioned for it (then the shifted path recomputes)."""
+    out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    mean, invstd = mean.detach(), invstd.detach()
+    # invstd = 1/sqrt(var + eps) exactly as the kernel used it; recover the biased variance.
+    var = invstd.pow(-2) - eps
+    if bool((mean.abs() * invstd > _NATIVE_RATIO[x.dtype]).any()):
+        return None
+    return out, mean, var
+
+
+def _train_shifted(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Batch statistics by the shifted-data algorithm, composed of differentiable ops."""
     cdtype = _compute_dtype(x)
     xc = x.to(cdtype)
-    dims = reduce_dims(x)
-    new_mean, new_var, new_count = running_mean, running_var, num_batches_tracked
+    # Subtract one sample per channel (exact in floating point for values of similar magnitude), so
+    # the deviations below are computed from small numbers.
+    shift = xc.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]  # (C,)
+    d = xc - _per_channel(shift, x)
+    var_d, mean_d = torch.var_mean(d, dim=reduce_dims(x), correction=0, keepdim=True)  # (1, C, 1, ...)
+    out = _affine(d - mean_d, torch.rsqrt(var_d + eps), weight, bias, x)
+    return out.to(x.dtype), (mean_d.flatten() + shift).detach(), var_d.flatten().detach()
 
-    if use_batch_stats:
-        count = x.numel() // x.shape[1]
-        if count <= 1 and training:
-            raise ShapeError(
-                f"expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}: "
-                f"the batch variance of a single value is 0 and BN would output beta; use a batch size > 1, "
-                f"or call model.eval() to use the running statistics"
-            )
-        # Shifted-data algorithm: subtract one sample per channel (exact in floating point for
-        # values of similar magnitude), so the deviations below are computed from small numbers.
-        shift = xc.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]  # (C,)
-        d = xc - _per_channel(shift, x)
-        var_d, mean_d = torch.var_mean(d, dim=dims, correction=0, keepdim=True)  # (1, C, 1, ...)
-        if training and running_mean is not None:
-            with torch.no_grad():
-                batch_mean = mean_d.flatten() + shift  # (C,)
-                batch_var = var_d.flatten()
-                if bool(torch.isfinite(batch_mean).all()) and bool(torch.isfinite(batch_var).all()):
-                    if num_batches_tracked is not None:
-                        new_count = num_batches_tracked + 1
-                    f = 1.0 / float(new_count) if momentum is None else momentum
-                    unbiased = batch_var * (count / (count - 1))
-                    sdt = running_mean.dtype
-                    new_mean = running_mean * (1 - f) + batch_mean.to(sdt) * f
-                    new_var = running_var * (1 - f) + unbiased.to(sdt) * f
-                else:
-                    warnings.warn(
-                        "batch norm got a training batch with NaN or inf values; its statistics were not "
-                        "added to the running mean/variance (they keep their previous values). "
-                        "Check the input data and the learning rate.",
-                        NonFiniteBatchWarning,
-                        stacklevel=3,
-                    )
-        scale = torch.rsqrt(var_d + eps)  # (1, C, 1, ...)
-        centered = d - mean_d
-    else:
-        scale = _per_channel(torch.rsqrt(running_var.to(cdtype) + eps), x)
-        centered = xc - _per_channel(running_mean.to(cdtype), x)
 
-    # Fold gamma into the per-channel scale so the affine map costs one fused pass (addcmul).
+def _inference(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
+    """Alg. 2's inference map, as (x - E[x]) * gamma / sqrt(Var[x] + eps) + beta: subtracting first
+    keeps precision when |E[x]| >> std (the folded form a*x + b cancels catastrophically there)."""
+    cdtype = _compute_dtype(x)
+    scale = _per_channel(torch.rsqrt(running_var.to(cdtype) + eps), x)
+    centered = x.to(cdtype) - _per_channel(running_mean.to(cdtype), x)
+    return _affine(centered, scale, weight, bias, x).to(x.dtype)
+
+
+def _affine(centered: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None, x: Tensor) -> Tensor:
+    """centered * scale * gamma + beta, with gamma folded into the per-channel scale (one fused pass)."""
     if weight is not None:
-        scale = scale * _per_channel(weight.to(cdtype), x)
-    if bias is not None:
-        out = torch.addcmul(_per_channel(bias.to(cdtype), x), centered, scale)
-    else:
-        out = centered * scale
-    return BatchNormOutput(out.to(x.dtype), new_mean, new_var, new_count)
+        scale = scale * _per_channel(weight.to(scale.dtype), x)
+    if bias is None:
+        return centered * scale
+    return torch.addcmul(_per_channel(bias.to(scale.dtype), x), centered, scale)
