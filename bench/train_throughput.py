@@ -1,0 +1,161 @@
+"""Training throughput: bnlab's engine against a plain PyTorch loop over DataLoader(TensorDataset).
+
+Same model (built by the same code), same data tensors, same optimizer, same batch size, same
+thread count; measured in the same process, alternating, median of ``--repeats``. The engine is
+``bnlab.train.train_run`` as the CLI runs it (per-step loss record in metrics.jsonl, NaN check, lr
+schedule, checkpoints), minus evaluation and probes, which the plain loop does not do either. The
+plain loop is the textbook one: ``for xb, yb in DataLoader(TensorDataset(x, y), batch_size,
+shuffle=True, drop_last=True)`` with the default ``num_workers=0``.
+
+Models: the Ioffe MLP (784-100-100-100-10, sigmoid, BN, batch 60) on Fashion-MNIST (or MNIST), and
+VGG-11 at width 1/4 (BN, batch 128) on CIFAR-10 when installed, else random 3x32x32 tensors of the
+same size (the throughput does not depend on the pixel values).
+
+    python bench/train_throughput.py [--threads 1] [--repeats 3] [--quick]
+
+The last line is ``engine_vs_dataloader_speedup: <ratio for the Ioffe MLP>``.
+
+What to expect: the batch path alone (randperm + index_select vs per-example __getitem__ +
+collate) is ~9x faster, but it is ~0.15 ms of a step whose forward/backward/update takes ~0.5-1 ms
+on one core for the Ioffe MLP, so the end-to-end ratio is bounded by (model + 0.17) / (model + 0.02)
+whatever the loop does; for VGG the data path is noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from bnlab.errors import BnlabError
+from bnlab.train.config import TrainConfig
+from bnlab.train.loop import RunOptions, RunSpec, train_run
+from bnlab.train.task import Task, build_network, build_task, loss_function
+
+
+def _random_task(shape: tuple[int, ...], n: int) -> Task:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, *shape, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return Task(name="random", requested="random", x_train=x, y_train=y, x_test=x[:500], y_test=y[:500],
+                x_eval=x[:500], y_eval=y[:500], x_probe=x[:128], y_probe=y[:128], num_classes=10,
+                in_shape=shape, source="torch.rand", note="", is_classification=True)
+
+
+def _load_or_random(dataset: str, shape: tuple[int, ...], n: int, fallback: bool) -> tuple[Task, str]:
+    """The real dataset when installed; else random tensors of its shape and size (the throughput
+    does not depend on the pixel values)."""
+    try:
+        task = build_task(TrainConfig(dataset=dataset, data_fallback=fallback, eval_subset=500,
+                                      probe_batch_size=128))
+        return task, f"{task.name} ({task.x_train.shape[0]} train images)"
+    except BnlabError:
+        return _random_task(shape, n), f"random {'x'.join(map(str, shape))} tensors ({dataset} not installed)"
+
+
+def engine_steps_per_second(cfg: TrainConfig, task: Task, threads: int) -> float:
+    """Steady-state steps/s of train_run, timed between progress callbacks (excludes setup and the
+    final test-set evaluation)."""
+    stamps: list[tuple[int, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = RunSpec("bench", "engine", 0, "bench", cfg, Path(tmp) / "run",
+                       build_task=lambda c, d: task)
+        train_run(spec, RunOptions(threads=threads, progress_every=max(1, cfg.steps // 10)),
+                  lambda step: stamps.append((step, time.perf_counter())))
+    # skip the first tenth (warm-up) and the final callback (after the files are written)
+    (s0, t0), (s1, t1) = stamps[1], stamps[-2]
+    return (s1 - s0) / (t1 - t0)
+
+
+def dataloader_steps_per_second(cfg: TrainConfig, task: Task, threads: int) -> float:
+    """The same training with the textbook DataLoader loop."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_network(cfg, task.in_shape, task.num_classes).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    loss_fn = loss_function(cfg)
+    loader = DataLoader(TensorDataset(task.x_train, task.y_train), batch_size=cfg.batch_size,
+                        shuffle=True, drop_last=True)
+    warmup = max(1, cfg.steps // 10)
+    step, t0 = 0, None
+    while step < cfg.steps:
+        for xb, yb in loader:
+            if step == warmup:
+                t0 = time.perf_counter()
+            loss = loss_fn(model(xb), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step == cfg.steps:
+                break
+    return (cfg.steps - warmup) / (time.perf_counter() - t0)
+
+
+def batch_fetch_microseconds(task: Task, batch_size: int, n: int = 2000) -> tuple[float, float]:
+    """Time to produce one batch and nothing else: bnlab.data.Batches vs DataLoader(TensorDataset)."""
+    from bnlab.data import Batches
+
+    batches = Batches(task.x_train, task.y_train, batch_size, seed=0)
+    t0 = time.perf_counter()
+    for step in range(n):
+        batches.batch(step)
+    ours = (time.perf_counter() - t0) / n * 1e6
+    loader = DataLoader(TensorDataset(task.x_train, task.y_train), batch_size=batch_size, shuffle=True,
+                        drop_last=True)
+    count, t0 = 0, time.perf_counter()
+    while count < n:
+        for _ in loader:
+            count += 1
+            if count == n:
+                break
+    return ours, (time.perf_counter() - t0) / n * 1e6
+
+
+def compare(label: str, cfg: TrainConfig, task: Task, threads: int, repeats: int) -> float:
+    engine, plain = [], []
+    for _ in range(repeats):  # alternate, so background load hits both alike
+        engine.append(engine_steps_per_second(cfg, task, threads))
+        plain.append(dataloader_steps_per_second(cfg, task, threads))
+    e, p = statistics.median(engine), statistics.median(plain)
+    print(f"{label:<34} engine {e:8.1f} steps/s  ({1000 / e:6.2f} ms/step)   "
+          f"DataLoader {p:8.1f} steps/s  ({1000 / p:6.2f} ms/step)   ratio {e / p:5.2f}x")
+    return e / p
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as per worker)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke test of the script)")
+    args = parser.parse_args()
+
+    common = dict(eval_subset=500, probe_schedule="none", log_every=1, checkpoint_every=10**9)
+    mlp_task, mlp_data = _load_or_random("mnist", (1, 28, 28), 60_000, fallback=True)  # or Fashion-MNIST
+    mlp = TrainConfig(dataset=mlp_task.name, model="ioffe_mlp", norm="batch", batch_size=60, lr=0.1,
+                      steps=300 if args.quick else 3000, **common)
+    mlp = dataclasses.replace(mlp, eval_every=mlp.steps)
+    vgg_task, vgg_data = _load_or_random("cifar10", (3, 32, 32), 10_000, fallback=False)
+    vgg = TrainConfig(dataset="cifar10", model="vgg11", width=0.25, norm="batch", batch_size=128, lr=0.05,
+                      steps=20 if args.quick else 80, **common)
+    vgg = dataclasses.replace(vgg, eval_every=vgg.steps)
+
+    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}")
+    print(f"Ioffe MLP data: {mlp_data}; VGG-11 data: {vgg_data}")
+    torch.set_num_threads(args.threads)
+    ours_us, loader_us = batch_fetch_microseconds(mlp_task, 60)
+    print(f"{'batch fetch only (60 x 1x28x28)':<34} Batches {ours_us:6.1f} us/batch   DataLoader "
+          f"{loader_us:6.1f} us/batch   ratio {loader_us / ours_us:5.2f}x")
+    ratio_mlp = compare("Ioffe MLP 784-100x3-10 BN, batch 60", mlp, mlp_task, args.threads, args.repeats)
+    compare("VGG-11 width 1/4 BN, batch 128", vgg, vgg_task, args.threads, max(1, args.repeats - 1))
+    print(f"engine_vs_dataloader_speedup: {ratio_mlp:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""From an out dir of stored runs to one self-contained HTML report. Reads run directories only:
+nothing here trains or probes (design.md: compute, store, plot, report are separate).
+
+    path = build_report("runs")                 # every experiment with runs -> runs/report.html
+
+    report = collect("runs", ["demo"], "r.html")  # the same as data: sections, verdict rows
+    path = write_report(report)                 # -> r.html
+    print(summary_text(path, report.rows))      # what a CLI prints at the end
+
+For each experiment with runs under ``<out>/<experiment>/`` (one section per profile found there):
+its verdict and plot functions are called on the *finished* stored runs (figures go to
+``<out>/<experiment>/figures/``); a verdict or plot function that raises is reported in its section
+instead of stopping the report. Incomplete (killed or still running) and diverged runs are listed as
+such. Runs of experiments that are no longer registered still get their settings, environment and
+generic curves.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from bnlab.errors import ConfigError, DataNotFoundError
+from bnlab.report._io import atomic_write_bytes
+from bnlab.train.config import config_hash
+from bnlab.train.results import ExperimentResults, RunResult, load_run
+
+PROFILE_ORDER = ("paper", "quick", "smoke")  # the largest scale first: it is the one that counts
+_FIGURE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+
+__all__ = ["FigureEntry", "Report", "Section", "build_report", "collect", "summary_text",
+           "write_report"]
+
+
+@dataclass
+class FigureEntry:
+    path: Path
+    caption: str
+    data: bytes | None  # None: a file type the report does not inline (listed by path)
+    mime: str = "image/png"
+
+
+@dataclass
+class Section:
+    """One experiment at one profile: its runs and what its verdict and plot functions made of them."""
+
+    name: str
+    profile: str
+    experiment: Any  # bnlab.experiments.Experiment, or None when not registered
+    results: ExperimentResults  # every run of this profile, incomplete ones included
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    verdict_error: str | None = None  # traceback text
+    figures: list[FigureEntry] = field(default_factory=list)
+    plot_error: str | None = None
+    figures_dir: Path | None = None
+    notes: list[str] = field(default_factory=list)  # why no verdict/figures, and similar
+    excluded: list[RunResult] = field(default_factory=list)  # finished, but another config of a variant
+
+    @property
+    def anchor(self) -> str:
+        raw = f"exp-{self.name}-{self.profile or 'none'}"
+        return "".join(c if c.isalnum() or c in "-_" else "-" for c in raw)
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} ({self.profile} profile)" if self.profile else self.name
+
+    @property
+    def finished(self) -> ExperimentResults:
+        """The finished runs the verdict and figures use (see ``_choose_configs``)."""
+        done = self.results.finished()
+        drop = {id(r) for r in self.excluded}
+        return ExperimentResults(done.experiment, [r for r in done.runs if id(r) not in drop], done.out_dir)
+
+    @property
+    def incomplete(self) -> list[RunResult]:
+        return [r for r in self.results.runs if r.status == "incomplete"]
+
+    @property
+    def diverged(self) -> list[RunResult]:
+        return [r for r in self.results.runs if r.status == "diverged"]
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    output: Path
+    generated: str
+    sections: list[Section]
+    missing: list[str] = field(default_factory=list)  # requested experiments without runs
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """Every verdict row, tagged with experiment and profile; a verdict function that raised
+        gives one row with ``passed=None`` and ``error`` set."""
+        out: list[dict[str, Any]] = []
+        for s in self.sections:
+            for r in s.rows:
+                out.append({"experiment": s.name, "profile": s.profile, **r})
+            if s.verdict_error is not None:
+                out.append({"experiment": s.name, "profile": s.profile, "claim": "(verdict function failed)",
+                            "paper": "", "ours": "", "seeds": len(s.finished.runs), "passed": None,
+                            "why": _last_line(s.verdict_error), "error": s.verdict_error})
+        return out
+
+
+# --- finding runs -------------------------------------------------------------------------------------
+
+def _no_runs_message(out_dir: Path, what: str, example: str = "demo") -> str:
+    return (f"{what}; produce runs first, e.g. `bnlab run {example} --profile quick --out {out_dir}` "
+            f"(`bnlab list` names every experiment), then build the report with `bnlab report {out_dir}`")
+
+
+def experiments_with_runs(out_dir: Path | str) -> list[str]:
+    """Names of the experiments that have at least one run directory under ``out_dir``: registered
+    experiments in registry order, then any others (e.g. renamed or removed ones) sorted."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = sorted(d.name for d in out_dir.iterdir()
+                   if d.is_dir() and any(d.glob("*/seed*/config.json")))
+    try:
+        from bnlab.experiments import experiment_names
+
+        order = {n: i for i, n in enumerate(experiment_names())}
+    except Exception:  # a broken experiment module must not hide the runs of the others
+        order = {}
+    return sorted(found, key=lambda n: (order.get(n, len(order)), n))
+
+
+def _lookup(name: str) -> tuple[Any, str | None]:
+    """(the registered experiment or None, why not when an experiment module failed to import)."""
+    try:
+        from bnlab.experiments import get_experiment
+
+        return get_experiment(name), None
+    except ConfigError:
+        return None, None
+    except Exception as err:  # a broken experiment module: still report the stored runs
+        return None, f"the experiment registry failed to load ({type(err).__name__}: {err})"
+
+
+def _load_runs(out_dir: Path, name: str) -> tuple[list[RunResult], list[str]]:
+    """Every run directory of ``name`` (incomplete ones included); one unreadable run directory is
+    named in a note instead of hiding all the others."""
+    runs, problems = [], []
+    for d in sorted((out_dir / name).glob("*/seed*")):
+        try:
+            r = load_run(d)
+        except Exception as err:
+            problems.append(f"run directory {d} cannot be read ({_last_line(str(err)) or type(err).__name__}); "
+                            "it is left out of this report (delete it to redo the run)")
+            continue
+        if r is not None:
+            runs.append(r)
+    return runs, problems
+
+
+# --- calling experiment code safely -------------------------------------------------------------------
+
+def _format_error(err: BaseException) -> str:
+    return "".join(traceback.format_exception(type(err), err, err.__traceback__)).rstrip()
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else text
+
+
+def _normalize_rows(rows: Any) -> list[dict[str, Any]]:
+    if rows is None:
+        return []
+    if isinstance(rows, dict):
+        rows = [rows]
+    out = []
+    for r in rows:
+        if not isinstance(r, dict):
+            raise TypeError(f"verdict rows must be dicts (claim, paper, ours, seeds, passed, why), got "
+                            f"{type(r).__name__}: {r!r}")
+        out.append(dict(r))
+    return out
+
+
+def _run_verdict(section: Section) -> None:
+    exp = section.experiment
+    if exp is None or getattr(exp, "verdict", None) is None:
+        return
+    try:
+        section.rows = _normalize_rows(exp.verdict(section.finished))
+    except Exception as err:  # the report shows it; other experiments still get their sections
+        section.verdict_error = _format_error(err)
+
+
+def _run_plots(section: Section, out_dir: Path, several_profiles: bool) -> None:
+    from bnlab.report.plots import default_plots, read_caption, use_agg
+
+    exp = section.experiment
+    fn = getattr(exp, "plots", None) if exp is not None else None
+    if fn is None:
+        fn = default_plots
+    figdir = out_dir / section.name / "figures"
+    if several_profiles:
+        figdir = figdir / (section.profile or "none")
+    section.figures_dir = figdir
+    use_agg()
+    plt = sys.modules.get("matplotlib.pyplot")
+    before = set(plt.get_fignums()) if plt is not None else set()
+    try:
+        figdir.mkdir(parents=True, exist_ok=True)
+        paths = list(fn(section.finished, figdir) or [])
+    except Exception as err:
+        section.plot_error = _format_error(err)
+        paths = []
+    finally:
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None:  # figures an experiment left open in pyplot would pile up over a report
+            for num in set(plt.get_fignums()) - before:
+                plt.close(num)
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            section.notes.append(f"the plot function returned {p}, which does not exist")
+            continue
+        mime = _FIGURE_TYPES.get(p.suffix.lower())
+        section.figures.append(FigureEntry(p, read_caption(p), p.read_bytes() if mime else None,
+                                           mime or ""))
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+def _choose_configs(s: Section) -> None:
+    """One config per variant for the verdict and figures, so seeds of different settings are never
+    averaged together: the config the experiment declares for this profile when it has finished runs,
+    else the config with the most finished runs. Runs of other configs (``--set`` overrides) stay in
+    the settings and runs tables and are named in a note."""
+    by_variant: dict[str, dict[str, list[RunResult]]] = {}
+    for r in s.results.finished().runs:
+        by_variant.setdefault(r.variant, {}).setdefault(r.config_hash, []).append(r)
+    for variant, by_hash in by_variant.items():
+        if len(by_hash) < 2:
+            continue
+        declared = None
+        if s.experiment is not None:
+            try:
+                declared = config_hash(s.experiment.config(variant, s.profile))
+            except Exception:  # variant or profile no longer declared
+                declared = None
+        keep = declared if declared in by_hash else max(by_hash, key=lambda h: (len(by_hash[h]), h))
+        others = [r for h, rs in by_hash.items() if h != keep for r in rs]
+        s.excluded.extend(others)
+        s.notes.append(
+            f"variant {variant!r} has finished runs of {len(by_hash)} different configs; the verdict and "
+            f"figures use config {keep[:8]}" + (" (the declared one)" if keep == declared else
+                                                 " (the one with the most runs)")
+            + " and leave out " + ", ".join(f"seed {r.seed} of {r.config_hash[:8]}" for r in others)
+            + " (see Settings and Deviations)")
+
+
+def _sections_for(out_dir: Path, name: str, exp: Any, lookup_error: str | None) -> list[Section]:
+    runs, problems = _load_runs(out_dir, name)
+    results = ExperimentResults(name, runs, out_dir)
+    profiles = results.profiles()
+    profiles.sort(key=lambda p: (PROFILE_ORDER.index(p) if p in PROFILE_ORDER else len(PROFILE_ORDER), p))
+    if not profiles:  # every run directory was unreadable
+        return [Section(name, "", exp, results, notes=problems)]
+    sections = []
+    for profile in profiles:
+        sub = results.for_profile(profile)
+        s = Section(name, profile, exp, sub, notes=list(problems))
+        if lookup_error is not None:
+            s.notes.append(f"{lookup_error}: the runs are listed with generic curves, without a verdict")
+        elif exp is None:
+            s.notes.append(f"{name!r} is not a registered experiment in this version of bnlab (renamed or "
+                           "removed?): its runs are listed with generic curves, without a verdict")
+        elif getattr(exp, "verdict", None) is None:
+            s.notes.append("this experiment declares no verdict function")
+        _choose_configs(s)
+        sections.append(s)
+    return sections
+
+
+def collect(out_dir: Path | str, experiments: Sequence[Any] | None = None,
+            output: Path | str | None = None) -> Report:
+    """Read the stored runs, run every verdict and plot function; the report as data (no HTML).
+
+    experiments: names (or Experiment objects, e.g. unregistered ones in tests); None = every
+    experiment with runs under ``out_dir``. Raises DataNotFoundError when there is nothing to report.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        raise DataNotFoundError(_no_runs_message(out_dir, f"the run directory {out_dir} does not exist"))
+    if not out_dir.is_dir():
+        raise DataNotFoundError(_no_runs_message(out_dir, f"{out_dir} is not a directory of runs"))
+    with_runs = experiments_with_runs(out_dir)
+    wanted: list[tuple[str, Any, str | None]] = []
+    missing: list[str] = []
+    if experiments is None:
+        wanted = [(n, *_lookup(n)) for n in with_runs]
+    else:
+        for item in experiments:
+            if isinstance(item, str):
+                name, (exp, why) = item, _lookup(item)
+                if exp is None and why is None and item not in with_runs:
+                    from bnlab.experiments import get_experiment
+
+                    get_experiment(item)  # raises ConfigError: unknown experiment, naming the known ones
+            else:
+                name, exp, why = item.name, item, None
+            if name in with_runs:
+                wanted.append((name, exp, why))
+            else:
+                missing.append(name)
+    if not wanted:
+        what = (f"no runs of {', '.join(missing)} under {out_dir}" if missing
+                else f"no runs under {out_dir} (no <experiment>/<variant>-<hash>/seed<k>/config.json)")
+        raise DataNotFoundError(_no_runs_message(out_dir, what, missing[0] if missing else "demo"))
+
+    sections: list[Section] = []
+    for name, exp, why in wanted:
+        sections.extend(_sections_for(out_dir, name, exp, why))
+    for name in dict.fromkeys(s.name for s in sections):
+        mine = [s for s in sections if s.name == name]
+        for s in mine:
+            if not s.finished.runs:
+                s.notes.append("no finished run yet (every run is incomplete): verdict and figures wait "
+                               "for at least one run to end")
+                continue
+            _run_verdict(s)
+            _run_plots(s, out_dir, several_profiles=len(mine) > 1)
+    output = Path(output) if output is not None else out_dir / "report.html"
+    return Report(out_dir, output, time.strftime("%Y-%m-%d %H:%M:%S %z"), sections, missing)
+
+
+def write_report(report: Report) -> Path:
+    """Render ``report`` (from ``collect``) to ``report.output``, atomically; returns the path."""
+    from bnlab.report.html import render
+
+    report.output.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(report.output, render(report).encode("utf-8"))
+
+
+def build_report(out_dir: Path | str, experiments: Sequence[Any] | None = None,
+                 output: Path | str | None = None) -> Path:
+    """Write the HTML report of the stored runs under ``out_dir`` (default ``<out>/report.html``,
+    atomically) and return its path. Never trains. See ``collect`` for ``experiments``; to print
+    ``summary_text`` as well, use ``report = collect(...); write_report(report); report.rows``."""
+    return write_report(collect(out_dir, experiments, output))
+
+
+def summary_text(report_path: Path | str, verdict_rows: Sequence[dict[str, Any]] | None) -> str:
+    """A few plain-text lines for the end of a CLI command: where the report is, and the verdict
+    counts (PASS / FAIL / UNDECIDED, and verdict functions that failed), naming the claims that
+    did not pass."""
+    rows = list(verdict_rows or [])
+    n_pass = sum(1 for r in rows if r.get("passed") is True and not r.get("error"))
+    n_fail = sum(1 for r in rows if r.get("passed") is False and not r.get("error"))
+    n_err = sum(1 for r in rows if r.get("error"))
+    n_und = len(rows) - n_pass - n_fail - n_err
+    lines = [f"report: {Path(report_path).resolve()} (one self-contained file; opens offline in any browser)"]
+    if not rows:
+        lines.append("verdicts: none (no verdict rows)")
+    else:
+        counts = f"{n_pass} PASS, {n_fail} FAIL, {n_und} UNDECIDED"
+        if n_err:
+            counts += f", {n_err} verdict error{'s' if n_err != 1 else ''}"
+        lines.append(f"verdicts: {counts} ({len(rows)} claim{'s' if len(rows) != 1 else ''})")
+    for r in rows:
+        if r.get("passed") is True and not r.get("error"):
+            continue
+        mark = "ERROR" if r.get("error") else "FAIL" if r.get("passed") is False else "UNDECIDED"
+        where = "/".join(str(r[k]) for k in ("experiment", "profile") if r.get(k))
+        text = r.get("why") if r.get("error") else r.get("claim", "")
+        lines.append(f"  {mark:<9} {where + ': ' if where else ''}{text}")
+    return "\n".join(lines)

@@ -1,0 +1,337 @@
+"""The training loop: one run = one (config, seed) trained to its end, resumable, in one directory.
+
+Step numbering: "step s" is the state after s updates. At each step s = 0..steps the loop does, in
+order: checkpoint (every ``checkpoint_every``, s > 0) -> evaluation on the fixed subset (every
+``eval_every`` and at the last step) -> probes due at s -> the update at s (if s < steps). After the
+last step the full test split is evaluated, then model.pt, arrays.npz and the ``done`` marker are
+written. Everything that decides the trajectory (batches, learning rate) is a function of (seed,
+step), and the checkpoint carries the model, optimizer, RNG states and probe data, so a resumed run
+repeats exactly what an uninterrupted run does (see rundir.py for the metrics file).
+
+A non-finite training loss ends the run as a *result*: ``{"event": "diverged"}`` is logged at that
+step and ``done`` says ``"status": "diverged"``; nothing raises.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnlab.data import Batches
+from bnlab.errors import ConfigError
+from bnlab.train.config import TrainConfig, config_hash, config_to_dict
+from bnlab.train.env import environment
+from bnlab.train.probes import ArrayStore, Probe, ProbeContext, _Guard, call_probe, probe_generator
+from bnlab.train.rundir import (ARRAYS, CHECKPOINT, CONFIG, ENV, MODEL, RunDir, RunLock, atomic_torch_save,
+                                atomic_write_bytes, read_json)
+from bnlab.train.schedule import lr_at
+from bnlab.train.task import Task, build_network, build_task, loss_function, per_example_loss_sum
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run to do: which experiment/variant/seed, the resolved config, and where it lives."""
+
+    experiment: str
+    variant: str
+    seed: int
+    profile: str
+    cfg: TrainConfig
+    run_dir: Path
+    probes: tuple[Probe, ...] = ()
+    # Optional replacements for the model/data builders (custom models in an experiment, tests).
+    build_model: Callable[[TrainConfig, Task], nn.Module] | None = None
+    build_task: Callable[[TrainConfig, str | None], Task] | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.variant}/seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run (never what): none of these change a result or a run directory's hash."""
+
+    data_dir: str | None = None
+    threads: int | None = None  # torch intra-op threads; None = leave as is
+    tensorboard: bool = False
+    lock_wait: float | None = None  # None: refuse at once if another process holds the run
+    progress_every: int = 0  # call the progress callback every N steps (0 = ~200 times per run)
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    variant: str
+    seed: int
+    status: str  # "done" | "diverged" | "skipped" (was done) | "locked"
+    steps: int = 0
+    diverged_step: int | None = None
+    test: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    resumed_from: int | None = None
+    message: str = ""
+
+
+def train_run(spec: RunSpec, options: RunOptions = RunOptions(),
+              progress: Callable[[int], None] | None = None) -> RunOutcome:
+    """Train ``spec`` to its end in ``spec.run_dir`` (skip if done, resume if a checkpoint exists).
+
+    ``progress(step)`` is called now and then with the current step. Raises RunLockedError if
+    another process writes the run (after ``options.lock_wait`` seconds, if set).
+    """
+    rd = RunDir(spec.run_dir)
+    _check_same_config(spec, rd)
+    if rd.is_done():
+        return _skipped(spec, rd)
+    lock = RunLock(rd.path)
+    lock.acquire(options.lock_wait)
+    try:
+        if rd.is_done():  # finished by the process we waited for
+            return _skipped(spec, rd)
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        return _train_locked(spec, options, rd, progress)
+    finally:
+        rd.close_metrics()
+        lock.release()
+
+
+def _check_same_config(spec: RunSpec, rd: RunDir) -> None:
+    """The directory name carries 8 hex digits of the hash; config.json carries all of it."""
+    path = rd.file(CONFIG)
+    if path.exists():
+        stored = read_json(path).get("config_hash")
+        if stored != config_hash(spec.cfg):
+            raise ConfigError(f"{path} belongs to another config (hash {str(stored)[:12]}..., this run "
+                              f"is {config_hash(spec.cfg)[:12]}...); delete {rd.path} to redo it")
+
+
+def _skipped(spec: RunSpec, rd: RunDir) -> RunOutcome:
+    info = rd.read_done()
+    return RunOutcome(rd.path, spec.variant, spec.seed, "skipped", steps=info.get("steps", 0),
+                      diverged_step=info.get("diverged_step"), test=info.get("test") or {},
+                      message=f"already {info.get('status', 'done')}")
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
+             is_classification: bool) -> dict[str, Any]:
+    """Mean per-example loss (and accuracy) of ``model`` in eval mode (BN uses running statistics)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    try:
+        for i in range(0, x.shape[0], cfg.eval_batch_size):
+            xb, yb = x[i:i + cfg.eval_batch_size], y[i:i + cfg.eval_batch_size]
+            if cfg.channels_last and xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            out = model(xb)
+            loss_sum += float(per_example_loss_sum(cfg, out, yb))
+            if is_classification:
+                correct += int((out.argmax(dim=1) == yb).sum())
+    finally:
+        model.train(was_training)
+    n = int(x.shape[0])
+    result: dict[str, Any] = {"loss": loss_sum / n}
+    if is_classification:
+        result["acc"] = correct / n
+    result["n"] = n
+    return result
+
+
+def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def _save_arrays(rd: RunDir, store: ArrayStore) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **store.stacked())
+    atomic_write_bytes(rd.file(ARRAYS), buf.getvalue())
+
+
+def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
+                  progress: Callable[[int], None] | None) -> RunOutcome:
+    cfg, seed = spec.cfg, spec.seed
+    t_start = time.perf_counter()
+    h = config_hash(cfg)
+
+    # --- data, model, optimizer (deterministic given the seed) ------------------------------------
+    _seed_everything(seed)
+    task = (spec.build_task or build_task)(cfg, options.data_dir)
+    if spec.build_model is not None:
+        model = spec.build_model(cfg, task)
+    else:
+        model = build_network(cfg, task.in_shape, task.num_classes)
+    model.train()
+    optimizer = _make_optimizer(cfg, model)
+    loss_fn = loss_function(cfg)
+    if cfg.batch_size > task.x_train.shape[0]:
+        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {task.x_train.shape[0]} training "
+                          f"examples of {task.name}; lower batch_size or raise train_subset")
+    batches = Batches(task.x_train, task.y_train, cfg.batch_size, seed)
+    probe_plan = {p.name: set(p.steps(cfg)) for p in spec.probes}
+    probe_state: dict[str, dict[str, Any]] = {p.name: {} for p in spec.probes}
+    store = ArrayStore()
+
+    # --- resume or start ----------------------------------------------------------------------------
+    ckpt = rd.load_checkpoint()
+    start, offset, resumed_from = 0, 0, None
+    if ckpt is not None:
+        if ckpt.get("config_hash") != h:
+            raise ConfigError(
+                f"checkpoint {rd.file(CHECKPOINT)} belongs to another config (hash "
+                f"{str(ckpt.get('config_hash'))[:8]}, this run is {h[:8]}); delete it to restart this run"
+            )
+        if ckpt.get("dataset") not in (None, task.name):
+            raise ConfigError(
+                f"checkpoint {rd.file(CHECKPOINT)} was trained on {ckpt['dataset']} but {task.name} is "
+                f"what loads now (dataset fallback); restore the data it used or delete {rd.path}"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        _set_rng_state(ckpt["rng"])
+        store = ArrayStore(ckpt["store"])
+        probe_state.update(ckpt.get("probe_state", {}))
+        start, offset, resumed_from = int(ckpt["step"]), int(ckpt["metrics_bytes"]), int(ckpt["step"])
+    else:
+        for stale in (ARRAYS, MODEL):  # from an older attempt that never checkpointed
+            rd.remove(stale)
+        meta = {"experiment": spec.experiment, "variant": spec.variant, "seed": seed,
+                "profile": spec.profile, "config_hash": h, "config": config_to_dict(cfg)}
+        rd.write_json(CONFIG, meta)
+    env = environment()
+    env["dataset"] = task.describe()
+    env["resumed_from"] = resumed_from
+    if resumed_from is not None and rd.file(ENV).exists():  # keep what the earlier attempt ran on
+        previous = read_json(rd.file(ENV))
+        env["earlier_attempts"] = previous.pop("earlier_attempts", []) + [previous]
+    rd.write_json(ENV, env)
+    rd.open_metrics(offset)
+
+    tb = None
+    if options.tensorboard:
+        from bnlab.train.tensorboard import TensorBoardLogger
+
+        tb = TensorBoardLogger(rd.path, purge_step=start if start else None)
+
+    def checkpoint(step: int) -> None:
+        nbytes = rd.sync_metrics()
+        rd.save_checkpoint({
+            "format": CHECKPOINT_FORMAT, "step": step, "config_hash": h, "dataset": task.name,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+            "store": store.data, "probe_state": probe_state, "metrics_bytes": nbytes,
+        })
+
+    def log(record: dict[str, Any]) -> None:
+        rd.log(record)
+        if tb is not None:
+            prefix = record.get("split") or f"probe/{record.get('probe', 'event')}"
+            tb.scalars(record["step"], prefix, record)
+
+    every = options.progress_every or max(1, cfg.steps // 200)
+    probe_batch = (task.x_probe, task.y_probe)
+    status, diverged_step, diverged_value = "done", None, None
+
+    # --- the loop -------------------------------------------------------------------------------------
+    for step in range(start, cfg.steps + 1):
+        if step > start and step % cfg.checkpoint_every == 0:
+            checkpoint(step)
+        last = step == cfg.steps
+        if step % cfg.eval_every == 0 or last:
+            log({"step": step, "split": "eval", **evaluate(model, cfg, task.x_eval, task.y_eval,
+                                                           task.is_classification)})
+            if tb is not None:
+                guard = _Guard(model)
+                try:
+                    tb.activation_histograms(step, model, task.x_probe)
+                finally:
+                    guard.restore()
+        xb, yb = batches.batch(step)
+        if cfg.channels_last and xb.dim() == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        lr = lr_at(cfg, step)
+        for probe in spec.probes:
+            if step in probe_plan[probe.name]:
+                ctx = ProbeContext(step=step, model=model, cfg=cfg, seed=seed, probe_batch=probe_batch,
+                                   batch=(xb, yb), task=task, lr=lr, loss_fn=loss_fn,
+                                   generator=probe_generator(seed, probe.name, step),
+                                   state=probe_state[probe.name])
+                scalars, arrays = call_probe(probe, ctx)
+                if scalars:
+                    log({"step": step, "probe": probe.name, **scalars})
+                store.add(probe.name, step, arrays)
+        if last:
+            break
+
+        # The update at ``step``.
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        out = model(xb)
+        loss = loss_fn(out, yb)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            status, diverged_step, diverged_value = "diverged", step, str(loss_value)
+            log({"step": step, "event": "diverged", "loss": diverged_value, "lr": lr})
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % cfg.log_every == 0:
+            record: dict[str, Any] = {"step": step, "split": "train", "loss": loss_value}
+            if task.is_classification:
+                record["acc"] = (out.argmax(dim=1) == yb).float().mean().item()
+            record["lr"] = lr
+            log(record)
+        if progress is not None and step % every == 0:
+            progress(step)
+
+    # --- the end ------------------------------------------------------------------------------------
+    test: dict[str, Any] = {}
+    if status == "done":
+        test = evaluate(model, cfg, task.x_test, task.y_test, task.is_classification)
+        log({"step": cfg.steps, "split": "test", **test})
+    rd.sync_metrics()
+    if tb is not None:
+        tb.close()
+    _save_arrays(rd, store)
+    atomic_torch_save(rd.file(MODEL), model.state_dict())
+    seconds = time.perf_counter() - t_start
+    done = {"status": status, "steps": cfg.steps if status == "done" else diverged_step,
+            "diverged_step": diverged_step, "diverged_loss": diverged_value, "test": test,
+            "seconds_last_attempt": round(seconds, 3), "resumed_from": resumed_from,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    rd.write_done(done)
+    rd.remove(CHECKPOINT)  # model.pt holds the final weights; the optimizer state is no longer needed
+    if progress is not None:
+        progress(cfg.steps)
+    return RunOutcome(rd.path, spec.variant, spec.seed, status, steps=done["steps"],
+                      diverged_step=diverged_step, test=test, seconds=seconds, resumed_from=resumed_from)

@@ -1,0 +1,160 @@
+"""Where measurements attach to training: a Probe is a named function called on a schedule of steps.
+
+A probe gets a ``ProbeContext`` and returns a flat dict. Scalars (Python numbers, 0-d tensors/arrays)
+go to metrics.jsonl as ``{"step": s, "probe": name, key: value, ...}``; arrays go to arrays.npz as
+``probe/<name>/<key>`` stacked over the steps at which the probe ran (``probe/<name>/steps``).
+
+Probes must not change what they measure (design.md). The measure/ layer guarantees that for its own
+probes; the engine adds a second guard around every call: it restores the model's parameters, buffers,
+train/eval mode and the global RNG states afterwards, so even a careless probe cannot change the
+training trajectory (tests check the trajectory is bit-identical with and without probes).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from bnlab.errors import ConfigError
+from bnlab.train.config import TrainConfig
+from bnlab.train.schedule import probe_steps
+
+
+@dataclass
+class ProbeContext:
+    """What a probe sees at step ``step`` (= after ``step`` updates, before the update at ``step``)."""
+
+    step: int
+    model: nn.Module  # the training model, in train mode; restored after the call
+    cfg: TrainConfig
+    seed: int
+    probe_batch: tuple[Tensor, Tensor]  # fixed batch from the training split (same at every step)
+    batch: tuple[Tensor, Tensor]  # the training batch the update at ``step`` uses
+    task: Any  # bnlab.train.task.Task: all tensors of the run (x_train, x_test, x_eval, ...)
+    lr: float  # learning rate of the update at ``step``
+    loss_fn: Callable[[Tensor, Tensor], Tensor]  # the training loss with the config's reduction
+    generator: torch.Generator  # seeded by (seed, probe, step): a probe's own randomness
+    state: dict[str, Any] = field(default_factory=dict)  # kept across calls and checkpoints
+
+
+ProbeFn = Callable[[ProbeContext], Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A measurement run during training.
+
+    schedule/every/points: ``None`` takes the config's ``probe_schedule``/``probe_every``/
+    ``probe_points`` (so ``--set probe_schedule=every probe_every=50`` reaches every probe that
+    does not fix its own). ``cost``: forward+backward passes on the probe batch per call, used only
+    for the cost estimate printed before a run.
+    """
+
+    name: str
+    fn: ProbeFn
+    schedule: str | None = None  # "log" | "every" | "none"
+    every: int | None = None
+    points: int | None = None
+    cost: float = 1.0
+
+    def steps(self, cfg: TrainConfig) -> list[int]:
+        return probe_steps(
+            self.schedule or cfg.probe_schedule,
+            cfg.steps,
+            every=self.every or cfg.probe_every,
+            points=self.points or cfg.probe_points,
+        )
+
+
+def probe_generator(seed: int, name: str, step: int) -> torch.Generator:
+    # A stable (not Python-hash-randomized) seed from the probe's name.
+    name_code = int.from_bytes(name.encode()[:8].ljust(8, b"\0"), "little") % (2**31)
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + name_code) % (2**63))
+
+
+class _Guard:
+    """Snapshot of everything a probe could disturb; ``restore`` puts it back."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.training = [(m, m.training) for m in model.modules()]
+        self.tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+        self.grads = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
+        self.torch_rng = torch.get_rng_state()
+        self.np_rng = np.random.get_state()
+        self.py_rng = random.getstate()
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            live = self.model.state_dict(keep_vars=True)
+            for k, saved in self.tensors.items():
+                if k not in live:  # a probe replaced a module; nothing sane to restore into
+                    raise RuntimeError(f"a probe removed {k!r} from the model")
+                live[k].copy_(saved)
+        for p, g in self.grads:
+            p.grad = g
+        for m, mode in self.training:
+            m.training = mode
+        torch.set_rng_state(self.torch_rng)
+        np.random.set_state(self.np_rng)
+        random.setstate(self.py_rng)
+
+
+def call_probe(probe: Probe, ctx: ProbeContext) -> tuple[dict[str, float | None], dict[str, np.ndarray]]:
+    """Run one probe under the guard; split its output into scalars and arrays."""
+    guard = _Guard(ctx.model)
+    try:
+        out = probe.fn(ctx)
+    finally:
+        guard.restore()
+    if out is None:
+        return {}, {}
+    if not isinstance(out, Mapping):
+        raise ConfigError(f"probe {probe.name!r} returned {type(out).__name__}; return a dict of "
+                          "numbers and/or arrays")
+    scalars: dict[str, float | None] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for key, value in out.items():
+        if isinstance(value, Tensor):
+            value = value.detach().cpu().numpy()
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        if isinstance(value, (bool, int, float, np.number)):
+            scalars[str(key)] = float(value)
+        elif isinstance(value, (np.ndarray, list, tuple)):
+            arrays[str(key)] = np.asarray(value)
+        elif value is None:
+            scalars[str(key)] = None
+        else:
+            raise ConfigError(f"probe {probe.name!r} returned {key!r} of type {type(value).__name__}; "
+                              "values must be numbers, tensors or numpy arrays")
+    return scalars, arrays
+
+
+class ArrayStore:
+    """Probe arrays collected in memory, saved stacked to arrays.npz (and inside checkpoints)."""
+
+    def __init__(self, data: dict[str, list[np.ndarray]] | None = None) -> None:
+        self.data: dict[str, list[np.ndarray]] = data or {}
+
+    def add(self, probe: str, step: int, arrays: Mapping[str, np.ndarray]) -> None:
+        if not arrays:
+            return
+        for key, arr in arrays.items():
+            full = f"probe/{probe}/{key}"
+            old = self.data.setdefault(full, [])
+            if old and old[0].shape != arr.shape:
+                raise ConfigError(
+                    f"probe {probe!r} returned {key!r} with shape {arr.shape} at step {step} but "
+                    f"{old[0].shape} before; a probe array must keep one shape (pad or summarize it)"
+                )
+            old.append(arr)
+        self.data.setdefault(f"probe/{probe}/steps", []).append(np.asarray(step, dtype=np.int64))
+
+    def stacked(self) -> dict[str, np.ndarray]:
+        return {k: np.stack(v) for k, v in self.data.items() if v}

@@ -1,0 +1,329 @@
+"""From "run experiment X at profile P" to finished run directories.
+
+1. plan: expand variants x seeds into RunSpecs (each with its run directory), note which are done
+   (skipped), which have a checkpoint (resumed), which are new;
+2. check early: load each dataset and build each model once, so an unknown norm, a bad model option
+   or a missing dataset fails before any run starts;
+3. cost: print the estimate for what is left and refuse if it exceeds --max-minutes;
+4. run serially (``threads`` intra-op threads, 2 by default) or in a pool of spawned worker processes
+   (one thread each: two single-threaded runs beat one two-threaded run for these small models);
+5. print one line per finished run and a summary.
+
+Runs are independent and idempotent, so any number of ``bnlab run`` processes (or machines with
+``--shard i/n``) can share an out dir: the per-run lock keeps them from writing the same run.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import pickle
+import queue as queue_mod
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from bnlab.errors import BnlabError, ConfigError, RunLockedError
+from bnlab.train.config import config_hash
+from bnlab.train.cost import format_seconds
+from bnlab.train.loop import RunOptions, RunOutcome, RunSpec, train_run
+from bnlab.train.rundir import CHECKPOINT, RunDir, run_dir_path
+from bnlab.train.task import build_network, build_task
+
+DEFAULT_SINGLE_RUN_THREADS = 2
+
+
+@dataclass
+class PlannedRun:
+    spec: RunSpec
+    state: str  # "done" | "resume" | "new"
+    start_step: int = 0
+    est_seconds: float = 0.0
+
+
+@dataclass
+class ExperimentRun:
+    """What ``run_experiment`` did; ``run_dirs`` are every planned run's directory (done or not)."""
+
+    experiment: str
+    profile: str
+    planned: list[PlannedRun]
+    outcomes: list[RunOutcome] = field(default_factory=list)
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        return [p.spec.run_dir for p in self.planned]
+
+    @property
+    def locked(self) -> list[RunOutcome]:
+        return [o for o in self.outcomes if o.status == "locked"]
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """"0,1,2" or "0-4" (inclusive) -> seeds."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part[1:]:
+                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
+                seeds.extend(range(int(lo), int(hi) + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError:
+        raise ConfigError(f"--seeds expects integers like 0,1,2 or 0-4, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds expects non-negative integers like 0,1,2 or 0-4, got {text!r}")
+    return tuple(dict.fromkeys(seeds))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard expects i/n like 0/4, got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def plan_runs(exp: Any, profile: str, *, out: Path | str = "runs", seeds: Sequence[int] | None = None,
+              overrides: Mapping[str, Any] | None = None, variants: Sequence[str] | None = None,
+              shard: tuple[int, int] | None = None) -> list[PlannedRun]:
+    """Every (variant, seed) run of ``exp`` at ``profile`` with its state and estimated cost."""
+    configs = exp.configs(profile, overrides)
+    if variants:
+        unknown = [v for v in variants if v not in configs]
+        if unknown:
+            raise ConfigError(f"experiment {exp.name!r} has no variant(s) {', '.join(unknown)}; "
+                              f"variants: {', '.join(configs)}")
+        configs = {v: c for v, c in configs.items() if v in variants}
+    seeds = exp.default_seeds(profile) if seeds is None else tuple(seeds)
+    planned = []
+    for variant, cfg in configs.items():
+        h = config_hash(cfg)
+        for seed in seeds:
+            run_dir = run_dir_path(out, exp.name, variant, h, seed)
+            spec = RunSpec(exp.name, variant, seed, profile, cfg, run_dir, tuple(exp.probes),
+                           exp.build_model, exp.build_task)
+            planned.append(PlannedRun(spec, "new"))
+    if shard is not None:
+        i, n = shard
+        planned = planned[i::n]
+    for p in planned:
+        rd = RunDir(p.spec.run_dir)
+        if rd.is_done():
+            p.state = "done"
+        elif rd.file(CHECKPOINT).exists():
+            try:
+                p.start_step = int(rd.load_checkpoint()["step"])
+                p.state = "resume"
+            except BnlabError:
+                p.state = "resume"  # the run itself reports the corrupt checkpoint with its fix
+        p.est_seconds = 0.0 if p.state == "done" else exp.run_cost(p.spec.cfg, p.start_step)
+    return planned
+
+
+def check_configs(planned: Sequence[PlannedRun], data_dir: str | None) -> None:
+    """Load every dataset and build every model once, in this process, before any run starts."""
+    seen: set[tuple] = set()
+    for p in planned:
+        if p.state == "done":
+            continue
+        cfg, spec = p.spec.cfg, p.spec
+        task = (spec.build_task or build_task)(cfg, data_dir)
+        key = (cfg.model, cfg.norm, cfg.activation, cfg.width, cfg.widths, cfg.init, cfg.init_std,
+               cfg.head, cfg.depth, cfg.dropout, cfg.dtype, cfg.channels_last, task.in_shape,
+               task.num_classes)
+        if key in seen or spec.build_model is not None:
+            continue
+        seen.add(key)
+        model = build_network(cfg, task.in_shape, task.num_classes)
+        n = min(2, task.x_train.shape[0])
+        with torch.no_grad():  # one forward on two examples: catches shape mismatches early
+            model.eval()(task.x_train[:n])
+
+
+def _default_threads(workers: int) -> int:
+    return 1 if workers > 1 else min(DEFAULT_SINGLE_RUN_THREADS, os.cpu_count() or 1)
+
+
+# --- worker processes ----------------------------------------------------------------------------------
+
+_progress_queue: Any = None
+
+
+def _init_worker(threads: int, progress_queue: Any) -> None:
+    global _progress_queue
+    torch.set_num_threads(threads)
+    _progress_queue = progress_queue
+
+
+def _worker_run(index: int, spec: RunSpec, options: RunOptions) -> RunOutcome:
+    def report(step: int) -> None:
+        _progress_queue.put((index, step))
+
+    try:
+        return train_run(spec, options, report)
+    except RunLockedError as err:
+        return RunOutcome(spec.run_dir, spec.variant, spec.seed, "locked", message=str(err))
+
+
+# --- printing ----------------------------------------------------------------------------------------
+
+_ROW = "{variant:<18} {seed:>4} {steps:>7} {state:<12} {result:<22} {time:>7}"
+
+
+def _outcome_row(o: RunOutcome, steps: int) -> str:
+    if o.status == "diverged":
+        result = f"diverged at step {o.diverged_step}"
+    elif o.status == "locked":
+        result = "locked by another process"
+    elif o.test.get("acc") is not None:
+        result = f"test acc {o.test['acc']:.4f}"
+    elif o.test.get("loss") is not None:
+        result = f"test loss {o.test['loss']:.4g}"
+    else:
+        result = ""
+    state = o.status + (f"@{o.resumed_from}" if o.resumed_from else "")
+    return _ROW.format(variant=o.variant[:18], seed=o.seed, steps=steps, state=state, result=result,
+                       time=format_seconds(o.seconds) if o.status in ("done", "diverged") else "")
+
+
+def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs",
+                   seeds: Sequence[int] | None = None, overrides: Mapping[str, Any] | None = None,
+                   variants: Sequence[str] | None = None, workers: int = 1, threads: int | None = None,
+                   max_minutes: float | None = None, quiet: bool = False, tensorboard: bool = False,
+                   data_dir: str | None = None, wait: bool = False, shard: tuple[int, int] | None = None,
+                   echo: Callable[[str], None] = print) -> ExperimentRun:
+    """Plan, check, estimate, run (see module docstring). Raises ConfigError past ``max_minutes`` and
+    RunLockedError at the end if some runs were held by another process (the others still ran)."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if tensorboard:
+        from bnlab.train.tensorboard import require_tensorboard
+
+        require_tensorboard()
+    planned = plan_runs(exp, profile, out=out, seeds=seeds, overrides=overrides, variants=variants,
+                        shard=shard)
+    todo = [p for p in planned if p.state != "done"]
+    n_resume = sum(p.state == "resume" for p in todo)
+    serial = sum(p.est_seconds for p in todo)
+    parallel = min(workers, max(len(todo), 1))
+    wall = serial / parallel
+    echo(f"{exp.name} [{profile}]: {len(planned)} runs ({len(planned) - len(todo)} done, "
+         f"{n_resume} to resume, {len(todo) - n_resume} new) -> {Path(out) / exp.name}")
+    echo(f"estimated cost: {format_seconds(wall)}"
+         + (f" ({format_seconds(serial)} of CPU over {parallel} workers)" if parallel > 1 else ""))
+    if max_minutes is not None and wall > max_minutes * 60:
+        raise ConfigError(
+            f"estimated {format_seconds(wall)} exceeds --max-minutes {max_minutes:g}; use a smaller "
+            f"--profile (smoke, quick), fewer --seeds or --variants, more --workers, or raise --max-minutes"
+        )
+    result = ExperimentRun(exp.name, profile, planned)
+    if not todo:
+        echo(f"nothing to do: all {len(planned)} runs are done (delete a run directory to redo it)")
+        return result
+    check_configs(todo, data_dir)
+
+    threads = threads or _default_threads(workers)
+    options = RunOptions(data_dir=data_dir, threads=threads, tensorboard=tensorboard,
+                         lock_wait=math.inf if wait else None)
+    total_steps = sum(p.spec.cfg.steps - p.start_step for p in todo)
+    bar = None
+    if not quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False, file=sys.stderr)
+    write = bar.write if bar is not None else echo
+    write(_ROW.format(variant="variant", seed="seed", steps="steps", state="status", result="result",
+                      time="time"))
+    done_steps = {i: p.start_step for i, p in enumerate(todo)}
+
+    def advance(i: int, step: int) -> None:
+        if bar is not None and step > done_steps[i]:
+            bar.update(step - done_steps[i])
+        done_steps[i] = max(done_steps[i], step)
+
+    for p in planned:
+        if p.state == "done":
+            write(_ROW.format(variant=p.spec.variant[:18], seed=p.spec.seed, steps=p.spec.cfg.steps,
+                              state="skipped", result="already done", time=""))
+    try:
+        if workers == 1 or len(todo) == 1:
+            for i, p in enumerate(todo):
+                try:
+                    o = train_run(p.spec, options, lambda step, i=i: advance(i, step))
+                except RunLockedError as err:
+                    o = RunOutcome(p.spec.run_dir, p.spec.variant, p.spec.seed, "locked", message=str(err))
+                result.outcomes.append(o)
+                write(_outcome_row(o, p.spec.cfg.steps))
+        else:
+            _run_pool(todo, options, workers, threads, advance, write, result)
+    finally:
+        if bar is not None:
+            bar.close()
+    _summary(result, echo)
+    if result.locked:
+        raise RunLockedError(
+            f"{len(result.locked)} run(s) are being written by another process, e.g. "
+            f"{result.locked[0].message.split(';')[0].replace('run directory ', '')}; the others ran. "
+            "Run the same command again when it has finished, or add --wait"
+        )
+    return result
+
+
+def _run_pool(todo: list[PlannedRun], options: RunOptions, workers: int, threads: int,
+              advance: Callable[[int, int], None], write: Callable[[str], None], result: ExperimentRun) -> None:
+    try:
+        pickle.dumps([p.spec for p in todo])
+    except Exception as err:
+        raise ConfigError(f"this experiment cannot be sent to worker processes ({err}); its probes and "
+                          "hooks must be module-level functions. Use --workers 1") from None
+    ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
+    progress_queue = ctx.Queue()
+    pool = ctx.Pool(processes=min(workers, len(todo)), initializer=_init_worker,
+                    initargs=(threads, progress_queue))
+    try:
+        pending = {i: pool.apply_async(_worker_run, (i, p.spec, replace(options, threads=threads)))
+                   for i, p in enumerate(todo)}
+        while pending:
+            try:
+                while True:
+                    i, step = progress_queue.get(timeout=0.2)
+                    advance(i, step)
+            except queue_mod.Empty:
+                pass
+            for i in [i for i, r in pending.items() if r.ready()]:
+                o = pending.pop(i).get()  # re-raises a worker's exception here
+                advance(i, todo[i].spec.cfg.steps)
+                result.outcomes.append(o)
+                write(_outcome_row(o, todo[i].spec.cfg.steps))
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def _summary(result: ExperimentRun, echo: Callable[[str], None]) -> None:
+    counts: dict[str, int] = {}
+    for o in result.outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    skipped = sum(p.state == "done" for p in result.planned) + counts.get("skipped", 0)
+    parts = [f"{counts.get('done', 0)} done", f"{counts.get('diverged', 0)} diverged",
+             f"{skipped} skipped (already done)"]
+    if counts.get("locked"):
+        parts.append(f"{counts['locked']} locked by another process")
+    echo(f"{result.experiment}: " + ", ".join(parts))
+    for o in result.outcomes:
+        if o.status == "diverged":
+            echo(f"  {o.variant}/seed{o.seed} diverged at step {o.diverged_step} (loss became non-finite); "
+                 "recorded as a result in " + str(o.run_dir))
