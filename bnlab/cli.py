@@ -1,7 +1,9 @@
-"""The ``bnlab`` command: list | run | doctor (reproduce | report: to come).
+"""The ``bnlab`` command: list | run | reproduce | report | doctor.
 
     bnlab list
     bnlab run demo --profile quick --seeds 0,1,2 --set lr=0.1 steps=2000 --workers 2
+    bnlab reproduce ioffe --profile quick          # run what is missing, then write runs/report.html
+    bnlab report runs -o report.html               # rebuild the report from stored runs only
     bnlab doctor
 
 Every bnlab error (bad key, unknown experiment, missing data, locked run, ...) is printed as one
@@ -114,6 +116,72 @@ def print_verdict(rows: list[dict[str, Any]]) -> None:
             print(f"         why:   {r['why']}")
 
 
+# --- bnlab reproduce / report -------------------------------------------------------------------------
+
+# Named groups of experiments; "all" is every registered experiment.
+GROUPS: dict[str, tuple[str, ...]] = {"ioffe": ("ioffe_mnist", "ioffe_lr_study")}
+
+
+def expand_targets(targets: Sequence[str]) -> list[str]:
+    """Group names and experiment names -> experiment names, in order, without repeats."""
+    from bnlab.experiments import experiment_names, get_experiment
+
+    names: list[str] = []
+    for t in targets or ["ioffe"]:
+        if t == "all":
+            found = experiment_names()
+        elif t in GROUPS:
+            found = list(GROUPS[t])
+        else:
+            try:
+                found = [get_experiment(t).name]
+            except BnlabError:
+                raise BnlabError(f"unknown experiment or group {t!r}; groups: all, {', '.join(GROUPS)}; "
+                                 f"experiments: {', '.join(experiment_names())}") from None
+        names += [n for n in found if n not in names]
+    return names
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import time
+
+    from bnlab.experiments import get_experiment
+    from bnlab.report.build import collect, summary_text, write_report
+    from bnlab.train.cost import format_seconds
+    from bnlab.train.runner import parse_seeds, plan_runs, run_experiment
+
+    exps = [get_experiment(n) for n in expand_targets(args.targets)]
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    # The whole plan first: one estimate for everything, and an overall ETA between experiments.
+    plans = {e.name: plan_runs(e, args.profile, out=args.out, seeds=seeds) for e in exps}
+    todo = {n: sum(p.est_seconds for p in ps if p.state != "done") / max(1, args.workers) for n, ps in plans.items()}
+    total_runs = sum(len(ps) for ps in plans.values())
+    print(f"reproduce [{args.profile}]: {', '.join(plans)}: {total_runs} runs, "
+          f"{sum(p.state == 'done' for ps in plans.values() for p in ps)} already done; "
+          f"estimated {format_seconds(sum(todo.values()))}")
+    start = time.monotonic()
+    for i, exp in enumerate(exps, 1):
+        left = sum(list(todo.values())[i - 1:])
+        print(f"\n[{i}/{len(exps)}] {exp.name}  (elapsed {format_seconds(time.monotonic() - start)}, "
+              f"about {format_seconds(left)} left)")
+        run_experiment(exp, args.profile, out=args.out, seeds=seeds, workers=args.workers,
+                       max_minutes=args.max_minutes, quiet=args.quiet, data_dir=args.data_dir)
+    report = collect(args.out, [e.name for e in exps], args.output)
+    path = write_report(report)
+    print()
+    print(summary_text(path, report.rows))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bnlab.report.build import collect, summary_text, write_report
+
+    report = collect(args.dir, args.experiments or None, args.output)
+    path = write_report(report)
+    print(summary_text(path, report.rows))
+    return 0
+
+
 # --- bnlab doctor ----------------------------------------------------------------------------------
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -191,8 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_doctor)
 
-    # `reproduce` (run a paper's experiments and write the report) and `report` (HTML from stored
-    # runs) are added here: sub.add_parser("report", ...).set_defaults(func=cmd_report).
+    p = sub.add_parser("reproduce", help="run a paper's experiments (what is missing) and write the HTML report")
+    p.add_argument("targets", nargs="*", metavar="TARGET",
+                   help=f"groups ({', '.join(['all', *GROUPS])}) or experiment names (default: ioffe)")
+    p.add_argument("--profile", default="quick", choices=("smoke", "quick", "paper"))
+    p.add_argument("--seeds", help="e.g. 0,1,2 (default: each profile's seeds)")
+    p.add_argument("--out", default="runs", help="output directory (default: runs/)")
+    p.add_argument("--workers", type=int, default=2, help="parallel run processes (default 2, 1 thread each)")
+    p.add_argument("--max-minutes", type=float, default=None, help="refuse an experiment estimated longer")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--data-dir", default=None, help="look for datasets here first")
+    p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: OUT/report.html)")
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("report", help="rebuild the HTML report from stored runs only (never trains)")
+    p.add_argument("dir", nargs="?", default="runs", help="the --out directory of the runs (default: runs/)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: DIR/report.html)")
+    p.add_argument("--experiments", nargs="+", default=None, help="only these experiments")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

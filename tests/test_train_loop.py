@@ -222,7 +222,8 @@ def test_crash_after_checkpoint_truncates_metrics_and_resumes_identically(tmp_pa
     assert ckpt["step"] == 25
     assert (run_dir / "metrics.jsonl").stat().st_size > ckpt["metrics_bytes"]
     state["armed"] = False
-    again = run(exp, tmp_path / "crashed", variants=["bn"])
+    # resumed with another --threads: the run continues with the thread count it started with
+    again = run(exp, tmp_path / "crashed", variants=["bn"], threads=2)
     assert again.outcomes[0].resumed_from == 25
     assert metrics_bytes(run_dir) == metrics_bytes(ref.planned[0].spec.run_dir)
     assert_same_weights(run_dir, ref.planned[0].spec.run_dir)

@@ -6,7 +6,9 @@ order: checkpoint (every ``checkpoint_every``, s > 0) -> evaluation on the fixed
 last step the full test split is evaluated, then model.pt, arrays.npz and the ``done`` marker are
 written. Everything that decides the trajectory (batches, learning rate) is a function of (seed,
 step), and the checkpoint carries the model, optimizer, RNG states and probe data, so a resumed run
-repeats exactly what an uninterrupted run does (see rundir.py for the metrics file).
+repeats exactly what an uninterrupted run does (see rundir.py for the metrics file). Bit-identity
+holds for a fixed number of torch threads (parallel reductions round differently with another
+count), so a resumed run continues with the thread count its checkpoint recorded.
 
 A non-finite training loss ends the run as a *result*: ``{"event": "diverged"}`` is logged at that
 step and ``done`` says ``"status": "diverged"``; nothing raises.
@@ -216,6 +218,10 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
                 f"checkpoint {rd.file(CHECKPOINT)} was trained on {ckpt['dataset']} but {task.name} is "
                 f"what loads now (dataset fallback); restore the data it used or delete {rd.path}"
             )
+        if ckpt.get("threads") and ckpt["threads"] != torch.get_num_threads():
+            # Parallel reductions round differently with another thread count; the continuation
+            # uses the count the run started with, so it stays bit-identical to an uninterrupted run.
+            torch.set_num_threads(int(ckpt["threads"]))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         _set_rng_state(ckpt["rng"])
@@ -249,6 +255,7 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
             "format": CHECKPOINT_FORMAT, "step": step, "config_hash": h, "dataset": task.name,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
             "store": store.data, "probe_state": probe_state, "metrics_bytes": nbytes,
+            "threads": torch.get_num_threads(),
         })
 
     def log(record: dict[str, Any]) -> None:
