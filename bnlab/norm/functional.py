@@ -149,27 +149,26 @@ def batch_norm(
             f"or call model.eval() to use the running statistics"
         )
     result = _train_native(x, weight, bias, eps) if x.dtype in _NATIVE_RATIO else None
-    out, batch_mean, batch_var = result if result is not None else _train_shifted(x, weight, bias, eps)
+    out, batch_mean, batch_var, finite = result if result is not None else _train_shifted(x, weight, bias, eps)
 
     new_mean, new_var, new_count = running_mean, running_var, num_batches_tracked
     if training and running_mean is not None:
-        with torch.no_grad():
-            if bool(torch.isfinite(batch_mean).all()) and bool(torch.isfinite(batch_var).all()):
+        if finite:
+            with torch.no_grad():
                 if num_batches_tracked is not None:
                     new_count = num_batches_tracked + 1
                 f = 1.0 / float(new_count) if momentum is None else momentum
-                unbiased = batch_var * (count / (count - 1))
                 sdt = running_mean.dtype
-                new_mean = running_mean * (1 - f) + batch_mean.to(sdt) * f
-                new_var = running_var * (1 - f) + unbiased.to(sdt) * f
-            else:
-                warnings.warn(
-                    "batch norm got a training batch with NaN or inf values; its statistics were not "
-                    "added to the running mean/variance (they keep their previous values). "
-                    "Check the input data and the learning rate.",
-                    NonFiniteBatchWarning,
-                    stacklevel=3,
-                )
+                new_mean = torch.lerp(running_mean, batch_mean.to(sdt), f)
+                new_var = torch.lerp(running_var, (batch_var * (count / (count - 1))).to(sdt), f)
+        else:
+            warnings.warn(
+                "batch norm got a training batch with NaN or inf values; its statistics were not "
+                "added to the running mean/variance (they keep their previous values). "
+                "Check the input data and the learning rate.",
+                NonFiniteBatchWarning,
+                stacklevel=2,
+            )
     return BatchNormOutput(out, new_mean, new_var, new_count)
 
 
@@ -178,19 +177,24 @@ def batch_norm(
 _NATIVE_RATIO = {torch.float32: 1e3, torch.float64: 1e10}
 
 
-def _train_native(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor] | None:
+def _train_native(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor, bool] | None:
     """torch's fused training kernel (one pass forward, fused backward, double backward supported);
-    None when the data is too ill-conditioned for it (then the shifted path recomputes)."""
+    None when the data is too ill-conditioned for it (then the shifted path recomputes).
+
+    Returns (out, batch mean, biased batch variance, statistics finite). One host sync per call:
+    small layers (the Ioffe MLP) are dominated by per-op overhead, so the checks are fused.
+    """
     out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
     mean, invstd = mean.detach(), invstd.detach()
-    # invstd = 1/sqrt(var + eps) exactly as the kernel used it; recover the biased variance.
-    var = invstd.pow(-2) - eps
-    if bool((mean.abs() * invstd > _NATIVE_RATIO[x.dtype]).any()):
+    worst_ratio, smallest_invstd = torch.stack(((mean.abs() * invstd).max(), invstd.min())).tolist()
+    finite = math.isfinite(worst_ratio) and smallest_invstd > 0  # invstd 0 <=> var inf
+    if finite and worst_ratio > _NATIVE_RATIO[x.dtype]:
         return None
-    return out, mean, var
+    # invstd = 1/sqrt(var + eps) exactly as the kernel used it; recover the biased variance.
+    return out, mean, invstd.pow(-2) - eps, finite
 
 
-def _train_shifted(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _train_shifted(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor, bool]:
     """Batch statistics by the shifted-data algorithm, composed of differentiable ops."""
     cdtype = _compute_dtype(x)
     xc = x.to(cdtype)
@@ -200,7 +204,9 @@ def _train_shifted(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
     d = xc - _per_channel(shift, x)
     var_d, mean_d = torch.var_mean(d, dim=reduce_dims(x), correction=0, keepdim=True)  # (1, C, 1, ...)
     out = _affine(d - mean_d, torch.rsqrt(var_d + eps), weight, bias, x)
-    return out.to(x.dtype), (mean_d.flatten() + shift).detach(), var_d.flatten().detach()
+    mean, var = (mean_d.flatten() + shift).detach(), var_d.flatten().detach()
+    finite = all(math.isfinite(v) for v in torch.stack((mean.abs().max(), var.max())).tolist())
+    return out.to(x.dtype), mean, var, finite
 
 
 def _inference(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
