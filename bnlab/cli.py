@@ -1,7 +1,7 @@
 """The ``bnlab`` command: list | run | reproduce | report | doctor.
 
     bnlab list
-    bnlab run demo --profile quick --seeds 0,1,2 --set lr=0.1 steps=2000 --workers 2
+    bnlab run ioffe_mnist --profile quick --seeds 0,1,2 --set lr=0.1 steps=2000 --workers 2
     bnlab reproduce ioffe --profile quick          # run what is missing, then write runs/report.html
     bnlab report runs -o report.html               # rebuild the report from stored runs only
     bnlab doctor
@@ -75,9 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def write_verdict_and_plots(exp: Any, run_dirs: Sequence[Path], out: Path, profile: str,
                             overrides: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Compute the experiment's verdict and plots from the stored runs of this invocation; write
-    ``<out>/<exp>/verdict.json`` and ``<out>/<exp>/plots/``; print the verdict table."""
+    ``<out>/<exp>/verdict.json`` and ``<out>/<exp>/figures/`` (where the report puts them too);
+    print the verdict table."""
     from bnlab.train.results import ExperimentResults
-    from bnlab.train.rundir import atomic_write_json, json_safe
 
     if exp.verdict is None and exp.plots is None:
         return None
@@ -94,15 +94,23 @@ def write_verdict_and_plots(exp: Any, run_dirs: Sequence[Path], out: Path, profi
             r.setdefault("profile", profile)
             if overrides:
                 r.setdefault("overrides", dict(overrides))
-        path = out / exp.name / "verdict.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, json_safe(rows))
+        path = write_verdict_json(out, exp.name, rows)
         print_verdict(rows)
         print(f"verdict written to {path}")
     if exp.plots is not None:
-        for p in exp.plots(results, out / exp.name / "plots"):
+        for p in exp.plots(results, out / exp.name / "figures"):
             print(f"plot: {p}")
     return rows
+
+
+def write_verdict_json(out: Path, experiment: str, rows: list[dict[str, Any]]) -> Path:
+    """``<out>/<experiment>/verdict.json``: the verdict rows (claim, paper, ours, seeds, passed, why)."""
+    from bnlab.train.rundir import atomic_write_json, json_safe
+
+    path = Path(out) / experiment / "verdict.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, json_safe(rows))
+    return path
 
 
 def print_verdict(rows: list[dict[str, Any]]) -> None:
@@ -168,6 +176,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                        max_minutes=args.max_minutes, quiet=args.quiet, data_dir=args.data_dir)
     report = collect(args.out, [e.name for e in exps], args.output)
     path = write_report(report)
+    for exp in exps:  # the same rows the report shows, one file per experiment
+        rows = [r for r in report.rows if r.get("experiment") == exp.name and r.get("profile") == args.profile]
+        if rows:
+            write_verdict_json(Path(args.out), exp.name, rows)
     print()
     print(summary_text(path, report.rows))
     return 0

@@ -52,47 +52,47 @@ def test_list_shows_experiments_and_costs(capsys):
 
 
 def test_run_smoke_prints_cost_summary_and_verdict(tmp_path, capsys):
-    code, out, _ = bnlab(capsys, "run", "demo", *SMOKE, "--out", str(tmp_path))
+    code, out, _ = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(tmp_path))
     assert code == 0
     assert "estimated cost:" in out and "2 done, 0 diverged" in out
-    verdict = json.loads((tmp_path / "demo" / "verdict.json").read_text())
+    verdict = json.loads((tmp_path / "ioffe_mnist" / "verdict.json").read_text())
     assert {"claim", "paper", "ours", "seeds", "passed", "why"} <= set(verdict[0])
-    assert (tmp_path / "demo" / "plots" / "demo.png").stat().st_size > 1000
-    code, out, _ = bnlab(capsys, "run", "demo", *SMOKE, "--out", str(tmp_path))
+    assert (tmp_path / "ioffe_mnist" / "figures" / "ioffe_mnist_accuracy.png").stat().st_size > 1000
+    code, out, _ = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(tmp_path))
     assert code == 0 and "nothing to do: all 2 runs are done" in out
 
 
 def test_unknown_experiment(capsys):
     code, _, err = bnlab(capsys, "run", "no_such_experiment")
-    assert_one_clear_error(code, err, "unknown experiment 'no_such_experiment'", "demo", "bnlab list")
+    assert_one_clear_error(code, err, "unknown experiment 'no_such_experiment'", "ioffe_mnist", "bnlab list")
 
 
 def test_unknown_key_lists_valid_keys(capsys, tmp_path):
-    code, _, err = bnlab(capsys, "run", "demo", *SMOKE, "--out", str(tmp_path), "--set", "learnrate=0.1")
+    code, _, err = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(tmp_path), "--set", "learnrate=0.1")
     assert_one_clear_error(code, err, "unknown config key 'learnrate'", "valid keys:", "lr", "steps", "norm")
-    assert not (tmp_path / "demo").exists()
+    assert not (tmp_path / "ioffe_mnist").exists()
 
 
 def test_wrong_type_names_key_and_type(capsys, tmp_path):
-    code, _, err = bnlab(capsys, "run", "demo", *SMOKE, "--out", str(tmp_path), "--set", "steps=lots")
+    code, _, err = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(tmp_path), "--set", "steps=lots")
     assert_one_clear_error(code, err, "steps expects int", "'lots'")
 
 
 def test_bad_set_syntax_and_seeds(capsys):
-    code, _, err = bnlab(capsys, "run", "demo", *SMOKE, "--set", "lr")
+    code, _, err = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--set", "lr")
     assert_one_clear_error(code, err, "--set expects key=value")
-    code, _, err = bnlab(capsys, "run", "demo", *SMOKE, "--seeds", "a,b")
+    code, _, err = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--seeds", "a,b")
     assert_one_clear_error(code, err, "--seeds expects integers")
 
 
 def test_unknown_norm_fails_before_any_run(capsys, tmp_path):
-    code, out, err = bnlab(capsys, "run", "demo", *SMOKE, "--out", str(tmp_path), "--set", "norm=foo")
+    code, out, err = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(tmp_path), "--set", "norm=foo")
     assert_one_clear_error(code, err, "unknown norm 'foo'", "batch", "none")
-    assert not list(tmp_path.glob("demo/*/seed*/config.json"))
+    assert not list(tmp_path.glob("ioffe_mnist/*/seed*/config.json"))
 
 
 def test_unknown_model(capsys, tmp_path):
-    code, _, err = bnlab(capsys, "run", "demo", *SMOKE, "--out", str(tmp_path), "--set", "model=resnet")
+    code, _, err = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(tmp_path), "--set", "model=resnet")
     assert_one_clear_error(code, err, "unknown model 'resnet'", "ioffe_mlp", "vgg11")
 
 
@@ -104,17 +104,17 @@ def test_missing_dataset_without_fallback(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("BNLAB_DATA", str(empty))
     monkeypatch.setenv("XDG_CACHE_HOME", str(empty))
     monkeypatch.setattr(locate, "SYSTEM_DATA_ROOT", empty)
-    code, _, err = bnlab(capsys, "run", "demo", *SMOKE, "--out", str(tmp_path / "runs"), "--data-dir",
+    code, _, err = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(tmp_path / "runs"), "--data-dir",
                          str(empty), "--set", "dataset=mnist", "data_fallback=false")
     assert_one_clear_error(code, err, "MNIST", str(empty))
 
 
 def test_max_minutes_refuses_before_running(capsys, tmp_path):
-    code, out, err = bnlab(capsys, "run", "demo", "--profile", "paper", "--out", str(tmp_path),
+    code, out, err = bnlab(capsys, "run", "ioffe_mnist", "--profile", "paper", "--out", str(tmp_path),
                            "--max-minutes", "0.01")
     assert_one_clear_error(code, err, "exceeds --max-minutes 0.01", "--profile")
     assert "estimated cost:" in out
-    assert not list(tmp_path.glob("demo/*/seed*/config.json"))
+    assert not list(tmp_path.glob("ioffe_mnist/*/seed*/config.json"))
 
 
 def test_divergence_exit_code_zero_and_reported(capsys, tmp_path, with_experiment):
@@ -131,15 +131,15 @@ def test_divergence_exit_code_zero_and_reported(capsys, tmp_path, with_experimen
 
 @pytest.mark.skipif(tensorboard_available(), reason="tensorboard is installed")
 def test_tensorboard_missing_is_a_clear_error(capsys, tmp_path):
-    code, _, err = bnlab(capsys, "run", "demo", *SMOKE, "--out", str(tmp_path), "--tensorboard")
+    code, _, err = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(tmp_path), "--tensorboard")
     assert_one_clear_error(code, err, "pip install tensorboard")
 
 
 @pytest.mark.skipif(not tensorboard_available(), reason="tensorboard not installed")
 def test_tensorboard_writes_events(capsys, tmp_path):
-    code, _, _ = bnlab(capsys, "run", "demo", *SMOKE, "--out", str(tmp_path), "--tensorboard")
+    code, _, _ = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(tmp_path), "--tensorboard")
     assert code == 0
-    assert list(tmp_path.glob("demo/*/seed0/tb/events.*"))
+    assert list(tmp_path.glob("ioffe_mnist/*/seed0/tb/events.*"))
 
 
 def test_doctor(capsys):
@@ -150,7 +150,7 @@ def test_doctor(capsys):
 
 def test_console_script_error_is_one_line(tmp_path):
     """The real entry point (python -m bnlab.cli): exit 2 and one line on stderr, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "bnlab.cli", "run", "demo", "--set", "norm=foo",
+    proc = subprocess.run([sys.executable, "-m", "bnlab.cli", "run", "ioffe_mnist", "--set", "norm=foo",
                            "--profile", "smoke", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
@@ -158,26 +158,26 @@ def test_console_script_error_is_one_line(tmp_path):
 
 
 def test_workers_pool(capsys, tmp_path):
-    code, out, _ = bnlab(capsys, "run", "demo", "--profile", "smoke", "--quiet", "--workers", "2",
+    code, out, _ = bnlab(capsys, "run", "ioffe_mnist", "--profile", "smoke", "--quiet", "--workers", "2",
                          "--out", str(tmp_path))
     assert code == 0 and "2 done" in out
     serial = tmp_path / "serial"
-    assert bnlab(capsys, "run", "demo", *SMOKE, "--out", str(serial))[0] == 0
+    assert bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(serial))[0] == 0
     # one thread per worker in the pool, --threads 1 serially: the same numbers
-    for a in sorted((tmp_path / "demo").glob("*/seed0/metrics.jsonl")):
-        b = serial / "demo" / a.parent.parent.name / "seed0" / "metrics.jsonl"
+    for a in sorted((tmp_path / "ioffe_mnist").glob("*/seed0/metrics.jsonl")):
+        b = serial / "ioffe_mnist" / a.parent.parent.name / "seed0" / "metrics.jsonl"
         assert a.read_bytes() == b.read_bytes()
 
 
 def test_shard_and_variants_run_a_part_and_skip_the_verdict(capsys, tmp_path):
-    code, out, _ = bnlab(capsys, "run", "demo", *SMOKE, "--out", str(tmp_path), "--shard", "1/2")
+    code, out, _ = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(tmp_path), "--shard", "1/2")
     assert code == 0 and "1 done" in out and "verdict: skipped" in out
-    assert len(list(tmp_path.glob("demo/*/seed0/done"))) == 1
-    code, out, _ = bnlab(capsys, "run", "demo", *SMOKE, "--out", str(tmp_path), "--variants", "bn,no_bn")
+    assert len(list(tmp_path.glob("ioffe_mnist/*/seed0/done"))) == 1
+    code, out, _ = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(tmp_path), "--variants", "bn,baseline")
     assert code == 0 and "2 runs (1 done, 0 to resume, 1 new)" in out
-    code, _, err = bnlab(capsys, "run", "demo", *SMOKE, "--variants", "bn,huge")
-    assert_one_clear_error(code, err, "no variant(s) huge", "bn, no_bn")
-    code, _, err = bnlab(capsys, "run", "demo", *SMOKE, "--shard", "2/2")
+    code, _, err = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--variants", "bn,huge")
+    assert_one_clear_error(code, err, "no variant(s) huge", "baseline, bn")
+    code, _, err = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--shard", "2/2")
     assert_one_clear_error(code, err, "--shard i/n needs 0 <= i < n")
 
 

@@ -14,7 +14,7 @@ NAMES = registry.experiment_names()
 
 
 def test_registry_is_not_empty():
-    assert "demo" in NAMES
+    assert "ioffe_mnist" in NAMES
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -33,4 +33,4 @@ def test_smoke_profile_runs(name, tmp_path, capsys):
         for row in rows:
             assert {"claim", "paper", "ours", "seeds", "passed", "why"} <= set(row)
     if exp.plots is not None:
-        assert list((tmp_path / name / "plots").iterdir())
+        assert list((tmp_path / name / "figures").iterdir())

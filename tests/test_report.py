@@ -1,6 +1,6 @@
 """The HTML report: built from stored runs only, self-contained, rendered by a real browser.
 
-Runs come from the "demo" experiment at the smoke profile (scikit-learn digits, a few seconds). The
+Runs come from the "ioffe_mnist" experiment at the smoke profile (scikit-learn digits, a few seconds). The
 browser checks load the page in headless Chromium: a screenshot that is not blank, the DOM after
 load (verdict table, one data: <img> per figure), no console messages and no request from the page to
 anything but the file itself (Chromium's net log). Both detectors are first shown to fire on a page
@@ -34,15 +34,15 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _run_demo(out: Path, seeds=SMOKE_SEEDS, overrides=None) -> None:
-    run_experiment(get_experiment("demo"), "smoke", out=out, seeds=seeds, overrides=overrides, quiet=True,
+def _run_smoke(out: Path, seeds=SMOKE_SEEDS, overrides=None) -> None:
+    run_experiment(get_experiment("ioffe_mnist"), "smoke", out=out, seeds=seeds, overrides=overrides, quiet=True,
                    echo=_quiet)
 
 
 @pytest.fixture(scope="module")
-def demo_out(tmp_path_factory) -> Path:
+def mnist_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    _run_demo(out)
+    _run_smoke(out)
     return out
 
 
@@ -53,7 +53,7 @@ def _copy_runs(src: Path, dst: Path) -> Path:
 
 def _make_killed_run(out: Path, seed: int = 7) -> Path:
     """A run that was killed mid-way: config/env/metrics written, no done marker, a torn last line."""
-    src = sorted((out / "demo").glob("bn-*/seed0"))[0]
+    src = sorted((out / "ioffe_mnist").glob("bn-*/seed0"))[0]
     dst = src.parent / f"seed{seed}"
     dst.mkdir()
     meta = json.loads((src / "config.json").read_text())
@@ -66,10 +66,10 @@ def _make_killed_run(out: Path, seed: int = 7) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mixed_out(demo_out, tmp_path_factory) -> Path:
-    """demo runs + the same variants diverged (lr=1e38 overflows at once) + one killed run."""
-    out = _copy_runs(demo_out, tmp_path_factory.mktemp("mixed") / "runs")
-    _run_demo(out, seeds=(3,), overrides={"lr": "1e38"})
+def mixed_out(mnist_out, tmp_path_factory) -> Path:
+    """smoke runs + the same variants diverged (lr=1e38 overflows at once) + one killed run."""
+    out = _copy_runs(mnist_out, tmp_path_factory.mktemp("mixed") / "runs")
+    _run_smoke(out, seeds=(3,), overrides={"lr": "1e38"})
     _make_killed_run(out)
     return out
 
@@ -84,10 +84,10 @@ def _img_srcs(text: str) -> list[str]:
 
 # --- the page itself -------------------------------------------------------------------------------
 
-def test_report_is_self_contained(demo_out):
-    report = collect(demo_out)
-    path = build_report(demo_out)
-    assert path == demo_out / "report.html"
+def test_report_is_self_contained(mnist_out):
+    report = collect(mnist_out)
+    path = build_report(mnist_out)
+    assert path == mnist_out / "report.html"
     text = path.read_text(encoding="utf-8")
     assert "<script" not in text.lower()
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", text, re.I), "external reference"
@@ -101,20 +101,20 @@ def test_report_is_self_contained(demo_out):
     # the content the page promises
     assert 'id="summary"' in text and "<th>claim</th>" in text
     assert "PASS" in text or "FAIL" in text or "UNDECIDED" in text
-    exp = get_experiment("demo")
-    for needle in (exp.description, exp.paper, "sigmoid_inputs", "probe batch", "Environment",
+    exp = get_experiment("ioffe_mnist")
+    for needle in (exp.description, exp.paper, "sigmoid_input", "probe", "Environment",
                    "torch", "git commit", "full config of"):
         assert needle.replace("&", "&amp;") in text, needle
-    assert "deviations from the paper" in text.lower() and "Fashion-MNIST instead of binary MNIST" in text
+    assert "deviations from the paper" in text.lower() and "else Fashion-MNIST" in text
     assert os.stat(path).st_mode & 0o044, "the report is readable by others (not mkstemp's 0600)"
-    assert not list(demo_out.glob(".report.html.*")), "no temporary file left behind"
+    assert not list(mnist_out.glob(".report.html.*")), "no temporary file left behind"
 
 
-def test_rebuild_is_identical_but_for_the_time(demo_out, tmp_path):
-    a = build_report(demo_out, output=tmp_path / "a.html").read_text(encoding="utf-8")
-    figs_a = {p.name: p.read_bytes() for p in (demo_out / "demo" / "figures").iterdir()}
-    b = build_report(demo_out, output=tmp_path / "b.html").read_text(encoding="utf-8")
-    figs_b = {p.name: p.read_bytes() for p in (demo_out / "demo" / "figures").iterdir()}
+def test_rebuild_is_identical_but_for_the_time(mnist_out, tmp_path):
+    a = build_report(mnist_out, output=tmp_path / "a.html").read_text(encoding="utf-8")
+    figs_a = {p.name: p.read_bytes() for p in (mnist_out / "ioffe_mnist" / "figures").iterdir()}
+    b = build_report(mnist_out, output=tmp_path / "b.html").read_text(encoding="utf-8")
+    figs_b = {p.name: p.read_bytes() for p in (mnist_out / "ioffe_mnist" / "figures").iterdir()}
     assert "<time>" in a and _strip_time(a) == _strip_time(b)
     assert figs_a == figs_b
 
@@ -171,11 +171,11 @@ def test_browser_checks_detect_requests_and_console_errors(tmp_path):
     assert any(u.startswith("http://127.0.0.1:9/") for u in external), external
 
 
-def test_report_renders_in_chromium(demo_out, tmp_path):
+def test_report_renders_in_chromium(mnist_out, tmp_path):
     import matplotlib.image as mpimg
 
-    report = build_report(demo_out, output=tmp_path / "report.html")
-    n_figures = sum(len(s.figures) for s in collect(demo_out).sections)
+    report = build_report(mnist_out, output=tmp_path / "report.html")
+    n_figures = sum(len(s.figures) for s in collect(mnist_out).sections)
 
     dom, console, external = _load(report, tmp_path)
     assert console == [], console
@@ -215,22 +215,22 @@ def test_report_marks_diverged_and_incomplete_runs(mixed_out):
 
 @pytest.mark.filterwarnings("ignore:batch norm got a training batch")
 def test_report_with_only_diverged_runs(tmp_path):
-    _run_demo(tmp_path, seeds=(0,), overrides={"lr": "1e38"})
+    _run_smoke(tmp_path, seeds=(0,), overrides={"lr": "1e38"})
     report = collect(tmp_path)
     (section,) = report.sections
     assert all(r.status == "diverged" for r in section.results.runs)
     text = build_report(tmp_path).read_text(encoding="utf-8")
     assert text.count('class="status-diverged"') >= 2
-    # the demo claim cannot be decided without finished runs of both variants
+    # the claims cannot be decided without finished runs of both variants
     assert [r["passed"] for r in report.rows] == [None]
     assert "UNDECIDED" in summary_text(tmp_path / "report.html", report.rows)
 
 
-def test_all_runs_incomplete(demo_out, tmp_path):
+def test_all_runs_incomplete(mnist_out, tmp_path):
     out = tmp_path / "runs"
-    (out / "demo").mkdir(parents=True)
-    killed = _make_killed_run(_copy_runs(demo_out, tmp_path / "src"))
-    shutil.copytree(killed.parent, out / "demo" / killed.parent.name,
+    (out / "ioffe_mnist").mkdir(parents=True)
+    killed = _make_killed_run(_copy_runs(mnist_out, tmp_path / "src"))
+    shutil.copytree(killed.parent, out / "ioffe_mnist" / killed.parent.name,
                     ignore=lambda d, names: [n for n in names if n.startswith("seed") and n != killed.name])
     report = collect(out)
     assert len(report.sections[0].incomplete) == 1 and report.rows == []
@@ -238,18 +238,18 @@ def test_all_runs_incomplete(demo_out, tmp_path):
     assert "no finished run yet" in text and "Incomplete runs" in text
 
 
-def test_failing_verdict_and_plots_are_shown_not_raised(demo_out, tmp_path):
+def test_failing_verdict_and_plots_are_shown_not_raised(mnist_out, tmp_path):
     def bad_verdict(results):
         raise RuntimeError("verdict <b>exploded</b>")
 
     def bad_plots(results, out_dir):
         raise ValueError("plot exploded")
 
-    exp = dataclasses.replace(get_experiment("demo"), verdict=bad_verdict, plots=bad_plots)
-    report = collect(demo_out, [exp])
+    exp = dataclasses.replace(get_experiment("ioffe_mnist"), verdict=bad_verdict, plots=bad_plots)
+    report = collect(mnist_out, [exp])
     (row,) = report.rows
     assert row["error"] and row["passed"] is None and "exploded" in row["why"]
-    text = build_report(demo_out, [exp], output=tmp_path / "r.html").read_text(encoding="utf-8")
+    text = build_report(mnist_out, [exp], output=tmp_path / "r.html").read_text(encoding="utf-8")
     assert "The verdict function raised an error" in text and "The plot function raised an error" in text
     assert "verdict &lt;b&gt;exploded&lt;/b&gt;" in text and "<b>exploded</b>" not in text
     assert "ERROR" in text and "Settings" in text  # the rest of the section is still there
@@ -257,32 +257,32 @@ def test_failing_verdict_and_plots_are_shown_not_raised(demo_out, tmp_path):
     assert "1 verdict error" in summary and "ERROR" in summary
 
 
-def test_text_from_experiments_is_escaped(demo_out, tmp_path):
+def test_text_from_experiments_is_escaped(mnist_out, tmp_path):
     def verdict(results):
         return [{"claim": "<script>alert(1)</script> & co", "paper": "a < b", "ours": [0.5, 0.7],
                  "seeds": 2, "passed": False, "why": '"quoted"'}]
 
-    exp = dataclasses.replace(get_experiment("demo"), verdict=verdict,
+    exp = dataclasses.replace(get_experiment("ioffe_mnist"), verdict=verdict,
                               notes="<img src=x onerror=alert(1)>\n\n- first\n- second")
-    text = build_report(demo_out, [exp], output=tmp_path / "r.html").read_text(encoding="utf-8")
+    text = build_report(mnist_out, [exp], output=tmp_path / "r.html").read_text(encoding="utf-8")
     assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in text
     assert "<img src=x" not in text and "<li>first</li>" in text
     assert "0.6 ± 0.1414 (mean ± std, n=2)" in text
-    assert "FAIL" in summary_text(tmp_path / "r.html", collect(demo_out, [exp]).rows)
+    assert "FAIL" in summary_text(tmp_path / "r.html", collect(mnist_out, [exp]).rows)
 
 
-def test_definitions_attribute_and_unregistered_experiment(demo_out, tmp_path):
-    exp = get_experiment("demo")
+def test_definitions_attribute_and_unregistered_experiment(mnist_out, tmp_path):
+    exp = get_experiment("ioffe_mnist")
     object.__setattr__(exp, "definitions", [("drift D", "mean |Δμ| over units (Ioffe Eq. 3)", "1 forward")])
     try:
-        text = build_report(demo_out, output=tmp_path / "r.html").read_text(encoding="utf-8")
+        text = build_report(mnist_out, output=tmp_path / "r.html").read_text(encoding="utf-8")
     finally:
         object.__delattr__(exp, "definitions")
     assert "drift D" in text and "Ioffe Eq. 3" in text
 
     # runs whose experiment is no longer registered: settings, runs and generic curves, no verdict
     out = tmp_path / "runs"
-    shutil.copytree(demo_out / "demo", out / "old_name", ignore=shutil.ignore_patterns("figures"))
+    shutil.copytree(mnist_out / "ioffe_mnist", out / "old_name", ignore=shutil.ignore_patterns("figures"))
     report = collect(out)
     (section,) = report.sections
     assert section.experiment is None and report.rows == []
@@ -291,9 +291,9 @@ def test_definitions_attribute_and_unregistered_experiment(demo_out, tmp_path):
     assert "not a registered experiment" in text and len(_img_srcs(text)) == 1
 
 
-def test_dataset_fallback_is_a_stated_deviation(demo_out, tmp_path):
-    out = _copy_runs(demo_out, tmp_path / "runs")
-    for env_path in (out / "demo").glob("*/seed*/env.json"):
+def test_dataset_fallback_is_a_stated_deviation(mnist_out, tmp_path):
+    out = _copy_runs(mnist_out, tmp_path / "runs")
+    for env_path in (out / "ioffe_mnist").glob("*/seed*/env.json"):
         env = json.loads(env_path.read_text())
         env["dataset"].update(requested="mnist", used="fashion_mnist",
                               note="MNIST not found; Fashion-MNIST (same format) used instead")
@@ -302,15 +302,15 @@ def test_dataset_fallback_is_a_stated_deviation(demo_out, tmp_path):
     assert "Dataset fallback" in text and "MNIST not found; Fashion-MNIST (same format) used instead" in text
 
 
-def test_unreadable_run_dir_is_named_not_fatal(demo_out, tmp_path):
-    out = _copy_runs(demo_out, tmp_path / "runs")
-    bad = sorted((out / "demo").glob("no_bn-*/seed1"))[0]
+def test_unreadable_run_dir_is_named_not_fatal(mnist_out, tmp_path):
+    out = _copy_runs(mnist_out, tmp_path / "runs")
+    bad = sorted((out / "ioffe_mnist").glob("baseline-*/seed1"))[0]
     (bad / "config.json").write_text("{not json")
     report = collect(out)
     (section,) = report.sections
     assert len(section.results.runs) == 2 * len(SMOKE_SEEDS) - 1
     assert any(str(bad) in n and "cannot be read" in n for n in section.notes)
-    assert len(report.rows) == 1 and "cannot be read" in build_report(out).read_text(encoding="utf-8")
+    assert report.rows and "cannot be read" in build_report(out).read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "no_runs"])
@@ -319,7 +319,7 @@ def test_nothing_to_report_is_a_clear_error(tmp_path, kind):
     if kind != "missing":
         out.mkdir()
     if kind == "no_runs":
-        (out / "demo" / "figures").mkdir(parents=True)
+        (out / "ioffe_mnist" / "figures").mkdir(parents=True)
         (out / "notes.txt").write_text("x")
     with pytest.raises(DataNotFoundError) as info:
         build_report(out)
@@ -329,15 +329,15 @@ def test_nothing_to_report_is_a_clear_error(tmp_path, kind):
     assert not (out / "report.html").exists()
 
 
-def test_requested_experiment_without_runs(demo_out, tmp_path):
-    other = dataclasses.replace(get_experiment("demo"), name="other_exp")  # declared, never run here
+def test_requested_experiment_without_runs(mnist_out, tmp_path):
+    other = dataclasses.replace(get_experiment("ioffe_mnist"), name="other_exp")  # declared, never run here
     with pytest.raises(DataNotFoundError, match="no runs of other_exp") as info:
-        build_report(demo_out, [other], output=tmp_path / "r.html")
+        build_report(mnist_out, [other], output=tmp_path / "r.html")
     assert "bnlab run other_exp" in str(info.value)
-    text = build_report(demo_out, ["demo", other], output=tmp_path / "r.html").read_text()
+    text = build_report(mnist_out, ["ioffe_mnist", other], output=tmp_path / "r.html").read_text()
     assert "Requested but without runs" in text and "other_exp" in text
     with pytest.raises(ConfigError, match="unknown experiment 'dmeo'"):
-        build_report(demo_out, ["dmeo"], output=tmp_path / "r.html")
+        build_report(mnist_out, ["dmeo"], output=tmp_path / "r.html")
 
 
 def test_summary_text_counts():
@@ -399,12 +399,12 @@ def test_subfigure_notes_reach_the_saved_caption(tmp_path):
     assert "±1 std over seeds" in read_caption(save_figure(fig, tmp_path / "s.png"))
 
 
-def test_mean_spread_reads_run_results(demo_out):
+def test_mean_spread_reads_run_results(mnist_out):
     from bnlab.train.results import load_results
 
-    runs = load_results(demo_out, "demo").by_variant()["bn"]
+    runs = load_results(mnist_out, "ioffe_mnist").by_variant()["bn"]
     fig, ax = new_figure()
     spread = mean_spread(ax, runs, label="bn", split="eval", key="acc")
     assert spread.n_seeds == len(SMOKE_SEEDS) and np.isfinite(spread.mean).all()
-    probe = mean_spread(ax, runs, label="p50", probe="sigmoid_inputs", key="p50")
+    probe = mean_spread(ax, runs, label="p50", probe="sigmoid_input", key="p50_unit0")
     assert probe.steps.size >= 2

@@ -49,7 +49,7 @@ def sigmoid_input_percentiles(ctx: ProbeContext) -> dict[str, Any]:
     """
     model = ctx.model
     last = list(model.nonlinearity_inputs())[-1]
-    x = ctx.task.x_test[:PROBE_SET]
+    x = ctx.task.x_test[: PROBE_SET - PROBE_SET % PROBE_CHUNK]  # whole chunks only
     stats = record_activations(
         model, x, {"act": last}, where="input", bn_mode="batch", percentiles=PERCENTILES,
         units=list(UNITS), chunk_size=PROBE_CHUNK,
@@ -149,14 +149,22 @@ def verdict(results: ExperimentResults) -> list[dict[str, Any]]:
                      "seeds": seeds, "passed": None, "why": "runs have no sigmoid_input probe arrays"})
         return rows
     d_bn, d_base = drift_statistics(pst, tr_bn), drift_statistics(pst, tr_base)
+    why = f"max-min after the first {SKIP_FRACTION:.0%} of training, mean over units 0-9 and seeds"
     rows.append({
-        "claim": "D.9 drift of the sigmoid-input median and 85-15 spread is smaller with BN",
-        "paper": "baseline percentiles drift in mean and spread; BN median stays ≈0 (Fig. 1b,c)",
-        "ours": (f"median drift BN {d_bn['median']:.2f} vs baseline {d_base['median']:.2f}; "
-                 f"spread drift BN {d_bn['spread']:.2f} vs baseline {d_base['spread']:.2f}"),
+        "claim": "D.9a the median of the sigmoid input drifts less with BN",
+        "paper": "baseline median drifts; BN median stays ≈0 (Fig. 1b,c)",
+        "ours": f"median drift BN {d_bn['median']:.2f} vs baseline {d_base['median']:.2f}",
         "seeds": seeds,
-        "passed": d_bn["median"] < d_base["median"] and d_bn["spread"] < d_base["spread"],
-        "why": f"max-min after the first {SKIP_FRACTION:.0%} of training, mean over units 0-9 and seeds",
+        "passed": d_bn["median"] < d_base["median"],
+        "why": why,
+    })
+    rows.append({
+        "claim": "D.9b the 85-15 spread of the sigmoid input drifts less with BN",
+        "paper": "baseline spread changes; BN 15th/85th widen slowly, ≈±1.2 -> ≈±1.9 (Fig. 1c)",
+        "ours": f"spread drift BN {d_bn['spread']:.2f} vs baseline {d_base['spread']:.2f}",
+        "seeds": seeds,
+        "passed": d_bn["spread"] < d_base["spread"],
+        "why": why + "; note the paper's own BN spread grows by ≈1.4 over training (gamma grows)",
     })
     return rows
 
@@ -220,7 +228,8 @@ EXPERIMENT = Experiment(
     base=BASE,
     variants={"baseline": {"norm": "none"}, "bn": {"norm": "batch"}},
     profiles={
-        "smoke": {"steps": 60, "eval_every": 30, "probe_every": 30, "train_subset": 2000, "eval_subset": 500,
+        # smoke: scikit-learn's bundled 8x8 digits, so it needs no data files and runs in a second or two.
+        "smoke": {"dataset": "digits", "steps": 60, "eval_every": 20, "probe_every": 20, "eval_subset": 200,
                   "checkpoint_every": 30, "log_every": 10},
         # quick: the paper's 50k steps already cost ~1 min per run here; the periodic evaluation uses a
         # fixed 2000-image test subset (the final accuracy is on the full test set).

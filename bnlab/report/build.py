@@ -3,7 +3,7 @@ nothing here trains or probes (design.md: compute, store, plot, report are separ
 
     path = build_report("runs")                 # every experiment with runs -> runs/report.html
 
-    report = collect("runs", ["demo"], "r.html")  # the same as data: sections, verdict rows
+    report = collect("runs", ["ioffe_mnist"], "r.html")  # the same as data: sections, verdict rows
     path = write_report(report)                 # -> r.html
     print(summary_text(path, report.rows))      # what a CLI prints at the end
 
@@ -110,7 +110,7 @@ class Report:
 
 # --- finding runs -------------------------------------------------------------------------------------
 
-def _no_runs_message(out_dir: Path, what: str, example: str = "demo") -> str:
+def _no_runs_message(out_dir: Path, what: str, example: str = "ioffe_mnist") -> str:
     return (f"{what}; produce runs first, e.g. `bnlab run {example} --profile quick --out {out_dir}` "
             f"(`bnlab list` names every experiment), then build the report with `bnlab report {out_dir}`")
 
@@ -317,7 +317,7 @@ def collect(out_dir: Path | str, experiments: Sequence[Any] | None = None,
     if not wanted:
         what = (f"no runs of {', '.join(missing)} under {out_dir}" if missing
                 else f"no runs under {out_dir} (no <experiment>/<variant>-<hash>/seed<k>/config.json)")
-        raise DataNotFoundError(_no_runs_message(out_dir, what, missing[0] if missing else "demo"))
+        raise DataNotFoundError(_no_runs_message(out_dir, what, missing[0] if missing else "ioffe_mnist"))
 
     sections: list[Section] = []
     for name, exp, why in wanted:

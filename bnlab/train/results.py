@@ -1,6 +1,6 @@
 """Reading stored runs back: what verdicts, plots and the HTML report work from. Never trains.
 
-    results = load_results("runs", "demo", profile="quick")
+    results = load_results("runs", "ioffe_mnist", profile="quick")
     for variant, runs in results.by_variant().items():
         accs = [r.final("acc") for r in runs if r.status == "done"]
         steps, acc = runs[0].series("eval", "acc")
