@@ -204,7 +204,7 @@ def plots(results: ExperimentResults, out_dir: Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     groups = results.by_variant()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4))
     for variant in VARIANTS:
         runs = [r for r in groups.get(variant, []) if r.status != "incomplete"]
         if runs:
@@ -216,7 +216,7 @@ def plots(results: ExperimentResults, out_dir: Path) -> list[Path]:
     ax.set_xlabel("training step")
     ax.set_ylabel("test accuracy (eval subset)")
     ax.set_title("Ioffe Fig. 2 proxy: accuracy vs steps")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     path = save_figure(fig, out_dir / "ioffe_lr_study_accuracy.png")
     plt.close(fig)
     return [path]

@@ -188,27 +188,35 @@ def plots(results: ExperimentResults, out_dir: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for variant, label in (("baseline", "Without BN"), ("bn", "With BN")):
         if variant in groups:
-            mean_spread(ax, [r.series("eval", "acc") for r in groups[variant] if r.status != "incomplete"], label=label)
+            mean_spread(ax, [r for r in groups[variant] if r.status != "incomplete"], label=label)
     ax.set_xlabel("training step")
     ax.set_ylabel("test accuracy")
     ax.set_title("(a) test accuracy (Ioffe Fig. 1a)")
     ax.legend()
+    ax.grid(alpha=0.3)
     paths.append(save_figure(fig, out_dir / "ioffe_mnist_accuracy.png"))
     plt.close(fig)
 
+    # As in the paper: one typical unit (unit 0) of one network (the first seed), its 15th-85th
+    # percentile band and median over training; the D.9 verdict averages over units and seeds.
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
     for ax, (variant, title) in zip(axes, (("baseline", "(b) without BN"), ("bn", "(c) with BN"))):
         runs = [r for r in groups.get(variant, []) if "probe/sigmoid_input/steps" in r.arrays]
         if not runs:
             continue
-        steps = runs[0].arrays["probe/sigmoid_input/steps"]
-        for i, p in enumerate(PERCENTILES):
-            mean_spread(ax, [(steps, r.arrays["probe/sigmoid_input/percentiles"][:, i, 0]) for r in runs],
-                        label=f"{p}th percentile")
-        ax.set_title(f"{title}: sigmoid input, unit 0")
+        run = runs[0]
+        steps = run.arrays["probe/sigmoid_input/steps"]
+        pct = run.arrays["probe/sigmoid_input/percentiles"][:, :, 0]  # (T, 3) for unit 0
+        ax.fill_between(steps, pct[:, 0], pct[:, 2], alpha=0.25, color="C0", linewidth=0,
+                        label=f"{PERCENTILES[0]}th-{PERCENTILES[2]}th percentile")
+        for i, style in ((0, ":"), (2, ":")):
+            ax.plot(steps, pct[:, i], style, color="C0", linewidth=0.8)
+        ax.plot(steps, pct[:, 1], color="C0", label=f"{PERCENTILES[1]}th percentile (median)")
+        ax.set_title(f"{title}: unit 0, seed {run.seed}")
         ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
     axes[0].set_ylabel("sigmoid input")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     paths.append(save_figure(fig, out_dir / "ioffe_mnist_percentiles.png"))
     plt.close(fig)
     return paths

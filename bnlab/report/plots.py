@@ -151,9 +151,8 @@ def mean_spread(ax: Axes, runs_or_series: Iterable[Any], *, label: str, color: A
         last = float(values[ok][-1]) if ok.any() else float(np.nanmean(mean)) if np.isfinite(mean).any() else 0.0
         diverged.append((int(div), last))
 
+    # The band's meaning goes into the caption (one note per figure), not into every legend entry.
     parts = [f"{n} seed{'s' if n != 1 else ''}"]
-    if n > 1:
-        parts.append("mean, band " + ("min–max" if band == "minmax" else "±1 std"))
     if diverged:
         parts.append(f"{len(diverged)} diverged")
     full_label = f"{label} ({', '.join(parts)})"
@@ -215,7 +214,8 @@ def save_figure(fig: Figure, path: Path | str, *, caption: str | None = None, dp
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     with matplotlib.rc_context(_RC):
-        fig.savefig(buf, format="png", dpi=dpi, metadata=_PNG_METADATA)
+        # tight: legends placed outside the axes are kept, nothing is cut off
+        fig.savefig(buf, format="png", dpi=dpi, metadata=_PNG_METADATA, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
     notes = list(getattr(fig, "_bnlab_notes", []))
     text = " ".join(t for t in [(caption or "").strip()] + [n[0].upper() + n[1:] + "." for n in notes] if t)
