@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bnlab.errors import ConfigError, DataNotFoundError
-from bnlab.report._io import atomic_write_bytes
+from bnlab.atomic import atomic_write_bytes
 from bnlab.train.config import config_hash
 from bnlab.train.results import ExperimentResults, RunResult, load_run
 

@@ -34,7 +34,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bnlab.report._io import atomic_write_bytes
+from bnlab.atomic import atomic_write_bytes
 
 DEFAULT_DPI = 90
 BANDS = ("minmax", "std")

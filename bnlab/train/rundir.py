@@ -29,13 +29,13 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from bnlab.atomic import atomic_write_bytes
 from bnlab.errors import CorruptDataError, RunLockedError
 
 CONFIG, ENV, METRICS, ARRAYS = "config.json", "env.json", "metrics.jsonl", "arrays.npz"
@@ -47,38 +47,6 @@ def run_dir_path(out: Path | str, experiment: str, variant: str, cfg_hash: str, 
 
 
 # --- atomic writes -----------------------------------------------------------------------------------
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
