@@ -168,12 +168,25 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
           f"{sum(p.state == 'done' for ps in plans.values() for p in ps)} already done; "
           f"estimated {format_seconds(sum(todo.values()))}")
     start = time.monotonic()
-    for i, exp in enumerate(exps, 1):
-        left = sum(list(todo.values())[i - 1:])
-        print(f"\n[{i}/{len(exps)}] {exp.name}  (elapsed {format_seconds(time.monotonic() - start)}, "
-              f"about {format_seconds(left)} left)")
-        run_experiment(exp, args.profile, out=args.out, seeds=seeds, workers=args.workers,
-                       max_minutes=args.max_minutes, quiet=args.quiet, data_dir=args.data_dir)
+    bar = None
+    if not args.quiet:  # one bar over every run of every experiment, in estimated seconds of work
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(p.est_seconds for ps in plans.values() for p in ps if p.state != "done"),
+                   desc="reproduce", dynamic_ncols=True, file=sys.stderr,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+    echo = bar.write if bar is not None else print
+    try:
+        for i, exp in enumerate(exps, 1):
+            left = sum(list(todo.values())[i - 1:])
+            echo(f"\n[{i}/{len(exps)}] {exp.name}  (elapsed {format_seconds(time.monotonic() - start)}, "
+                 f"about {format_seconds(left)} left)")
+            run_experiment(exp, args.profile, out=args.out, seeds=seeds, workers=args.workers,
+                           max_minutes=args.max_minutes, quiet=args.quiet, data_dir=args.data_dir,
+                           echo=echo, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
     report = collect(args.out, [e.name for e in exps], args.output)
     path = write_report(report)
     for exp in exps:  # the same rows the report shows, one file per experiment

@@ -201,7 +201,7 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
                    variants: Sequence[str] | None = None, workers: int = 1, threads: int | None = None,
                    max_minutes: float | None = None, quiet: bool = False, tensorboard: bool = False,
                    data_dir: str | None = None, wait: bool = False, shard: tuple[int, int] | None = None,
-                   echo: Callable[[str], None] = print) -> ExperimentRun:
+                   echo: Callable[[str], None] = print, bar: Any = None) -> ExperimentRun:
     """Plan, check, estimate, run (see module docstring). Raises ConfigError past ``max_minutes`` and
     RunLockedError at the end if some runs were held by another process (the others still ran)."""
     if workers < 1:
@@ -236,11 +236,16 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
     options = RunOptions(data_dir=data_dir, threads=threads, tensorboard=tensorboard,
                          lock_wait=math.inf if wait else None)
     total_steps = sum(p.spec.cfg.steps - p.start_step for p in todo)
-    bar = None
-    if not quiet:
+    # An outer bar (``bnlab reproduce``: one bar over several experiments) counts estimated seconds of
+    # work, since a step of one model can cost 100x a step of another; our own bar counts steps.
+    own_bar = bar is None and not quiet
+    weight = [1.0] * len(todo)
+    if own_bar:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False, file=sys.stderr)
+    elif bar is not None:
+        weight = [p.est_seconds / max(1, p.spec.cfg.steps - p.start_step) for p in todo]
     write = bar.write if bar is not None else echo
     write(_ROW.format(variant="variant", seed="seed", steps="steps", state="status", result="result",
                       time="time"))
@@ -248,7 +253,7 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
 
     def advance(i: int, step: int) -> None:
         if bar is not None and step > done_steps[i]:
-            bar.update(step - done_steps[i])
+            bar.update((step - done_steps[i]) * weight[i])
         done_steps[i] = max(done_steps[i], step)
 
     for p in planned:
@@ -267,7 +272,7 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
         else:
             _run_pool(todo, options, workers, threads, advance, write, result)
     finally:
-        if bar is not None:
+        if own_bar:
             bar.close()
     _summary(result, echo)
     if result.locked:
