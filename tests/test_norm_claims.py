@@ -101,6 +101,18 @@ def test_float32_large_mean_small_std_has_no_catastrophic_cancellation():
     assert np.abs(y.detach().numpy() - y_ref).max() < 1e-3
 
 
+def test_float32_eval_with_large_running_mean_stays_accurate():
+    """The folded inference map a*x + b cancels when |E[x]| >> std; bnlab subtracts first there."""
+    torch.manual_seed(0)
+    m = bn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        m.running_mean.fill_(1e4)
+        m.running_var.fill_(1e-6)
+    x = (torch.randn(16, 4, 5, 5, dtype=torch.float64) * 1e-3 + 1e4).float()
+    expected = ref.inference(x.double().numpy(), np.ones(4), np.zeros(4), np.full(4, 1e4), np.full(4, 1e-6), eps=1e-5)
+    assert np.abs(m(x).detach().numpy() - expected).max() < 1e-3
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 1e-2), (torch.bfloat16, 8e-2)])
 def test_half_precision_keeps_float32_statistics(dtype, tol):
     torch.manual_seed(0)

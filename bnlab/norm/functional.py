@@ -15,7 +15,8 @@ Numerics:
   standard deviation). The kernel's statistics tell which case applies (|mean|/std above 1e3 in
   float32); then mean and variance are computed on data shifted by one sample per channel, whose
   deviations are small numbers, and the result matches a float64 reference. Half/bfloat16 inputs
-  always take that path, with float32 statistics.
+  always take that path, with float32 statistics. Evaluation likewise uses torch's one-pass folded
+  map only when the running statistics are well conditioned, and subtracts the mean first otherwise.
 * A training batch whose statistics are not finite (NaN/inf inputs) leaves the running statistics
   and ``num_batches_tracked`` unchanged and warns; the output of that batch is returned as computed.
 
@@ -210,8 +211,14 @@ def _train_shifted(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: f
 
 
 def _inference(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
-    """Alg. 2's inference map, as (x - E[x]) * gamma / sqrt(Var[x] + eps) + beta: subtracting first
-    keeps precision when |E[x]| >> std (the folded form a*x + b cancels catastrophically there)."""
+    """Alg. 2's inference map. torch's kernel applies the folded form a*x + b (one pass), which is
+    accurate while |E[x]| / std is moderate; beyond that it cancels catastrophically and the map is
+    computed as (x - E[x]) * gamma / sqrt(Var[x] + eps) + beta, subtracting first."""
+    same_dtype = all(t is None or t.dtype == x.dtype for t in (weight, bias, running_mean, running_var))
+    if same_dtype and x.dtype in _NATIVE_RATIO:
+        ratio = float((running_mean.abs() * torch.rsqrt(running_var + eps)).max())
+        if ratio <= _NATIVE_RATIO[x.dtype]:  # False for NaN too
+            return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
     cdtype = _compute_dtype(x)
     scale = _per_channel(torch.rsqrt(running_var.to(cdtype) + eps), x)
     centered = x.to(cdtype) - _per_channel(running_mean.to(cdtype), x)
