@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.errors import ConfigError, ShapeError
+from bnlab.norm.modules import is_batchnorm  # noqa: F401  (re-exported for the probes)
 
 Where = Literal["input", "output"]
 BnMode = Literal["batch", "running"]
@@ -33,18 +34,6 @@ ModuleSpec = Union[str, Sequence[str], Mapping[str, Union[str, nn.Module]]]
 
 _BN_MODES = ("batch", "running")
 _WHERES = ("input", "output")
-
-
-def is_batchnorm(module: nn.Module) -> bool:
-    """True for torch.nn BatchNorm*/SyncBatchNorm/InstanceNorm (``_NormBase``) and bnlab's BN modules.
-
-    bnlab's modules subclass ``nn.Module`` directly (not ``_NormBase``) and mark themselves with the
-    class attribute ``_is_bnlab_batchnorm = True``; duck typing on buffer names would also catch
-    unrelated modules that happen to keep running averages.
-    """
-    return isinstance(module, nn.modules.batchnorm._NormBase) or bool(
-        getattr(module, "_is_bnlab_batchnorm", False)
-    )
 
 
 def is_dropout(module: nn.Module) -> bool:

@@ -155,5 +155,7 @@ class BatchNorm3d(_BatchNorm):
 
 
 def is_batchnorm(module: nn.Module) -> bool:
-    """True for bnlab's and torch.nn's batch-norm layers (anything with BN running statistics)."""
+    """True for bnlab's BN modules (marked by ``_is_bnlab_batchnorm``, so other code need not import
+    them) and torch.nn's BatchNorm1d/2d/3d, SyncBatchNorm and lazy variants; not for layer, group or
+    instance norm, whose statistics are per example."""
     return getattr(module, "_is_bnlab_batchnorm", False) or isinstance(module, nn.modules.batchnorm._BatchNorm)
