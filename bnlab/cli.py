@@ -97,6 +97,9 @@ def write_verdict_and_plots(exp: Any, run_dirs: Sequence[Path], out: Path, profi
         path = write_verdict_json(out, exp.name, rows)
         print_verdict(rows)
         print(f"verdict written to {path}")
+    if getattr(exp, "tables", None) is not None:
+        for title, table_rows in exp.tables(results).items():
+            print_table(title, table_rows)
     if exp.plots is not None:
         for p in exp.plots(results, out / exp.name / "figures"):
             print(f"plot: {p}")
@@ -111,6 +114,21 @@ def write_verdict_json(out: Path, experiment: str, rows: list[dict[str, Any]]) -
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, json_safe(rows))
     return path
+
+
+def print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    """A paper's table (e.g. Ioffe Fig. 3) as fixed-width text."""
+    from bnlab.report.html import format_cell
+
+    print(f"\n{title}")
+    if not rows:
+        print("  (empty)")
+        return
+    headers = list(rows[0])
+    cells = [[format_cell(r.get(h)) for h in headers] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    for line in [headers, *cells]:
+        print("  " + "  ".join(v.ljust(w) for v, w in zip(line, widths)))
 
 
 def print_verdict(rows: list[dict[str, Any]]) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from bnlab.experiments.ioffe_lr_study import EXPERIMENT as LR_STUDY
-from bnlab.experiments.ioffe_lr_study import table
+from bnlab.experiments.ioffe_lr_study import fig3_table, table
 from bnlab.experiments.ioffe_mnist import EXPERIMENT as MNIST
 from bnlab.experiments.ioffe_mnist import drift_statistics, verdict
 from bnlab.train.results import load_results
@@ -50,5 +50,8 @@ def test_ioffe_smoke_runs_give_verdict_rows_and_fig3_table(tmp_path):
                    echo=lambda *_: None)
     fig3 = table(load_results(tmp_path, "ioffe_lr_study"))
     assert [r["variant"] for r in fig3] == list(LR_STUDY.variants)
+    (title, rows), = fig3_table(load_results(tmp_path, "ioffe_lr_study")).items()
+    assert "Fig. 3" in title and [r["variant"] for r in rows] == list(LR_STUDY.variants)
+    assert rows[0]["paper: steps to 72.2%"] == "31.0e6" and rows[0]["steps to Baseline max"] is not None
     lrs = {r["variant"]: r["lr"] for r in fig3}
     assert np.isclose(lrs["BN-x30"], 30 * lrs["Baseline"]) and np.isclose(lrs["BN-x5"], 5 * lrs["Baseline"])

@@ -31,6 +31,8 @@ _NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*")
 DEFAULT_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "quick": (0, 1, 2), "paper": (0, 1, 2)}
 
 Verdict = Callable[[ExperimentResults], list[dict[str, Any]]]
+# title -> rows (dicts with the same keys, in column order): a paper's table, e.g. Ioffe Fig. 3
+Tables = Callable[[ExperimentResults], dict[str, list[dict[str, Any]]]]
 Plots = Callable[[ExperimentResults, Path], list[Path]]
 
 __all__ = ["DEFAULT_SEEDS", "PROFILES", "Experiment", "ExperimentResults", "Probe", "ProbeContext",
@@ -56,6 +58,7 @@ class Experiment:
     probes: tuple[Probe, ...] = ()
     verdict: Verdict | None = None
     plots: Plots | None = None
+    tables: Tables | None = None
     notes: str = ""  # documented choices and deviations from the paper (shown in the report)
     paper: str = ""  # e.g. "Ioffe & Szegedy 2015, Fig. 1 (papers.md A.7)"
     # Optional replacements for bnlab.models.build_model / the dataset loader (custom nets, tests).

@@ -127,6 +127,23 @@ def table(results: ExperimentResults) -> list[dict[str, Any]]:
     return rows
 
 
+def fig3_table(results: ExperimentResults) -> dict[str, list[dict[str, Any]]]:
+    """Ioffe Fig. 3 side by side with ours (steps are training steps of this scaled-down setting)."""
+    rows = []
+    for r in table(results):
+        if r["diverged"] == r["seeds"]:
+            steps = "diverged"
+        else:
+            steps = "never" if r["steps_to_baseline_max"] is None else r["steps_to_baseline_max"]
+        rows.append({
+            "variant": r["variant"], "lr": r["lr"], "seeds": r["seeds"], "diverged": r["diverged"],
+            "steps to Baseline max": steps,
+            "max accuracy": _fmt(r["max_acc_seeds"]) if r["max_acc_seeds"] else "-",
+            "paper: steps to 72.2%": PAPER[r["variant"]][0], "paper: max accuracy": PAPER[r["variant"]][1],
+        })
+    return {"Ioffe Fig. 3: steps to reach the Baseline's max accuracy, and max accuracy": rows}
+
+
 def verdict(results: ExperimentResults) -> list[dict[str, Any]]:
     rows = {r["variant"]: r for r in table(results)}
     need = ("Baseline", "BN-Baseline")
@@ -239,5 +256,6 @@ EXPERIMENT = Experiment(
     variant_profiles={"smoke": _SMOKE_FAST, "quick": _QUICK_FAST, "paper": _PAPER_FAST},
     verdict=verdict,
     plots=plots,
+    tables=fig3_table,
     notes=__doc__.split("Choices and deviations", 1)[1].strip(),
 )

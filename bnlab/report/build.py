@@ -59,6 +59,7 @@ class Section:
     figures_dir: Path | None = None
     notes: list[str] = field(default_factory=list)  # why no verdict/figures, and similar
     excluded: list[RunResult] = field(default_factory=list)  # finished, but another config of a variant
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # title -> rows
 
     @property
     def anchor(self) -> str:
@@ -193,6 +194,17 @@ def _run_verdict(section: Section) -> None:
         section.rows = _normalize_rows(exp.verdict(section.finished))
     except Exception as err:  # the report shows it; other experiments still get their sections
         section.verdict_error = _format_error(err)
+
+
+def _run_tables(section: Section) -> None:
+    exp = section.experiment
+    fn = getattr(exp, "tables", None) if exp is not None else None
+    if fn is None:
+        return
+    try:
+        section.tables = {str(k): [dict(r) for r in v] for k, v in (fn(section.finished) or {}).items()}
+    except Exception as err:
+        section.notes.append(f"the tables function raised: {_last_line(_format_error(err))}")
 
 
 def _run_plots(section: Section, out_dir: Path, several_profiles: bool) -> None:
@@ -330,6 +342,7 @@ def collect(out_dir: Path | str, experiments: Sequence[Any] | None = None,
                                "for at least one run to end")
                 continue
             _run_verdict(s)
+            _run_tables(s)
             _run_plots(s, out_dir, several_profiles=len(mine) > 1)
     output = Path(output) if output is not None else out_dir / "report.html"
     return Report(out_dir, output, time.strftime("%Y-%m-%d %H:%M:%S %z"), sections, missing)

@@ -112,6 +112,24 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], raw: bool = Fa
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def data_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A list of dicts as a table: columns in the first row's key order, numbers formatted."""
+    if not rows:
+        return '<p class="muted">(empty)</p>'
+    headers = list(rows[0])
+    return _table(headers, ([format_cell(r.get(h)) for h in headers] for r in rows))
+
+
+def format_cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(format_cell(v) for v in value)
+    return str(value)
+
+
 def _paragraphs(text: str) -> str:
     """Plain text with blank-line paragraphs and "- " / "* " bullet lines, escaped."""
     out: list[str] = []
@@ -245,6 +263,10 @@ def _section(s: Any, out_dir: Path) -> str:
         out.append(_table(["claim", "paper", "ours", "seeds", "result", "why"], body, raw=True))
     else:
         out.append('<p class="muted">No verdict for these runs.</p>')
+
+    for title, rows in s.tables.items():
+        out.append(f"<h3>{esc(title)}</h3>")
+        out.append(data_table(rows))
 
     out.append("<h3>Results over seeds</h3>")
     out.append(_results_table(s))
