@@ -59,6 +59,9 @@ class Experiment:
     verdict: Verdict | None = None
     plots: Plots | None = None
     tables: Tables | None = None
+    # (quantity, exact definition with the paper's equation/figure, cost in passes) for what the
+    # verdict derives from the runs; the report lists them with the probes' own definitions.
+    definitions: tuple[tuple[str, str, str], ...] = ()
     notes: str = ""  # documented choices and deviations from the paper (shown in the report)
     paper: str = ""  # e.g. "Ioffe & Szegedy 2015, Fig. 1 (papers.md A.7)"
     # Optional replacements for bnlab.models.build_model / the dataset loader (custom nets, tests).

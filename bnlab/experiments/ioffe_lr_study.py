@@ -257,5 +257,17 @@ EXPERIMENT = Experiment(
     verdict=verdict,
     plots=plots,
     tables=fig3_table,
+    definitions=(
+        ("steps to reach the Baseline's max accuracy (Fig. 3, column 2)",
+         "first evaluation step at which the seed-mean accuracy on the fixed 2000-image test subset reaches "
+         "the maximum of the Baseline's seed-mean curve; 'never' if it does not within the run",
+         "none (from stored curves)"),
+        ("max accuracy (Fig. 3, column 3)",
+         "per seed, the larger of the best periodic evaluation accuracy and the final full-test accuracy; "
+         "mean ± std over seeds (the paper: single-crop validation accuracy, one run)",
+         "none (from stored curves)"),
+        ("diverged", "the training loss became NaN/inf; the run stops there and counts as diverged",
+         "none"),
+    ),
     notes=__doc__.split("Choices and deviations", 1)[1].strip(),
 )

@@ -244,7 +244,20 @@ EXPERIMENT = Experiment(
         "quick": {"eval_subset": 2000},
         "paper": {},
     },
-    probes=(Probe("sigmoid_input", sigmoid_input_percentiles, cost=20 * 0.5),),
+    # 1200 images forward only ~ 1.6 forward+backward passes of a 256-example probe batch
+    probes=(Probe("sigmoid_input", sigmoid_input_percentiles, cost=1.6),),
+    definitions=(
+        ("test accuracy curve (Fig. 1a)",
+         "fraction of the full test set classified correctly, network in eval mode (BN with its running "
+         "statistics, Alg. 2 with a moving average), every 500 steps", "1 forward pass over the test set"),
+        ("steps to the baseline's best (D.8b)",
+         "first checkpoint at which the seed-mean BN accuracy curve reaches the maximum of the seed-mean "
+         "baseline curve", "none (from stored curves)"),
+        ("percentile drift (D.9)",
+         "for each of units 0-9 of the last hidden layer: max - min over the probe steps after the first "
+         "10% of training of (a) the median and (b) the 85th - 15th percentile of its sigmoid input "
+         "(Fig. 1b,c); averaged over units, then seeds", "none (from stored probe arrays)"),
+    ),
     verdict=verdict,
     plots=plots,
     notes=__doc__.split("Choices the paper leaves open", 1)[1].strip(),
