@@ -151,7 +151,6 @@ def verdict(results: ExperimentResults) -> list[dict[str, Any]]:
         return [{"claim": "D.10", "paper": "", "ours": "missing runs", "seeds": 0, "passed": None,
                  "why": "needs finished Baseline and BN-Baseline runs"}]
     base = rows["Baseline"]
-    seeds = base["seeds"]
     out = []
 
     def steps_text(r):
