@@ -241,7 +241,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
     print(f"cpu cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}, "
           f"interop threads: {torch.get_num_interop_threads()}")
-    print(f"git: {git_commit() or 'not a git checkout'}")
+    git = git_commit()
+    print("git: " + (f"{git['commit'][:12]}{' (uncommitted changes)' if git['dirty'] else ''}" if git
+                     else "not a git checkout"))
     print(f"tensorboard: {'available' if tensorboard_available() else 'not installed (pip install tensorboard)'}")
     try:
         import numba
