@@ -407,7 +407,9 @@ def _config_groups(s: Any) -> dict[tuple[str, str], list[Any]]:
     groups: dict[tuple[str, str], list[Any]] = {}
     for r in s.results.runs:
         groups.setdefault((r.variant, r.config_hash), []).append(r)
-    return groups
+    # The experiment's declared variant order (the paper's table order), unknown variants last.
+    order = {v: i for i, v in enumerate(getattr(s.experiment, "variants", None) or {})}
+    return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0])))
 
 
 def _seed_status(runs: list[Any]) -> str:
