@@ -443,7 +443,7 @@ def _settings(s: Any) -> str:
         out.append(f'<p class="muted">Shared by every run: <code>{esc(items)}</code>. '
                    + ("Columns after <em>seeds</em> are the fields that differ between the configs."
                       if varying else "All configs are identical.") + "</p>")
-    for (variant, h), rs in groups.items():
+    for variant, h in groups:
         text = json.dumps(dicts[(variant, h)], indent=2)
         out.append(f"<details><summary>full config of <code>{esc(variant)}</code> "
                    f"(<code>{esc(h[:8])}</code>)</summary><pre>{esc(text)}</pre></details>")
