@@ -22,7 +22,7 @@ def _unchanged(module, before):
 def test_single_value_per_channel_in_training():
     m = bn.BatchNorm1d(4)
     before = _state(m)
-    with pytest.raises(ShapeError, match=r"more than 1 value per channel.*batch size > 1.*model\.eval\(\)"):
+    with pytest.raises(ShapeError, match=r"more than 1 value per channel.*batch size > 1.*call \.eval\(\)"):
         m(torch.randn(1, 4))
     assert _unchanged(m, before)
     m.eval()
