@@ -230,10 +230,10 @@ def test_warning_on_accelerators_is_deferred_not_synchronous(monkeypatch):
     F._pending.append((lambda: done["flag"], res.accepted.clone(), stats, x.dtype, torch.float32))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        F._flush_pending(1)
+        F._flush_pending()
         assert not caught and len(F._pending) == 1  # the copy has not completed: nothing is read
         done["flag"] = True
-        F._flush_pending(1)
+        F._flush_pending()
     assert [str(w.message) for w in caught if issubclass(w.category, NonFiniteBatchWarning)][0].startswith(
         "batch norm got a training batch with NaN or inf values (channels 0)")
     assert not F._pending

@@ -42,6 +42,8 @@ Numerics:
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -172,7 +174,7 @@ def batch_norm(
     res = train_core(x, weight, bias, running_mean if update else None, running_var if update else None,
                      num_batches_tracked if update else None, momentum, eps)
     if update:
-        report_rejected_batch(res, x.dtype, running_mean.dtype, stacklevel=3)
+        report_rejected_batch(res, x.dtype, running_mean.dtype)
         return BatchNormOutput(res.out, res.running_mean, res.running_var,
                                res.num_batches_tracked if num_batches_tracked is not None else None)
     return BatchNormOutput(res.out, running_mean, running_var, num_batches_tracked)
@@ -191,7 +193,7 @@ class TrainResult(NamedTuple):
     accepted: Optional[Tensor]  # 0-dim bool: the batch entered the running statistics
     batch_mean: Optional[Tensor]  # (C,) compute dtype, for the warning's diagnosis only
     batch_var: Optional[Tensor]  # (C,) unbiased, compute dtype
-    proposed_mean: Optional[Tensor]  # (C,) the update before the guard, in the buffers' dtype
+    proposed_mean: Optional[Tensor]  # (C,) the update before the guard and the cast, float32 or wider
     proposed_var: Optional[Tensor]
 
 
@@ -265,12 +267,14 @@ def train_core(
         f = torch.reciprocal((num_batches_tracked + 1).to(udtype))
     else:
         f = torch.full((), momentum, dtype=udtype, device=x.device)
-    proposed_mean = torch.lerp(running_mean.to(udtype), batch_mean.to(udtype), f).to(sdtype)
-    proposed_var = torch.lerp(running_var.to(udtype), batch_var.to(udtype), f).to(sdtype)
+    proposed_mean = torch.lerp(running_mean.to(udtype), batch_mean.to(udtype), f)
+    proposed_var = torch.lerp(running_var.to(udtype), batch_var.to(udtype), f)
+    cast_mean = proposed_mean.to(sdtype)  # the one rounding to the buffers' dtype
+    cast_var = proposed_var.to(sdtype)
     accepted = torch.isfinite(torch.stack((batch_mean, batch_var))).all() & torch.isfinite(
-        torch.stack((proposed_mean, proposed_var))).all()
-    new_mean = torch.where(accepted, proposed_mean, running_mean)
-    new_var = torch.where(accepted, proposed_var, running_var)
+        torch.stack((cast_mean, cast_var))).all()
+    new_mean = torch.where(accepted, cast_mean, running_mean)
+    new_var = torch.where(accepted, cast_var, running_var)
     new_count = num_batches_tracked
     if num_batches_tracked is not None:
         new_count = num_batches_tracked + accepted.to(num_batches_tracked.dtype)
@@ -321,7 +325,7 @@ def _traced(t: Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
-def report_rejected_batch(res: TrainResult, x_dtype: torch.dtype, buffer_dtype: torch.dtype, stacklevel: int = 2) -> None:
+def report_rejected_batch(res: TrainResult, x_dtype: torch.dtype, buffer_dtype: torch.dtype) -> None:
     """Warn (eager mode) when a training batch did not enter the running statistics.
 
     CPU: the flag is read at once (no device to synchronize with). Other devices: the small flag
@@ -329,13 +333,13 @@ def report_rejected_batch(res: TrainResult, x_dtype: torch.dtype, buffer_dtype: 
     once an event says the copy is complete."""
     if res.accepted is None or _traced(res.accepted):
         return
-    stats = torch.stack((res.batch_mean, res.batch_var, res.proposed_mean.to(res.batch_mean.dtype),
-                         res.proposed_var.to(res.batch_mean.dtype)))
+    dtype = res.proposed_mean.dtype
+    stats = torch.stack((res.batch_mean.to(dtype), res.batch_var.to(dtype), res.proposed_mean, res.proposed_var))
     if res.accepted.device.type == "cpu":
         if not bool(res.accepted):
-            _warn(stats, x_dtype, buffer_dtype, stacklevel + 1)
+            _warn(stats, x_dtype, buffer_dtype)
         return
-    _flush_pending(stacklevel + 1)
+    _flush_pending()
     flag = torch.empty((), dtype=torch.bool, pin_memory=True)
     host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
     flag.copy_(res.accepted, non_blocking=True)
@@ -345,11 +349,11 @@ def report_rejected_batch(res: TrainResult, x_dtype: torch.dtype, buffer_dtype: 
     _pending.append((event.query, flag, host, x_dtype, buffer_dtype))
 
 
-def _flush_pending(stacklevel: int) -> None:
+def _flush_pending() -> None:
     while _pending and _pending[0][0]():
         _, flag, host, x_dtype, buffer_dtype = _pending.pop(0)
         if not bool(flag):
-            _warn(host, x_dtype, buffer_dtype, stacklevel + 1)
+            _warn(host, x_dtype, buffer_dtype)
 
 
 def _channels(mask: Tensor) -> str:
@@ -357,7 +361,20 @@ def _channels(mask: Tensor) -> str:
     return ", ".join(map(str, idx[:8])) + (f", ... ({len(idx)} in all)" if len(idx) > 8 else "")
 
 
-def _warn(stats: Tensor, x_dtype: torch.dtype, buffer_dtype: torch.dtype, stacklevel: int) -> None:
+def _user_stacklevel() -> int:
+    """warnings.warn stacklevel of the first caller outside bnlab.norm and torch.nn's Module call
+    machinery, so the warning points at the user's line (batch_norm or a module call)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not (name.startswith(here) or name.endswith(os.path.join("torch", "nn", "modules", "module.py"))):
+            return level
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn(stats: Tensor, x_dtype: torch.dtype, buffer_dtype: torch.dtype) -> None:
     """Name the real cause from the per-channel statistics (no pass over the data)."""
     mean, var, new_mean, new_var = stats.unbind(0)
     cdtype = compute_dtype(x_dtype)
@@ -373,10 +390,11 @@ def _warn(stats: Tensor, x_dtype: torch.dtype, buffer_dtype: torch.dtype, stackl
                f"normalized and {keep}. Scale the input down (e.g. standardize the data) or run this layer "
                f"in float64 (layer.double() and x.double()).")
     else:
-        bad = ~(torch.isfinite(new_mean) & torch.isfinite(new_var))
+        top = torch.finfo(buffer_dtype).max
+        bad = ~(torch.isfinite(new_mean) & torch.isfinite(new_var)) | (new_mean.abs() > top) | (new_var > top)
         big = torch.maximum(new_mean.abs(), new_var)[bad].max().item()
         msg = (f"the updated running statistics of channels {_channels(bad)} (up to {big:.4g}) overflow the "
                f"buffers' dtype {buffer_dtype} (largest finite value {torch.finfo(buffer_dtype).max:.4g}); "
                f"{keep}. Keep this BN layer's parameters and buffers in float32 (e.g. call .float() on it "
                f"after model.half(); it still takes {x_dtype} inputs), or scale the input down.")
-    warnings.warn(msg, NonFiniteBatchWarning, stacklevel=stacklevel + 1)
+    warnings.warn(msg, NonFiniteBatchWarning, stacklevel=_user_stacklevel())
