@@ -1,20 +1,37 @@
 """bnlab BatchNorm2d against torch.nn.BatchNorm2d on (128, 64, 32, 32) float32, same run.
 
-Prints times and ratios (torch time / bnlab time; > 1 means bnlab is faster). The last line is
-``bn_train_fwd_bwd_speedup: <ratio>``. Usage: python bench/bn_layer.py [--threads N] [--shape ...]
+Prints times and ratios (torch time / bnlab time; > 1 means bnlab is faster). The two layers are
+timed alternately, call by call, so that load from other processes hits both alike; the speedup
+is the median of the per-round ratios. The last line is ``bn_train_fwd_bwd_speedup: <ratio>``.
+Usage: python bench/bn_layer.py [--threads N] [--shape N C H W] [--repeats R]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import time_fn  # noqa: E402
-
 import bnlab.norm as bn  # noqa: E402
+
+
+def interleaved(fns: dict, *, warmup: int = 3, repeats: int = 15) -> tuple[dict, list[float]]:
+    """Median time of each candidate, and the per-round ratios torch / bnlab."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    ratios = [t / b for t, b in zip(times["torch"], times["bnlab"])]
+    return {name: statistics.median(ts) for name, ts in times.items()}, ratios
 
 
 def main() -> None:
@@ -29,30 +46,33 @@ def main() -> None:
     x = torch.randn(n, c, h, w)
     grad = torch.randn_like(x)
     layers = {"torch": torch.nn.BatchNorm2d(c), "bnlab": bn.BatchNorm2d(c)}
-    results: dict[str, dict[str, float]] = {}
-    for name, layer in layers.items():
-        xg = x.clone().requires_grad_()
+    cases = {}
 
-        def train_step(layer=layer, xg=xg):
-            xg.grad = None
-            layer(xg).backward(grad)
+    def train_step(layer, xg):
+        xg.grad = None
+        layer(xg).backward(grad)
 
-        def train_fwd(layer=layer):
-            with torch.no_grad():
-                layer(x)
+    def train_fwd(layer):
+        with torch.no_grad():
+            layer(x)
 
-        layer.train()
-        r = {"train_fwd": time_fn(train_fwd, repeats=args.repeats), "train_fwd_bwd": time_fn(train_step, repeats=args.repeats)}
-        layer.eval()
+    def eval_fwd(layer):
         with torch.inference_mode():
-            r["eval_fwd"] = time_fn(lambda layer=layer: layer(x), repeats=args.repeats)
-        results[name] = r
+            layer(x)
+
+    for case, fn, mode in (("train_fwd", train_fwd, True), ("train_fwd_bwd", train_step, True), ("eval_fwd", eval_fwd, False)):
+        for layer in layers.values():
+            layer.train(mode)
+        if fn is train_step:
+            calls = {k: (lambda l=l, xg=x.clone().requires_grad_(): train_step(l, xg)) for k, l in layers.items()}
+        else:
+            calls = {k: (lambda l=l: fn(l)) for k, l in layers.items()}
+        cases[case] = interleaved(calls, repeats=args.repeats)
     print(f"shape {tuple(args.shape)} float32, threads {args.threads}, torch {torch.__version__}")
     print(f"{'case':<16}{'torch ms':>10}{'bnlab ms':>10}{'speedup':>10}")
-    for case in ("train_fwd", "train_fwd_bwd", "eval_fwd"):
-        t, b = results["torch"][case], results["bnlab"][case]
-        print(f"{case:<16}{t * 1e3:>10.2f}{b * 1e3:>10.2f}{t / b:>10.2f}")
-    print(f"bn_train_fwd_bwd_speedup: {results['torch']['train_fwd_bwd'] / results['bnlab']['train_fwd_bwd']:.3f}")
+    for case, (med, ratios) in cases.items():
+        print(f"{case:<16}{med['torch'] * 1e3:>10.2f}{med['bnlab'] * 1e3:>10.2f}{statistics.median(ratios):>10.2f}")
+    print(f"bn_train_fwd_bwd_speedup: {statistics.median(cases['train_fwd_bwd'][1]):.3f}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Each error message names the problem *and* the fix, so the CLI can print it as is (no traceback).
 They subclass the built-in type a caller would naturally catch (ValueError, FileNotFoundError, ...),
-so code written for torch.nn keeps working.
+and, where torch.nn raises a different type in the same situation, that type too, so code written
+for torch.nn (``except RuntimeError``) keeps working with bnlab's layers.
 """
 
 
@@ -14,8 +15,21 @@ class ConfigError(BnlabError, ValueError):
     """A bad argument, config key or value (unknown name, wrong type, out of range)."""
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """An argument of the wrong type, e.g. num_features=2.5 (torch raises TypeError here)."""
+
+
 class ShapeError(BnlabError, ValueError):
     """An input tensor of the wrong rank, channel count or dtype."""
+
+
+class ChannelError(ShapeError, RuntimeError):
+    """An input whose channel count differs from the layer's (torch.nn raises RuntimeError here)."""
+
+
+class DtypeError(ShapeError, NotImplementedError):
+    """An input of a dtype the layer cannot normalize, e.g. an integer tensor (torch.nn raises
+    NotImplementedError, a RuntimeError, here)."""
 
 
 class DataNotFoundError(BnlabError, FileNotFoundError):

@@ -151,3 +151,69 @@ def test_property_matches_torch_nn(n, c, spatial, momentum, eps, seed):
     o.eval(), t.eval()
     x = torch.randn(shape, dtype=torch.float64)
     torch.testing.assert_close(o(x), t(x), rtol=1e-9, atol=1e-9)
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # ~ two roundings of the dtype
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(0, 9),
+    c=st.integers(1, 4),
+    spatial=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    dtype=st.sampled_from(sorted(_DTYPES)),
+    log_scale=st.sampled_from([-6, -3, 0, 3, 18, 20]),
+    offset=st.sampled_from([0.0, 1.0, 100.0]),
+    momentum=st.one_of(st.none(), st.sampled_from([0.1, 0.5])),
+    seed=st.integers(0, 2**16),
+)
+def test_property_dtypes_scales_and_empty_batches(n, c, spatial, dtype, log_scale, offset, momentum, seed):
+    """A module converted to ``dtype`` (parameters and buffers, like model.half()) against torch.nn
+    in float64 on the same rounded input, over empty batches, tiny and huge scales. Whatever the
+    input: the running statistics stay finite; they match float64 within the dtype's rounding when
+    the float64 update is representable (and the float32 variance does not overflow), and are
+    unchanged with a NonFiniteBatchWarning otherwise; an empty batch changes nothing."""
+    import warnings
+
+    dt = _DTYPES[dtype]
+    dims = {0: 1, 1: 1, 2: 2}[len(spatial)]
+    shape = (n, c, *spatial)
+    count = n * int(np.prod(spatial)) if spatial else n
+    if count == 1:
+        return  # a single value per channel is an error in both (tested in test_norm_errors)
+    torch.manual_seed(seed)
+    ours = getattr(bn, f"BatchNorm{dims}d")(c, momentum=momentum).to(dt)
+    oracle = getattr(torch.nn, f"BatchNorm{dims}d")(c, momentum=momentum).double()
+    warm = torch.randn(4, c, *spatial).to(dt)
+    ours(warm), oracle(warm.double())
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = (torch.randn(shape, dtype=torch.float64) * 10.0**log_scale + offset * 10.0**log_scale).to(dt)
+    if not torch.isfinite(x).all():
+        return  # not a finite input in this dtype; the NaN/inf guard is tested on its own
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = ours(x)
+    warned = [w for w in caught if issubclass(w.category, bn.NonFiniteBatchWarning)]
+    assert y.shape == x.shape and y.dtype == dt
+    assert torch.isfinite(ours.running_mean).all() and torch.isfinite(ours.running_var).all()
+    if count == 0:
+        assert not warned and all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+        return
+    y_ref = oracle(x.double())
+    batch_var = x.double().var(dim=[0, *range(2, x.dim())], unbiased=False)
+    limit = torch.finfo(dt).max
+    representable = bool((oracle.running_var.abs() <= limit).all() and (oracle.running_mean.abs() <= limit).all()
+                         and (batch_var * count <= torch.finfo(torch.float32).max / 4).all())
+    if not representable:
+        if warned:  # rejected: nothing moved
+            assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+            return
+    assert not warned, [str(w.message) for w in warned]
+    tol = _TOL[dt]
+    torch.testing.assert_close(ours.running_mean.double(), oracle.running_mean, rtol=tol,
+                               atol=tol * 10.0**log_scale)
+    torch.testing.assert_close(ours.running_var.double(), oracle.running_var, rtol=tol,
+                               atol=tol * 10.0 ** (2 * log_scale) + 1e-45)
+    assert ours.num_batches_tracked.item() == 2
+    torch.testing.assert_close(y.double(), y_ref, rtol=tol * 4, atol=tol * 20 if dt != torch.float32 else 1e-3)

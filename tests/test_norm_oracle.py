@@ -175,13 +175,18 @@ def test_state_dict_round_trip_with_torch_nn():
     back.load_state_dict(ours.state_dict())
     for k, v in src.state_dict().items():
         assert torch.equal(v, ours.state_dict()[k]) and torch.equal(v, back.state_dict()[k])
-    # Old checkpoints without num_batches_tracked load like in torch.nn
+    # Old checkpoints (metadata version < 2, no num_batches_tracked) load like in torch.nn
     from collections import OrderedDict
 
     sd = OrderedDict((k, v) for k, v in src.state_dict().items() if k != "num_batches_tracked")
     sd._metadata = {"": {"version": 1}}
     ours.load_state_dict(sd)
-    assert ours.num_batches_tracked.item() == 0
+    back.load_state_dict(sd)
+    assert torch.equal(ours.num_batches_tracked, back.num_batches_tracked)
+    fresh_ours, fresh_torch = bn.BatchNorm2d(5), nn.BatchNorm2d(5)
+    fresh_ours.load_state_dict(sd)
+    fresh_torch.load_state_dict(sd)
+    assert fresh_ours.num_batches_tracked.item() == fresh_torch.num_batches_tracked.item() == 0
 
 
 def test_convert_swaps_both_ways_keeping_statistics():

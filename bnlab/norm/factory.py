@@ -1,9 +1,9 @@
 """Norm layers chosen by name, and conversion of existing models.
 
 With/without BN is a config value, never a code fork: models call ``make_norm(cfg.norm, C, dims)``.
-``convert`` swaps the BN layers of an existing model between torch.nn and bnlab, keeping parameters,
-statistics, device, dtype and train/eval mode, so bnlab's layers (and probes) can be used on models
-built elsewhere.
+``convert`` swaps the BN layers of an existing model between torch.nn and bnlab in place, keeping the
+very Parameter and buffer objects (and so statistics, device, dtype, mode and optimizer state), so
+bnlab's layers (and probes) can be used on models built elsewhere.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Callable
 from torch import nn
 
 from bnlab.errors import ConfigError
-from bnlab.norm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
+from bnlab.norm.functional import check_eps, check_momentum
+from bnlab.norm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["make_norm", "norm_names", "convert", "register_norm"]
 
@@ -49,26 +50,6 @@ def make_norm(name: str, num_features: int, dims: int, **kwargs) -> nn.Module:
     return _NORMS[name](num_features, dims, **kwargs)
 
 
-def _copy_bn(src: nn.Module, cls: type[nn.Module]) -> nn.Module:
-    """A new BN of class ``cls`` with src's hyper-parameters, parameters and statistics."""
-    ref = src.weight if src.weight is not None else src.running_mean
-    dst = cls(
-        src.num_features,
-        eps=src.eps,
-        momentum=src.momentum,
-        affine=src.affine,
-        track_running_stats=src.track_running_stats,
-        device=ref.device if ref is not None else None,
-        dtype=ref.dtype if ref is not None else None,
-    )
-    dst.load_state_dict(src.state_dict())
-    if src.affine:
-        dst.weight.requires_grad_(src.weight.requires_grad)
-        dst.bias.requires_grad_(src.bias.requires_grad)
-    dst.train(src.training)
-    return dst
-
-
 def _dims_of(module: nn.Module) -> int | None:
     for dims in (1, 2, 3):
         if type(module) in (_TORCH_BN[dims], _BNLAB_BN[dims]):
@@ -76,24 +57,34 @@ def _dims_of(module: nn.Module) -> int | None:
     return None
 
 
+def _swap_class(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """Make ``module`` an instance of ``cls`` in place: bnlab's BN classes subclass torch.nn's and add
+    no state, so the same object keeps its Parameters, buffers, hooks, device, dtype and mode."""
+    if cls in _BNLAB_BN.values():
+        check_eps(module.eps)  # bnlab refuses what torch.nn accepts silently (eps <= 0, momentum > 1)
+        check_momentum(module.momentum)
+    module.__class__ = cls
+    return module
+
+
 def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
     """Swap every BatchNorm1d/2d/3d of ``model`` for bnlab's (``to="bnlab"``) or torch.nn's
-    (``to="torch"``), in place, keeping parameters and statistics; returns the model.
+    (``to="torch"``), in place, and return the model.
 
-    Subclasses (SyncBatchNorm, lazy or custom BN layers) are left alone: their behaviour is not
-    that of the plain class.
+    The layers stay the same Python objects (only their class changes), so their Parameter and
+    buffer objects, hooks and train/eval mode are kept: an optimizer built before ``convert`` keeps
+    updating the BN weights, and a state_dict is unchanged. Subclasses (SyncBatchNorm, lazy or
+    custom BN layers) are left alone: their behaviour is not that of the plain class.
+
+    Raises ConfigError for an unknown ``to``, or (to="bnlab") for a layer whose eps or momentum
+    bnlab refuses (the message names the value and the fix).
     """
     if to not in ("bnlab", "torch"):
         raise ConfigError(f"convert(to=...) must be 'bnlab' or 'torch', got {to!r}")
     target = _BNLAB_BN if to == "bnlab" else _TORCH_BN
     source = _TORCH_BN if to == "bnlab" else _BNLAB_BN
-    if isinstance(model, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, _BatchNorm)):
-        dims = _dims_of(model)
-        return _copy_bn(model, target[dims]) if dims and type(model) is source[dims] else model
-    for name, child in model.named_children():
-        dims = _dims_of(child)
-        if dims is not None and type(child) is source[dims]:
-            setattr(model, name, _copy_bn(child, target[dims]))
-        else:
-            convert(child, to=to)
+    for module in model.modules():
+        dims = _dims_of(module)
+        if dims is not None and type(module) is source[dims]:
+            _swap_class(module, target[dims])
     return model

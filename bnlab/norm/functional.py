@@ -5,47 +5,66 @@ that the same function serves training, probes that must not disturb a model (bn
 ``torch.func`` transforms. ``training`` is always explicit: forgetting ``model.eval()`` is the most
 common BN bug, and a pure function should not depend on hidden state.
 
+The core makes no Python decision on tensor *values* (only on shapes, dtypes and arguments), so
+nothing is read back to the host: it runs unchanged under ``torch.compile(fullgraph=True)``,
+``torch.export``, ``torch.func.vmap``/``grad``/``jacrev``/``hessian`` and ``torch.jit.script``.
+
 Numerics:
 
-* Statistics are computed in float32 for half/bfloat16 inputs (in the input dtype otherwise) and
-  returned in the dtype of the running buffers; the output has the input's dtype and memory format.
-* Training uses torch's fused kernel (one pass, fused backward, double backward) when it is
-  accurate, and otherwise the "shifted data" algorithm: normalizing ``x - mu`` directly loses
-  everything when |mean| >> std in float32 (mean 1e4, std 1e-3: the rounding of mu alone is half a
-  standard deviation). The kernel's statistics tell which case applies (|mean|/std above 1e3 in
-  float32); then mean and variance are computed on data shifted by one sample per channel, whose
-  deviations are small numbers, and the result matches a float64 reference. Half/bfloat16 inputs
-  always take that path, with float32 statistics. Evaluation likewise uses torch's one-pass folded
-  map only when the running statistics are well conditioned, and subtracts the mean first otherwise.
-* A training batch whose statistics are not finite (NaN/inf inputs) leaves the running statistics
-  and ``num_batches_tracked`` unchanged and warns; the output of that batch is returned as computed.
-
-Both paths are differentiable torch ops, so autograd, double backward (Hessian-vector products) and
-``torch.func`` all work.
+* Statistics are computed in float32 for float16/bfloat16 inputs (in the input dtype otherwise); the
+  output has the input's dtype and memory format.
+* Training ("shifted data"): the batch is first shifted per channel by its first sample's value,
+  a detached constant. BN is invariant to that shift (outputs and gradients are unchanged), but
+  the deviations are now small numbers, so torch's fused kernel (one-pass forward, fused backward,
+  double backward) computes accurate statistics for every input: normalizing ``x - mu`` directly
+  loses everything when |mean| >> std in float32 (mean 1e4, std 1e-3: the rounding of mu alone
+  is half a standard deviation). The batch variance is the kernel's own two-pass sum of squared
+  deviations, never recovered from ``1/invstd**2 - eps`` (which loses the digits of a variance
+  small next to eps); a constant channel has variance exactly 0.
+* Evaluation subtracts the running mean before scaling, ``(x - E[x]) * gamma / sqrt(Var[x] + eps)
+  + beta``; the folded one-pass form ``a * x + b`` cancels catastrophically when |E[x]| >> std.
+* Running statistics are updated in float32 (or wider, the buffer's dtype if wider) and cast to the
+  buffer's dtype once. A training batch whose statistics are not finite (NaN/inf inputs, a variance
+  that overflows the compute dtype), or whose updated running statistics would not be representable
+  in the buffers' dtype (float16 overflow), leaves the running statistics and
+  ``num_batches_tracked`` unchanged; the choice is made with ``torch.where`` on the device.
+* Warning about such a batch needs its flag on the host. In eager mode on the CPU that read is free
+  (the value is already in memory), so ``NonFiniteBatchWarning`` is issued at once, naming what
+  overflowed and what to do. On an accelerator the flag is copied to the host asynchronously and
+  inspected at a later call once the copy has completed, so the warning never stalls the device.
+  Inside ``torch.compile``/``torch.export``/``torch.jit``/``torch.func`` transforms no warning is
+  issued; the statistics are protected the same way, the warning is only a report.
+* An empty batch (N = 0, or any zero spatial size) in training returns an empty output and leaves
+  the running statistics and ``num_batches_tracked`` unchanged: it carries no information about
+  the population. (``torch.nn`` increments its counter there, which with ``momentum=None`` makes the
+  next real batch weigh 1/(k+2) instead of 1/(k+1) in the cumulative average.)
 """
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
-from typing import NamedTuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from bnlab.errors import ConfigError, ShapeError
+from bnlab.errors import ChannelError, ConfigError, DtypeError, ShapeError
 
 __all__ = ["BatchNormOutput", "NonFiniteBatchWarning", "batch_norm", "check_eps", "check_momentum", "reduce_dims"]
 
 
 class NonFiniteBatchWarning(RuntimeWarning):
-    """A training batch produced NaN/inf statistics; the running statistics were not updated."""
+    """A training batch gave non-finite statistics, or running statistics that the buffers' dtype
+    cannot hold; the running statistics were not updated."""
 
 
 class BatchNormOutput(NamedTuple):
     out: Tensor
-    running_mean: Tensor | None
-    running_var: Tensor | None
-    num_batches_tracked: Tensor | None
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
 
 
 def check_eps(eps: float) -> float:
@@ -73,16 +92,13 @@ def reduce_dims(x: Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    # Half precision has too few mantissa bits for sums over m' values: statistics in float32.
-    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-
-
-def _check_input(x: Tensor, weight: Tensor | None, running_mean: Tensor | None) -> None:
+def check_input(x: Tensor, weight: Tensor | None, running_mean: Tensor | None) -> None:
+    """Validate a BN input (N, C, *spatial) against the per-channel tensors; the exception types are
+    those torch raises in the same situation (bnlab's classes subclass them)."""
     if not isinstance(x, Tensor):
         raise ShapeError(f"batch_norm expects a torch.Tensor input, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise ShapeError(
+        raise DtypeError(
             f"batch norm needs a floating-point input, got dtype {x.dtype}; convert it first, e.g. x.float()"
         )
     if x.dim() < 2:
@@ -93,16 +109,15 @@ def _check_input(x: Tensor, weight: Tensor | None, running_mean: Tensor | None) 
     c = x.shape[1]
     for name, t in (("weight", weight), ("running_mean", running_mean)):
         if t is not None and t.numel() != c:
-            raise ShapeError(
+            raise ChannelError(
                 f"batch norm expected {t.numel()} channels ({name} has {t.numel()} entries) but got input "
                 f"with {c} channels, shape {tuple(x.shape)}; the channel dimension is dim 1 "
                 f"(use num_features={c}, or permute a channels-last array to (N, C, ...))"
             )
 
 
-def _per_channel(t: Tensor, x: Tensor) -> Tensor:
-    """(C,) -> broadcastable against x of shape (N, C, *spatial)."""
-    return t.view(1, -1, *([1] * (x.dim() - 2)))
+def values_per_channel(x: Tensor) -> int:
+    return x.numel() // x.shape[1] if x.shape[1] else 0
 
 
 def batch_norm(
@@ -121,114 +136,265 @@ def batch_norm(
 
     training=True: normalize with the biased batch statistics (Alg. 1) and, when running statistics
     are given, return them updated as ``(1 - f) * running + f * batch`` with the *unbiased* batch
-    variance, f = momentum, or f = 1/num_batches_tracked when momentum is None (cumulative average,
-    which equals Alg. 2's population statistics after a reset). training=False: normalize with the
-    running statistics (the Alg. 2 inference map); without running statistics, use batch statistics
-    (torch.nn semantics of track_running_stats=False).
+    variance, f = momentum, or f = 1/(num_batches_tracked + 1) when momentum is None (cumulative
+    average, which equals Alg. 2's population statistics after a reset). training=False: normalize
+    with the running statistics (the Alg. 2 inference map); without running statistics, use batch
+    statistics (torch.nn semantics of track_running_stats=False).
 
-    Returns ``BatchNormOutput(out, running_mean, running_var, num_batches_tracked)``: new tensors,
-    the arguments are never modified.
+    Shapes: x (N, C, *spatial); weight, bias, running_mean, running_var (C,); num_batches_tracked a
+    0-dim integer tensor. Returns ``BatchNormOutput(out, running_mean, running_var,
+    num_batches_tracked)``: new tensors (out has x's shape, dtype and memory format), the arguments
+    are never modified. An empty batch returns the statistics unchanged (see the module docstring).
+
+    Raises ConfigError (a ValueError) for a bad eps/momentum or missing arguments, ShapeError (a
+    ValueError) for a bad rank or a single value per channel with batch statistics, ChannelError (a
+    RuntimeError, as in torch) for a channel-count mismatch, DtypeError (a NotImplementedError, as
+    in torch) for a non-floating input. Warns NonFiniteBatchWarning (eager mode) when a training
+    batch's statistics were not added to the running statistics.
     """
     eps = check_eps(eps)
     momentum = check_momentum(momentum)
-    _check_input(x, weight, running_mean)
+    check_input(x, weight, running_mean)
     if (running_mean is None) != (running_var is None):
         raise ConfigError("pass both running_mean and running_var, or neither")
     if momentum is None and training and running_mean is not None and num_batches_tracked is None:
         raise ConfigError("momentum=None (cumulative average) needs num_batches_tracked; pass the counter tensor")
 
-    use_batch_stats = training or running_mean is None
-    if not use_batch_stats:
-        return BatchNormOutput(_inference(x, weight, bias, running_mean, running_var, eps), running_mean,
+    if not training and running_mean is not None and running_var is not None:
+        return BatchNormOutput(eval_core(x, weight, bias, running_mean, running_var, eps), running_mean,
                                running_var, num_batches_tracked)
-
-    count = x.numel() // x.shape[1]
-    if count <= 1 and training:
+    if values_per_channel(x) == 1:
+        fix = ("use a batch size > 1, or training=False with running statistics" if running_mean is not None
+               else "use a batch size > 1, or pass running statistics with training=False")
         raise ShapeError(
-            f"expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}: "
-            f"the batch variance of a single value is 0 and BN would output beta; use a batch size > 1, "
-            f"or call model.eval() to use the running statistics"
+            f"expected more than 1 value per channel to compute batch statistics, got input of shape "
+            f"{tuple(x.shape)}: the batch variance of a single value is 0 and BN would output beta; {fix}"
         )
-    result = _train_native(x, weight, bias, eps) if x.dtype in _NATIVE_RATIO else None
-    out, batch_mean, batch_var, finite = result if result is not None else _train_shifted(x, weight, bias, eps)
-
-    new_mean, new_var, new_count = running_mean, running_var, num_batches_tracked
-    if training and running_mean is not None:
-        if finite:
-            with torch.no_grad():
-                if num_batches_tracked is not None:
-                    new_count = num_batches_tracked + 1
-                f = 1.0 / float(new_count) if momentum is None else momentum
-                sdt = running_mean.dtype
-                new_mean = torch.lerp(running_mean, batch_mean.to(sdt), f)
-                new_var = torch.lerp(running_var, (batch_var * (count / (count - 1))).to(sdt), f)
-        else:
-            warnings.warn(
-                "batch norm got a training batch with NaN or inf values; its statistics were not "
-                "added to the running mean/variance (they keep their previous values). "
-                "Check the input data and the learning rate.",
-                NonFiniteBatchWarning,
-                stacklevel=2,
-            )
-    return BatchNormOutput(out, new_mean, new_var, new_count)
+    update = training and running_mean is not None
+    res = train_core(x, weight, bias, running_mean if update else None, running_var if update else None,
+                     num_batches_tracked if update else None, momentum, eps)
+    if update:
+        report_rejected_batch(res, x.dtype, running_mean.dtype)
+        return BatchNormOutput(res.out, res.running_mean, res.running_var,
+                               res.num_batches_tracked if num_batches_tracked is not None else None)
+    return BatchNormOutput(res.out, running_mean, running_var, num_batches_tracked)
 
 
-# Largest |mean| / std for which torch's fused kernel is accurate: it normalizes x - mean with mean
-# rounded to the input precision, an error of about ulp(mean) / std in x_hat (float32: 6e-8 * ratio).
-_NATIVE_RATIO = {torch.float32: 1e3, torch.float64: 1e10}
+# --------------------------------------------------------------------------------------------------
+# The core: tensor ops only, TorchScript-compatible (typing.Optional, no Python reads of values), so
+# that eager, compiled, exported, vmapped and scripted BN all run the same code.
 
 
-def _train_native(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor, bool] | None:
-    """torch's fused training kernel (one pass forward, fused backward, double backward supported);
-    None when the data is too ill-conditioned for it (then the shifted path recomputes).
-
-    Returns (out, batch mean, biased batch variance, statistics finite). One host sync per call:
-    small layers (the Ioffe MLP) are dominated by per-op overhead, so the checks are fused.
-    """
-    out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-    mean, invstd = mean.detach(), invstd.detach()
-    worst_ratio, smallest_invstd = torch.stack(((mean.abs() * invstd).max(), invstd.min())).tolist()
-    finite = math.isfinite(worst_ratio) and smallest_invstd > 0  # invstd 0 <=> var inf
-    if finite and worst_ratio > _NATIVE_RATIO[x.dtype]:
-        return None
-    # invstd = 1/sqrt(var + eps) exactly as the kernel used it; recover the biased variance.
-    return out, mean, invstd.pow(-2) - eps, finite
+class TrainResult(NamedTuple):
+    out: Tensor
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
+    accepted: Optional[Tensor]  # 0-dim bool: the batch entered the running statistics
+    batch_mean: Optional[Tensor]  # (C,) compute dtype, for the warning's diagnosis only
+    batch_var: Optional[Tensor]  # (C,) unbiased, compute dtype
+    proposed_mean: Optional[Tensor]  # (C,) the update before the guard and the cast, float32 or wider
+    proposed_var: Optional[Tensor]
 
 
-def _train_shifted(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor, bool]:
-    """Batch statistics by the shifted-data algorithm, composed of differentiable ops."""
-    cdtype = _compute_dtype(x)
-    xc = x.to(cdtype)
-    # Subtract one sample per channel (exact in floating point for values of similar magnitude), so
-    # the deviations below are computed from small numbers.
-    shift = xc.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)]  # (C,)
-    d = xc - _per_channel(shift, x)
-    var_d, mean_d = torch.var_mean(d, dim=reduce_dims(x), correction=0, keepdim=True)  # (1, C, 1, ...)
-    out = _affine(d - mean_d, torch.rsqrt(var_d + eps), weight, bias, x)
-    mean, var = (mean_d.flatten() + shift).detach(), var_d.flatten().detach()
-    finite = all(math.isfinite(v) for v in torch.stack((mean.abs().max(), var.max())).tolist())
-    return out.to(x.dtype), mean, var, finite
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half precision has too few mantissa bits for sums over m' values: statistics in float32."""
+    if dtype == torch.float16 or dtype == torch.bfloat16:
+        return torch.float32
+    return dtype
 
 
-def _inference(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
-    """Alg. 2's inference map. torch's kernel applies the folded form a*x + b (one pass), which is
-    accurate while |E[x]| / std is moderate; beyond that it cancels catastrophically and the map is
-    computed as (x - E[x]) * gamma / sqrt(Var[x] + eps) + beta, subtracting first."""
-    same_dtype = all(t is None or t.dtype == x.dtype for t in (weight, bias, running_mean, running_var))
-    if same_dtype and x.dtype in _NATIVE_RATIO:
-        ratio = float((running_mean.abs() * torch.rsqrt(running_var + eps)).max())
-        if ratio <= _NATIVE_RATIO[x.dtype]:  # False for NaN too
-            return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
-    cdtype = _compute_dtype(x)
-    scale = _per_channel(torch.rsqrt(running_var.to(cdtype) + eps), x)
-    centered = x.to(cdtype) - _per_channel(running_mean.to(cdtype), x)
-    return _affine(centered, scale, weight, bias, x).to(x.dtype)
+def per_channel(t: Tensor, ndim: int) -> Tensor:
+    """(C,) -> (1, C, 1, ...), broadcastable against an input of ``ndim`` dims."""
+    shape: List[int] = [1, -1]
+    for _ in range(ndim - 2):
+        shape.append(1)
+    return t.reshape(shape)
 
 
-def _affine(centered: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None, x: Tensor) -> Tensor:
-    """centered * scale * gamma + beta, with gamma folded into the per-channel scale (one fused pass)."""
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    if t is None:
+        return t
+    return t.to(dtype)
+
+
+def train_core(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+) -> TrainResult:
+    """Batch statistics (shifted data, torch's fused kernel) and the guarded running-stat update."""
+    cdtype = compute_dtype(x.dtype)
+    w = _cast(weight, cdtype)
+    b = _cast(bias, cdtype)
+    if x.numel() == 0:
+        # No values, no statistics: an empty output that is still part of the autograd graph.
+        out = x.to(cdtype) * 0.0
+        if w is not None:
+            out = out * per_channel(w, x.dim())
+        if b is not None:
+            out = out + per_channel(b, x.dim())
+        return TrainResult(out.to(x.dtype), running_mean, running_var, num_batches_tracked,
+                           None, None, None, None, None)
+    # Per-channel shift: the first sample's value (a view, detached: the output does not depend on it).
+    shift = x.detach().select(0, 0)
+    while shift.dim() > 1:
+        shift = shift.select(1, 0)
+    shift = shift.to(cdtype)
+    d = x - per_channel(shift, x.dim())  # promotes half precision to float32 in the same pass
+    if running_mean is None or running_var is None:
+        out = torch.native_batch_norm(d, w, b, None, None, True, 0.0, eps)[0]
+        return TrainResult(out.to(x.dtype), running_mean, running_var, num_batches_tracked,
+                           None, None, None, None, None)
+    # momentum 1 makes the kernel return the batch mean and the *unbiased* variance (from its own
+    # sum of squared deviations) as "running statistics": accurate statistics at no extra pass over
+    # the data. The functional variant returns them instead of writing into buffers. Everything
+    # below derives from detached tensors, so no autograd graph is recorded for it.
+    zero = torch.zeros_like(shift)
+    out, _, _, shifted_mean, batch_var = torch.ops.aten._native_batch_norm_legit_functional(
+        d, w, b, zero, zero, True, 1.0, eps)
+    batch_mean = shifted_mean + shift
+    sdtype = running_mean.dtype
+    udtype = torch.promote_types(sdtype, torch.float32)  # update in float32 at least
+    if momentum is None:
+        if num_batches_tracked is None:
+            raise ValueError("momentum=None needs num_batches_tracked")
+        f = torch.reciprocal((num_batches_tracked + 1).to(udtype))
+    else:
+        f = torch.full((), momentum, dtype=udtype, device=x.device)
+    proposed_mean = torch.lerp(running_mean.to(udtype), batch_mean.to(udtype), f)
+    proposed_var = torch.lerp(running_var.to(udtype), batch_var.to(udtype), f)
+    cast_mean = proposed_mean.to(sdtype)  # the one rounding to the buffers' dtype
+    cast_var = proposed_var.to(sdtype)
+    accepted = torch.isfinite(torch.stack((batch_mean, batch_var))).all() & torch.isfinite(
+        torch.stack((cast_mean, cast_var))).all()
+    new_mean = torch.where(accepted, cast_mean, running_mean)
+    new_var = torch.where(accepted, cast_var, running_var)
+    new_count = num_batches_tracked
+    if num_batches_tracked is not None:
+        new_count = num_batches_tracked + accepted.to(num_batches_tracked.dtype)
+    return TrainResult(out.to(x.dtype), new_mean, new_var, new_count, accepted, batch_mean, batch_var,
+                       proposed_mean, proposed_var)
+
+
+def eval_core(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> Tensor:
+    """Alg. 2's inference map, (x - E[x]) * gamma / sqrt(Var[x] + eps) + beta, subtracting first."""
+    cdtype = compute_dtype(x.dtype)
+    scale = torch.rsqrt(running_var.to(cdtype) + eps)
     if weight is not None:
-        scale = scale * _per_channel(weight.to(scale.dtype), x)
-    if bias is None:
-        return centered * scale
-    return torch.addcmul(_per_channel(bias.to(scale.dtype), x), centered, scale)
+        scale = scale * weight.to(cdtype)
+    scale = per_channel(scale, x.dim())
+    centered = x - per_channel(running_mean.to(cdtype), x.dim())  # promotes half precision
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
+    if needs_grad:
+        if bias is None:
+            return (centered * scale).to(x.dtype)
+        return torch.addcmul(per_channel(bias.to(cdtype), x.dim()), centered, scale).to(x.dtype)
+    # No autograd: finish in place in the one temporary (one allocation, like torch's kernel).
+    centered.mul_(scale)
+    if bias is not None:
+        centered.add_(per_channel(bias.to(cdtype), x.dim()))
+    return centered.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reporting a rejected batch (eager mode only; never affects the statistics).
+
+_pending: list = []  # (ready() -> bool, host flag tensor, host stats tensor, x dtype, buffer dtype)
+
+
+def _traced(t: Tensor) -> bool:
+    """True while tracing/compiling/transforming, when a host read is impossible or would be baked in."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+        return True
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def report_rejected_batch(res: TrainResult, x_dtype: torch.dtype, buffer_dtype: torch.dtype) -> None:
+    """Warn (eager mode) when a training batch did not enter the running statistics.
+
+    CPU: the flag is read at once (no device to synchronize with). Other devices: the small flag
+    and statistics are copied to pinned host memory without blocking, and inspected by a later call
+    once an event says the copy is complete."""
+    if res.accepted is None or _traced(res.accepted):
+        return
+    dtype = res.proposed_mean.dtype
+    stats = torch.stack((res.batch_mean.to(dtype), res.batch_var.to(dtype), res.proposed_mean, res.proposed_var))
+    if res.accepted.device.type == "cpu":
+        if not bool(res.accepted):
+            _warn(stats, x_dtype, buffer_dtype)
+        return
+    _flush_pending()
+    flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
+    flag.copy_(res.accepted, non_blocking=True)
+    host.copy_(stats, non_blocking=True)
+    event = torch.Event(device=res.accepted.device)
+    event.record()
+    _pending.append((event.query, flag, host, x_dtype, buffer_dtype))
+
+
+def _flush_pending() -> None:
+    while _pending and _pending[0][0]():
+        _, flag, host, x_dtype, buffer_dtype = _pending.pop(0)
+        if not bool(flag):
+            _warn(host, x_dtype, buffer_dtype)
+
+
+def _channels(mask: Tensor) -> str:
+    idx = mask.nonzero().flatten().tolist()
+    return ", ".join(map(str, idx[:8])) + (f", ... ({len(idx)} in all)" if len(idx) > 8 else "")
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn stacklevel of the first caller outside bnlab.norm and torch.nn's Module call
+    machinery, so the warning points at the user's line (batch_norm or a module call)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not (name.startswith(here) or name.endswith(os.path.join("torch", "nn", "modules", "module.py"))):
+            return level
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn(stats: Tensor, x_dtype: torch.dtype, buffer_dtype: torch.dtype) -> None:
+    """Name the real cause from the per-channel statistics (no pass over the data)."""
+    mean, var, new_mean, new_var = stats.unbind(0)
+    cdtype = compute_dtype(x_dtype)
+    keep = "the running statistics and num_batches_tracked keep their previous values"
+    if not torch.isfinite(mean).all():
+        # A NaN/inf input makes the mean non-finite; finite inputs give a finite mean.
+        msg = (f"batch norm got a training batch with NaN or inf values (channels {_channels(~torch.isfinite(mean))}); "
+               f"{keep}. Check the input data and the learning rate.")
+    elif not torch.isfinite(var).all():
+        bad = ~torch.isfinite(var)
+        msg = (f"the batch variance of channels {_channels(bad)} overflows {cdtype} although the input is "
+               f"finite (|values| around {mean[bad].abs().max().item():.3g}); this batch's output is not "
+               f"normalized and {keep}. Scale the input down (e.g. standardize the data) or run this layer "
+               f"in float64 (layer.double() and x.double()).")
+    else:
+        top = torch.finfo(buffer_dtype).max
+        bad = ~(torch.isfinite(new_mean) & torch.isfinite(new_var)) | (new_mean.abs() > top) | (new_var > top)
+        big = torch.maximum(new_mean.abs(), new_var)[bad].max().item()
+        msg = (f"the updated running statistics of channels {_channels(bad)} (up to {big:.4g}) overflow the "
+               f"buffers' dtype {buffer_dtype} (largest finite value {torch.finfo(buffer_dtype).max:.4g}); "
+               f"{keep}. Keep this BN layer's parameters and buffers in float32 (e.g. call .float() on it "
+               f"after model.half(); it still takes {x_dtype} inputs), or scale the input down.")
+    warnings.warn(msg, NonFiniteBatchWarning, stacklevel=_user_stacklevel())

@@ -1,161 +1,200 @@
-"""Thin ``nn.Module`` shells around :func:`bnlab.norm.functional.batch_norm`.
+"""Thin module shells around :func:`bnlab.norm.functional.batch_norm`.
 
-``BatchNorm1d/2d/3d`` are drop-in replacements for the ``torch.nn`` classes: same constructor
-arguments and defaults, same parameters, buffers and ``state_dict`` keys (``weight``, ``bias``,
-``running_mean``, ``running_var``, ``num_batches_tracked``), same momentum semantics (``None`` = the
-cumulative average), unbiased running variance, and ``track_running_stats=False`` meaning batch
-statistics in eval too. A state_dict saved from one loads into the other.
+``BatchNorm1d/2d/3d`` *are* ``torch.nn.BatchNorm1d/2d/3d`` (subclasses that override ``forward``), so
+everything that recognises BN by ``isinstance`` (weight-decay exclusion, freezing,
+``fuse_conv_bn_eval``, timm/torchvision utilities) treats them as BN, and every torch.nn attribute,
+the constructor (including the keyword-only ``bias=``), ``extra_repr``, ``reset_parameters`` and
+``state_dict`` loading (old checkpoints, partial dicts, meta-device modules with ``assign=True``) are
+torch.nn's own. Same momentum semantics (``None`` = cumulative average), unbiased running variance,
+``track_running_stats=False`` meaning batch statistics in eval too.
 
-What they add over ``torch.nn``: validation with messages that say how to fix the input, running
-statistics that a NaN/inf batch cannot poison, and numerically stable statistics for inputs whose
-mean is large relative to their spread.
+What they add over ``torch.nn``: validation with messages that name the cause and a fix valid in the
+layer's current state, running statistics that a NaN/inf batch (or a float16 overflow) cannot
+poison, numerically stable statistics (large mean relative to spread, tiny variances, half
+precision), and an empty batch that leaves the statistics alone. The forward makes no Python
+decision on tensor values, so it compiles with ``torch.compile(fullgraph=True)``, exports with
+``torch.export`` and runs under ``torch.func`` transforms.
+
+Graph tools: ``torch.fx.symbolic_trace`` records the layer as one call (``bnlab_batch_norm_forward``);
+FX's ``optimization.fuse`` matches exact torch.nn types only, so it leaves bnlab's BN unfused (the
+result is unchanged); ``torch.nn.utils.fusion.fuse_conv_bn_eval`` fuses it. ``torch.jit.script``
+compiles a TorchScript forward that runs the same core (no warnings in TorchScript).
 """
-from __future__ import annotations
+from typing import Optional
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
-from bnlab.errors import ShapeError
-from bnlab.norm.functional import batch_norm, check_eps, check_momentum
+from bnlab.errors import ChannelError, ConfigTypeError, ShapeError
+from bnlab.norm.functional import (
+    batch_norm,
+    check_eps,
+    check_momentum,
+    eval_core,
+    report_rejected_batch,
+    train_core,
+    values_per_channel,
+)
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "is_batchnorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "is_batchnorm", "bnlab_batch_norm_forward"]
 
 
-class _BatchNorm(nn.Module):
-    """Shared parameters/buffers and forward of the BatchNorm{1,2,3}d shells."""
+class _BatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Shared forward of bnlab's BatchNorm{1,2,3}d; parameters and buffers are torch.nn's."""
 
-    _is_bnlab_batchnorm = True  # lets probes recognise bnlab BN without importing it
-    _version = 2  # same state_dict version as torch.nn (num_batches_tracked present)
-    _ranks: tuple[int, ...] = ()
-    _layout = ""
-    _hint = ""
+    _is_bnlab_batchnorm = True  # lets probes recognise bnlab BN variants without importing them
 
     def __init__(
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: float | None = 0.1,
+        momentum: Optional[float] = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ShapeError(f"num_features must be a positive int (the number of channels C), got {num_features!r}")
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = check_eps(eps)
-        self.momentum = check_momentum(momentum)
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked",
-                torch.tensor(0, dtype=torch.long, device=device),
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
+        if isinstance(num_features, bool) or not isinstance(num_features, int):
+            raise ConfigTypeError(f"num_features must be an int (the number of channels C), got {num_features!r}")
+        if num_features < 1:
+            raise ChannelError(f"num_features must be a positive int (the number of channels C), got {num_features!r}")
+        super().__init__(num_features, check_eps(eps), check_momentum(momentum), affine, track_running_stats,
+                         device, dtype, bias=bias)
 
-    def reset_running_stats(self) -> None:
-        """Zero mean, unit variance, zero count; with momentum=None the next batches then give
-        exactly Alg. 2's population statistics."""
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
+    def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._forward_script(input)
+        return self._forward_eager(input)
 
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+    @torch.jit.unused
+    def _forward_eager(self, input: Tensor) -> Tensor:
+        return bnlab_batch_norm_forward(self, input)
 
-    def _check_input_dim(self, x: Tensor) -> None:
-        if not isinstance(x, Tensor):
-            raise ShapeError(f"{type(self).__name__} expects a torch.Tensor, got {type(x).__name__}")
-        if x.dim() not in self._ranks:
+    def _forward_script(self, input: Tensor) -> Tensor:
+        """The TorchScript forward: same core and semantics, without the eager-only warning."""
+        if input.dim() < 2:
+            raise ValueError("expected an input of shape (N, C, ...)")
+        if self.training or self.running_mean is None:
+            update = self.training and self.track_running_stats
+            running_mean: Optional[Tensor] = None
+            running_var: Optional[Tensor] = None
+            count: Optional[Tensor] = None
+            if update:
+                running_mean = self.running_mean
+                running_var = self.running_var
+                count = self.num_batches_tracked
+            if input.numel() // input.shape[1] == 1:
+                raise ValueError("expected more than 1 value per channel to compute batch statistics")
+            res = train_core(input, self.weight, self.bias, running_mean, running_var, count, self.momentum, self.eps)
+            rm = self.running_mean
+            rv = self.running_var
+            nbt = self.num_batches_tracked
+            new_mean = res.running_mean
+            new_var = res.running_var
+            new_count = res.num_batches_tracked
+            if update and rm is not None and rv is not None and nbt is not None:
+                if new_mean is not None and new_var is not None and new_count is not None:
+                    rm.copy_(new_mean)
+                    rv.copy_(new_var)
+                    nbt.copy_(new_count)
+            return res.out
+        rm = self.running_mean
+        rv = self.running_var
+        assert rm is not None and rv is not None
+        return eval_core(input, self.weight, self.bias, rm, rv, self.eps)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        ranks, layout, hint = self._shape_help()
+        if not isinstance(input, Tensor):
+            raise ShapeError(f"{type(self).__name__} expects a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in ranks:
             raise ShapeError(
-                f"{type(self).__name__} expects a {' or '.join(f'{r}-D' for r in self._ranks)} input "
-                f"{self._layout}, got a {x.dim()}-D input of shape {tuple(x.shape)}; {self._hint}"
+                f"{type(self).__name__} expects a {' or '.join(f'{r}-D' for r in ranks)} input "
+                f"{layout}, got a {input.dim()}-D input of shape {tuple(input.shape)}; {hint}"
             )
 
-    def forward(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
-        # torch.nn semantics: batch statistics in training, and in eval when no running stats are kept.
-        update = self.training and self.track_running_stats
-        keep_running = not self.training or self.track_running_stats
-        result = batch_norm(
-            x,
-            self.weight,
-            self.bias,
-            self.running_mean if keep_running else None,
-            self.running_var if keep_running else None,
-            training=self.training or self.running_mean is None,
-            momentum=self.momentum,
-            eps=self.eps,
-            num_batches_tracked=self.num_batches_tracked if update else None,
+    @torch.jit.unused
+    def _shape_help(self):
+        raise NotImplementedError
+
+
+# Traced as one call by torch.fx.symbolic_trace (FX cannot follow Python checks on tensor shapes).
+@torch.fx.wrap
+def bnlab_batch_norm_forward(module: _BatchNorm, x: Tensor) -> Tensor:
+    """Forward of a bnlab BN module: validation, the functional core, in-place buffer update."""
+    module._check_input_dim(x)
+    # torch.nn semantics: batch statistics in training, and in eval when no running stats are kept.
+    update = module.training and module.track_running_stats
+    use_batch = module.training or module.running_mean is None
+    if use_batch and values_per_channel(x) == 1:
+        if module.training and module.track_running_stats:
+            fix = "use a batch size > 1, or call .eval() on the layer to use its running statistics"
+        elif module.training:
+            fix = ("use a batch size > 1; this layer keeps no running statistics (track_running_stats=False), "
+                   "so eval mode would use batch statistics too")
+        else:
+            fix = ("the layer is in eval mode but keeps no running statistics (track_running_stats=False), so it "
+                   "normalizes with batch statistics: pass more than one value per channel, or use a layer built "
+                   "with track_running_stats=True and trained, whose running statistics then apply in eval")
+        raise ShapeError(
+            f"{type(module).__name__} expected more than 1 value per channel to compute batch statistics, got "
+            f"input of shape {tuple(x.shape)}: the batch variance of a single value is 0 and BN would output "
+            f"beta; {fix}"
         )
-        if update:
-            # In place, like torch.nn: functional_call with cloned buffers then updates the clones.
-            with torch.no_grad():
-                self.running_mean.copy_(result.running_mean)
-                self.running_var.copy_(result.running_var)
-                self.num_batches_tracked.copy_(result.num_batches_tracked)
-        return result.out
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}"
-        )
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # Checkpoints written before torch 0.4.1 have no num_batches_tracked; torch.nn fills in 0.
-        version = local_metadata.get("version", None)
-        key = prefix + "num_batches_tracked"
-        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long, device=self.running_mean.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-
-
-class BatchNorm1d(_BatchNorm):
-    """BN over (N, C) or (N, C, L) inputs; drop-in for ``torch.nn.BatchNorm1d``."""
-
-    _ranks = (2, 3)
-    _layout = "(N, C) or (N, C, L)"
-    _hint = "use BatchNorm2d for images (N, C, H, W), or flatten to (N, C)"
+    if module.momentum is None and update and module.num_batches_tracked is None:
+        raise ShapeError(f"{type(module).__name__}: momentum=None needs the num_batches_tracked buffer; "
+                         f"reload the state dict or call reset_running_stats()")
+    result = batch_norm(
+        x,
+        module.weight,
+        module.bias,
+        module.running_mean if update or not use_batch else None,
+        module.running_var if update or not use_batch else None,
+        training=use_batch,
+        momentum=module.momentum,
+        eps=module.eps,
+        num_batches_tracked=module.num_batches_tracked if update else None,
+    )
+    if update:
+        # In place, like torch.nn: functional_call with cloned buffers then updates the clones.
+        with torch.no_grad():
+            module.running_mean.copy_(result.running_mean)
+            module.running_var.copy_(result.running_var)
+            if module.num_batches_tracked is not None:
+                module.num_batches_tracked.copy_(result.num_batches_tracked)
+    return result.out
 
 
-class BatchNorm2d(_BatchNorm):
-    """BN over (N, C, H, W) inputs, per channel over N, H, W; drop-in for ``torch.nn.BatchNorm2d``."""
+class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
+    """BN over (N, C) or (N, C, L) inputs; a ``torch.nn.BatchNorm1d`` (subclass)."""
 
-    _ranks = (4,)
-    _layout = "(N, C, H, W)"
-    _hint = "use BatchNorm1d for (N, C) or (N, C, L), BatchNorm3d for (N, C, D, H, W); add a batch dim with x.unsqueeze(0)"
+    @torch.jit.unused
+    def _shape_help(self):
+        return (2, 3), "(N, C) or (N, C, L)", "use BatchNorm2d for images (N, C, H, W), or flatten to (N, C)"
 
 
-class BatchNorm3d(_BatchNorm):
-    """BN over (N, C, D, H, W) inputs; drop-in for ``torch.nn.BatchNorm3d``."""
+class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
+    """BN over (N, C, H, W) inputs, per channel over N, H, W; a ``torch.nn.BatchNorm2d`` (subclass)."""
 
-    _ranks = (5,)
-    _layout = "(N, C, D, H, W)"
-    _hint = "use BatchNorm2d for (N, C, H, W); add a batch dim with x.unsqueeze(0)"
+    @torch.jit.unused
+    def _shape_help(self):
+        return ((4,), "(N, C, H, W)",
+                "use BatchNorm1d for (N, C) or (N, C, L), BatchNorm3d for (N, C, D, H, W); add a batch dim with x.unsqueeze(0)")
+
+
+class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
+    """BN over (N, C, D, H, W) inputs; a ``torch.nn.BatchNorm3d`` (subclass)."""
+
+    @torch.jit.unused
+    def _shape_help(self):
+        return (5,), "(N, C, D, H, W)", "use BatchNorm2d for (N, C, H, W); add a batch dim with x.unsqueeze(0)"
 
 
 def is_batchnorm(module: nn.Module) -> bool:
-    """True for bnlab's BN modules (marked by ``_is_bnlab_batchnorm``, so other code need not import
-    them) and torch.nn's BatchNorm1d/2d/3d, SyncBatchNorm and lazy variants; not for layer, group or
-    instance norm, whose statistics are per example."""
+    """True for BN layers: torch.nn's BatchNorm1d/2d/3d, SyncBatchNorm and lazy variants, bnlab's
+    (which subclass them) and bnlab variants marked ``_is_bnlab_batchnorm``; not for layer, group
+    or instance norm, whose statistics are per example."""
     return getattr(module, "_is_bnlab_batchnorm", False) or isinstance(module, nn.modules.batchnorm._BatchNorm)
