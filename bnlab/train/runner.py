@@ -258,17 +258,16 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
     planned = plan_runs(exp, profile, out=out, seeds=seeds, overrides=overrides, variants=variants,
                         shard=shard)
     todo = [p for p in planned if p.state != "done"]
-    tasks = check_configs(todo, data_dir)  # before any output: a bad value prints nothing, creates nothing
     n_resume = sum(p.state == "resume" for p in todo)
     serial = sum(p.est_seconds for p in todo)
     parallel = min(workers, max(len(todo), 1))
     wall = serial / parallel
     if max_minutes is not None and wall > max_minutes * 60:
-        echo(f"estimated cost: {format_seconds(wall)}")
         raise ConfigError(
             f"estimated {format_seconds(wall)} exceeds --max-minutes {max_minutes:g}; use a smaller "
             f"--profile (smoke, quick), fewer --seeds or --variants, more --workers, or raise --max-minutes"
         )
+    tasks = check_configs(todo, data_dir)  # before any output: a bad value prints nothing, creates nothing
     write = progress.write if progress is not None else echo
     write(f"{exp.name} [{profile}]: {len(planned)} runs ({len(planned) - len(todo)} done, "
           f"{n_resume} to resume, {len(todo) - n_resume} new) -> {Path(out) / exp.name}")
