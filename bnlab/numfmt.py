@@ -53,7 +53,10 @@ def decimals_for(spread: float) -> int | None:
     negative means rounding to tens, hundreds, ...; None for a zero or non-finite spread."""
     if not _finite(spread) or spread <= 0:
         return None
-    return SIG_SPREAD - 1 - math.floor(math.log10(abs(spread)))
+    d = SIG_SPREAD - 1 - math.floor(math.log10(abs(spread)))
+    if round(abs(spread), d) >= 10.0 ** (SIG_SPREAD - d):  # 0.000999 rounds to 0.0010, not 0.00100
+        d -= 1
+    return d
 
 
 def _scientific(x: float) -> bool:
@@ -71,7 +74,9 @@ def fmt_value(x: Any, decimals: int | None = None) -> str:
     x = float(x)
     if decimals is None:
         if _scientific(x):
-            return f"{x:.{SIG_WITHOUT_SPREAD - 1}e}".replace("e-0", "e-").replace("e+0", "e+")
+            mantissa, exp = f"{x:.{SIG_WITHOUT_SPREAD - 1}e}".split("e")
+            mantissa = mantissa.rstrip("0").rstrip(".")
+            return f"{mantissa}e{exp[0]}{exp[1:].lstrip('0') or '0'}"
         if x == 0:
             return "0"
         places = max(0, SIG_WITHOUT_SPREAD - 1 - math.floor(math.log10(abs(x))))

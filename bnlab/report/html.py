@@ -71,6 +71,8 @@ nav ul { margin: 4px 0; padding-left: 20px; } a { color: #0969da; text-decoratio
 
 # Settings: always shown (they define the run even at their default value) ...
 _CORE_FIELDS = ("dataset", "model", "norm", "steps", "batch_size", "lr", "eval_every", "eval_subset")
+# ... the parameters of the learning-rate schedule in use (lr_min of cosine, even at its default) ...
+_SCHEDULE_FIELDS = ("lr_decay", "lr_decay_steps", "lr_min")
 # ... never shown outside the full config (they change how a run is written or how fast, not what
 # it computes) ...
 _NEVER_FIELDS = set(NOT_HASHED) | {"eval_batch_size", "data_fallback"}
@@ -110,7 +112,8 @@ def settings_fields(configs: Sequence[TrainConfig]) -> list[str]:
         if k in _NEVER_FIELDS:
             continue
         differs = any(d[k] != default[k] for d in dicts)
-        if (k in _CORE_FIELDS or differs) and any(_used(k, c) for c in configs):
+        core = k in _CORE_FIELDS or k in _SCHEDULE_FIELDS  # schedule fields only count when used
+        if (core or differs) and any(_used(k, c) for c in configs):
             out.append(k)
     return out
 
