@@ -261,7 +261,12 @@ def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> Non
     from bnlab.report.markdown import claim_id_of
     from bnlab.report.verdicts import ci_text, outcome_of, ours_text, seeds_text
 
+    from bnlab.report.verdicts import UNDECIDING_PROFILES
+
     print(f"\n{title}")
+    for profile in dict.fromkeys(r.get("profile") for r in rows if r.get("undecided_reason")):
+        if profile in UNDECIDING_PROFILES:
+            print(f"  ({UNDECIDING_PROFILES[profile]})")
     for r in rows:
         cid = claim_id_of(r)
         claim = str(r.get("claim", ""))
@@ -281,8 +286,10 @@ def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> Non
             extra.append(f"robustness: {rob['label']}")
         print(f"              {'; '.join(extra)}")
         if r.get("undecided_reason"):
-            print(f"              undecided: {r['undecided_reason']} (the rule alone: "
-                  f"{r.get('computed_outcome', '?')})")
+            reason = r["undecided_reason"]
+            if r.get("profile") in UNDECIDING_PROFILES and reason == UNDECIDING_PROFILES[r["profile"]]:
+                reason = f"{r['profile']} profile"  # explained once above
+            print(f"              undecided: {reason} (the rule alone: {r.get('computed_outcome', '?')})")
         elif r.get("why") and not r.get("rule"):
             print(f"              why:   {r['why']}")
         if r.get("rule"):

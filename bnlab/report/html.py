@@ -194,7 +194,10 @@ def _row_view(r: dict[str, Any], anchors: dict[tuple, str], claim_anchors: set[s
         "why": r.get("why") or "", "dataset": r.get("dataset") or "",
         "seeds": seeds_text(r), "outcome": outcome_of(r), "per_seed": per_seed_table(r),
         "robust_label": (rob or {}).get("label") or "",
-        "undecided_reason": r.get("undecided_reason") or "", "computed_outcome": r.get("computed_outcome") or "",
+        # the page explains the smoke policy once at the top; a row only names it
+        "undecided_reason": ("smoke profile: decides nothing" if str(r.get("undecided_reason") or "").startswith(
+            "smoke profile") else r.get("undecided_reason") or ""),
+        "computed_outcome": r.get("computed_outcome") or "",
     }
 
 
@@ -358,7 +361,7 @@ def _settings_view(s: Any) -> dict[str, Any]:
         first = next(iter(dicts.values()))
         items = ", ".join(f"{k}={_setting_value(first[k])}" for k in shared)
         note = Markup(f"Shared by every run: <code>{esc(items)}</code>. ") + (
-            "Columns after <em>data used</em> are the settings that differ between the configs. "
+            Markup("Columns after <em>data used</em> are the settings that differ between the configs. ")
             if varying else "") + Markup(
             "Listed: the settings that define a run and those set away from their default; "
             "every field is in the full config below. <code>dataset</code> is what the config asked "

@@ -9,9 +9,10 @@ Why this shape:
   redraws would be thousands of lines, so the same information is written as one plain line at
   most every ``interval`` seconds (and at the end), never with carriage returns.
 - The time left is measured, not guessed, once measurements exist: the rate (work per second) is
-  an exponential moving average over samples at least ``sample_seconds`` apart (alpha 0.3), so one
-  slow evaluation does not swing it; before the first sample it is ``prior_rate`` (from the cost
-  estimate), or unknown.
+  an exponential moving average over samples at least ``sample_seconds`` (10 s) apart (alpha 0.3),
+  so one slow evaluation or a burst of worker reports does not swing it; the first sample includes
+  start-up costs (processes, data loading) that per-step estimates leave out. Before the first
+  sample it is ``prior_rate`` (from the cost estimate), or unknown.
 - Integer work (steps) is counted and shown as integers; work measured in estimated seconds (one
   bar over runs whose steps cost 100x different amounts) is shown as a percentage only.
 - Nothing to do, nothing shown: ``total <= 0`` draws no bar and prints no line.
@@ -32,7 +33,7 @@ EMA_ALPHA = 0.3
 
 class Progress:
     def __init__(self, total: float, *, desc: str = "", unit: str | None = "steps", stream: TextIO | None = None,
-                 interval: float = 30.0, sample_seconds: float = 2.0, prior_rate: float | None = None,
+                 interval: float = 30.0, sample_seconds: float = 10.0, prior_rate: float | None = None,
                  clock: Callable[[], float] = time.monotonic, tty: bool | None = None) -> None:
         self.total = float(total)
         self.desc, self.unit = desc, unit
@@ -47,6 +48,7 @@ class Progress:
         self._last_line = self.start
         self._closed = False
         self._drawn = float("-inf")
+        self._printed = -1.0  # work done at the last plain line
         if tty is None:
             isatty = getattr(self.stream, "isatty", None)
             tty = bool(isatty()) if callable(isatty) else False
@@ -69,6 +71,8 @@ class Progress:
         if amount <= 0 or self._closed:
             return
         self.done = min(self.total, self.done + amount)
+        if self.done > self.total * (1 - 1e-9):  # float sums of per-step weights: done is done
+            self.done = self.total
         now = self.clock()
         if now - self._sample_t >= self.sample_seconds:
             inst = (self.done - self._sample_done) / (now - self._sample_t)
@@ -99,11 +103,12 @@ class Progress:
     def status(self) -> str:
         pct = 100.0 * self.done / self.total if self.total > 0 else 100.0
         amount = f" ({int(self.done)}/{int(self.total)} {self.unit})" if self.integer else ""
-        eta = self.eta() if self.done < self.total else None
+        eta = self.eta() if self.done < self.total * (1 - 1e-9) else None
         left = f", about {format_seconds(eta)} left" if eta is not None else ""
         return f"{self.desc + ': ' if self.desc else ''}{pct:3.0f}%{amount}, elapsed {format_seconds(self.elapsed())}{left}"
 
     def _line(self) -> None:
+        self._printed = self.done
         print(self.status(), file=self.stream, flush=True)
 
     def write(self, line: str, file: TextIO | None = None) -> None:
@@ -119,5 +124,5 @@ class Progress:
         self._closed = True
         if self._bar is not None:
             self._bar.close()
-        elif self.total > 0 and self.done > 0:
+        elif self.total > 0 and self.done > 0 and self.done != self._printed:
             self._line()  # the final state, once
