@@ -435,6 +435,21 @@ def test_progress_eta_is_measured_and_smoothed():
     assert q.rate == pytest.approx(0.3 * 5 + 0.7 * 10)  # ... moves the smoothed rate by 30 %, not 100 %
 
 
+def test_progress_on_a_terminal_is_a_bar_with_integer_steps_and_measured_eta():
+    from bnlab.train.progress import Progress
+
+    stream, clock = io.StringIO(), FakeClock()
+    p = Progress(120, desc="exp", unit="steps", stream=stream, clock=clock, tty=True, sample_seconds=1.0)
+    for _ in range(60):
+        clock.t += 0.5
+        p.update(1)
+    p._bar.refresh()
+    last = stream.getvalue().split("\r")[-1]
+    assert "exp:  50%" in last and "60/120 steps" in last and "30s left" in last, last  # 2 steps/s measured
+    assert ".0/" not in stream.getvalue()
+    p.close()
+
+
 def test_progress_with_nothing_to_do_shows_nothing():
     from bnlab.train.progress import Progress
 

@@ -241,6 +241,7 @@ def test_report_renders_in_chromium(quick_and_smoke_out, tmp_path):
     # no raw markup in the text a reader sees
     text = _visible_text(dom)
     assert "`" not in text and "**" not in text, re.findall(r".{30}[`*]{1,2}.{30}", text)
+    assert not re.search(r"</?(em|strong|code|b|i|a|p|li|span)\b[^>]*>", text), re.findall(r".{30}</?\w+>.{30}", text)
     assert "BASE_LR" in text and "<code>BASE_LR</code>" in dom and "<strong>Data</strong>" in dom
 
     shot = tmp_path / "shot.png"
