@@ -328,7 +328,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from bnlab.report.build import collect, summary_text, write_report
     from bnlab.train.cost import format_seconds
     from bnlab.train.progress import Progress
-    from bnlab.train.runner import check_data_dir, parse_seeds, plan_runs, run_experiment
+    from bnlab.train.runner import check_configs, check_data_dir, parse_seeds, plan_runs, run_experiment
 
     profile = check_profile(args.profile)
     exps = [get_experiment(n) for n in expand_targets(args.targets)]
@@ -337,6 +337,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     root = profile_root(args.out, profile)
     # The whole plan first: one estimate for everything, and an overall ETA between experiments.
     plans = {e.name: plan_runs(e, profile, out=root, seeds=seeds) for e in exps}
+    for ps in plans.values():  # every dataset and model of every experiment, before any output
+        check_configs([p for p in ps if p.state != "done"], args.data_dir)
     todo = {n: sum(p.est_seconds for p in ps if p.state != "done") for n, ps in plans.items()}
     total_runs = sum(len(ps) for ps in plans.values())
     n_done = sum(p.state == "done" for ps in plans.values() for p in ps)
