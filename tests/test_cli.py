@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import bnlab.experiments as registry
 from bnlab.cli import main
@@ -224,12 +223,12 @@ def test_show_config_lists_every_key_with_value_and_type(capsys):
     assert code == 0
     rows = {ln.split()[0]: ln for ln in out.splitlines()[2:] if ln.strip() and not ln.startswith("change")}
     assert set(field_names()) <= set(rows)
-    cfg = get_cfg = registry.get_experiment("ioffe_mnist").config("bn", "smoke", {"lr": "0.25"})
+    cfg = registry.get_experiment("ioffe_mnist").config("bn", "smoke", {"lr": "0.25"})
     assert rows["lr"].split()[1:] == ["float", "0.25"]
     assert rows["steps"].split()[1:] == ["int", str(cfg.steps)]
     assert "int or None" in rows["train_subset"]
     assert 'baseline: "none", bn: "batch"' in rows["norm"]  # differing values per variant
-    assert get_cfg.dataset in rows["dataset"]
+    assert cfg.dataset in rows["dataset"]
 
 
 def test_unknown_key_suggests_the_closest(capsys, tmp_path):
@@ -473,9 +472,24 @@ def test_run_progress_when_stdout_is_not_a_terminal(tmp_path, capsys):
 
 
 def test_resumed_run_says_so_in_words(tmp_path, capsys, with_experiment):
-    from bnlab.train.runner import _outcome_row
-    from bnlab.train.loop import RunOutcome
+    """A run killed after its checkpoint at step 20 resumes; the line says so (no bare "done@20")."""
+    from bnlab.train.loop import RunOptions, train_run
+    from bnlab.train.runner import plan_runs
 
-    row = _outcome_row(RunOutcome(tmp_path, "bn", 0, "done", steps=60, test={"acc": 0.5}, seconds=3.0,
-                                  resumed_from=12), 60)
-    assert "done" in row and "resumed from the checkpoint at step 12" in row and "@" not in row
+    exp = with_experiment(Experiment(name="_test_resume", description="tiny", base=TINY,
+                                     variants={"bn": {"norm": "batch"}}, profiles={"smoke": {"checkpoint_every": 20}}))
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_30(step: int) -> None:
+        if step >= 30:
+            raise Killed
+
+    spec = plan_runs(exp, "smoke", out=tmp_path / "smoke", seeds=(0,))[0].spec
+    with pytest.raises(Killed):
+        train_run(spec, RunOptions(threads=1, progress_every=1), kill_at_30)
+    code, out, _ = bnlab(capsys, "run", "_test_resume", *SMOKE, "--seeds", "0", "--out", str(tmp_path))
+    assert code == 0 and "1 to resume" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("bn "))
+    assert " done " in line and "(resumed from the checkpoint at step 20)" in line and "@" not in line, line

@@ -17,7 +17,6 @@ import base64
 import dataclasses
 import html as html_mod
 import json
-import math
 import os
 import re
 import shutil
