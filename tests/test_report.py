@@ -125,6 +125,8 @@ def test_report_is_self_contained(mnist_out):
     exp = get_experiment("ioffe_mnist")
     for needle in ("sigmoid_input", "probe", "Environment", "torch", "git commit", "full config of"):
         assert needle in text, needle
+    # the runner does not know on which examples a probe runs (its docstring says): no made-up count
+    assert "on the probe batch" not in text and "declared by the probe" in text
     page = _visible_text(text)
     for needle in (exp.description, exp.paper):  # Markdown-rendered: compare the text a reader sees
         assert _visible_text(str(render_inline(needle))).strip() in page, needle
