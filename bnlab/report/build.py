@@ -7,9 +7,13 @@ nothing here trains or probes (design.md: compute, store, plot, report are separ
     path = write_report(report)                 # -> r.html
     print(summary_text(path, report.rows))      # what a CLI prints at the end
 
-For each experiment with runs under ``<out>/<experiment>/`` (one section per profile found there):
-its verdict and plot functions are called on the *finished* stored runs (figures go to
-``<out>/<experiment>/figures/``); a verdict or plot function that raises is reported in its section
+``out`` is one profile's folder (``runs/quick``, as the CLI writes them; ``profile_roots`` finds them)
+or any folder of ``<experiment>/`` run directories. For each experiment with runs there (one
+section per profile found, or only ``profile=``): its verdict and plot functions are called on the
+*finished* stored runs (figures go to ``<out>/<experiment>/figures/``, where ``bnlab run`` puts them
+too); verdict rows get the dataset the runs really used when they do not name it, and rows of the
+smoke profile decide nothing (``verdicts.apply_profile_policy``). A verdict or plot function that
+raises is reported in its section
 instead of stopping the report. Incomplete (killed or still running) and diverged runs are listed as
 such. Runs of experiments that are no longer registered still get their settings, environment and
 generic curves.
