@@ -2,9 +2,13 @@
 
     bnlab list
     bnlab run ioffe_mnist --profile quick --seeds 0,1,2 --set lr=0.1 steps=2000 --workers 2
-    bnlab reproduce ioffe --profile quick          # run what is missing, then write runs/report.html
-    bnlab report runs -o report.html               # rebuild the report from stored runs only
+    bnlab run ioffe_mnist --show-config            # every config key, its type and value per variant
+    bnlab reproduce ioffe --profile quick          # run what is missing, then write runs/quick/report.html
+    bnlab report runs                              # rebuild every profile's report from stored runs only
     bnlab doctor
+
+Runs of each profile live apart, under ``<out>/<profile>/<experiment>/...``: a smoke run never
+overwrites or mixes into a quick verdict, and smoke rows decide no claim.
 
 Every bnlab error (bad key, unknown experiment, missing data, locked run, ...) is printed as one
 message naming the problem and the fix, with exit code 2 and no traceback. Divergence is a result,
@@ -14,28 +18,111 @@ not an error: the run is recorded as diverged and the exit code stays 0.
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
-from bnlab.errors import BnlabError
+from bnlab.errors import BnlabError, ConfigError, DataNotFoundError
 
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+# --- shared checks --------------------------------------------------------------------------------
+
+def profiles() -> tuple[str, ...]:
+    """The profiles experiments declare (bnlab.experiments.PROFILES): the CLI accepts exactly these."""
+    from bnlab.experiments import PROFILES
+
+    return tuple(PROFILES)
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_profile(profile: str) -> str:
+    known = profiles()
+    if profile not in known:
+        raise ConfigError(f"unknown profile {profile!r}{_did_you_mean(profile, known)}; choose one of: "
+                          f"{', '.join(known)}")
+    return profile
+
+
+def profile_root(out: str | Path, profile: str) -> Path:
+    """Where the runs of ``profile`` live: ``<out>/<profile>/`` (profiles never share a folder, so a
+    smoke run can never overwrite or be mixed into a quick verdict). An ``--out`` that already is
+    this profile's folder (``runs/quick``) is used as is; another profile's folder is refused."""
+    out = Path(out)
+    if out.name == profile:
+        return out
+    if out.name in profiles():
+        raise ConfigError(f"--out {out} is the folder of the {out.name} profile, but --profile is {profile}; "
+                          f"pass --out {out.parent} (runs go to {out.parent / profile})")
+    return out / profile
+
+
+def parse_overrides(groups: list[list[str]] | None) -> dict[str, str]:
+    """--set key=value ... -> {key: value}; refuses a key given twice and suggests the closest
+    field for an unknown key (the full list of valid keys follows)."""
+    from bnlab.train.config import field_names, parse_set_args
+
+    items = [x for group in (groups or []) for x in group]
+    parsed = parse_set_args(items)
+    seen: dict[str, list[str]] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        seen.setdefault(key.strip(), []).append(value.strip())
+    twice = {k: v for k, v in seen.items() if len(v) > 1}
+    if twice:
+        k, values = next(iter(twice.items()))
+        raise ConfigError(f"--set {k} is given {len(values)} times ({', '.join(f'{k}={v}' for v in values)}); "
+                          "give each key once")
+    fields = field_names()
+    for key in parsed:
+        if key not in fields:
+            raise ConfigError(f"unknown config key {key!r}{_did_you_mean(key, fields)}; valid keys: "
+                              f"{', '.join(fields)} (`bnlab run NAME --show-config` lists them with values "
+                              "and types)")
+    return parsed
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects a whole number >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expects a number > 0, got {text}")
+    return value
+
+
 # --- bnlab list ------------------------------------------------------------------------------------
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from bnlab.experiments import PROFILES, all_experiments
+    from bnlab.experiments import all_experiments
     from bnlab.train.cost import format_seconds
 
     exps = all_experiments()
     width = max([len(e.name) for e in exps] + [10])
-    print(f"{'experiment':<{width}}  {'smoke':>6} {'quick':>6} {'paper':>6}  description")
+    known = profiles()
+    print(f"{'experiment':<{width}}  " + " ".join(f"{p:>6}" for p in known) + "  description")
     for e in exps:
-        costs = " ".join(f"{format_seconds(e.estimate_cost(p)):>6}" for p in PROFILES)
+        costs = " ".join(f"{format_seconds(e.estimate_cost(p)):>6}" for p in known)
         print(f"{e.name:<{width}}  {costs}  {e.description}")
     print("\ncosts: estimated serial CPU time per profile (all variants x default seeds); "
           "`bnlab run NAME --profile P` runs one")
@@ -44,23 +131,51 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 # --- bnlab run -------------------------------------------------------------------------------------
 
-def _flatten(items: list[list[str]] | None) -> list[str]:
-    return [x for group in (items or []) for x in group]
+def show_config(exp: Any, profile: str, overrides: dict[str, Any]) -> None:
+    """Every config key with its type and value for each variant (values shared by every variant
+    once; differing ones per variant)."""
+    from bnlab.train.config import _field_types, _type_name, config_to_dict
+
+    configs = {v: config_to_dict(c) for v, c in exp.configs(profile, overrides).items()}
+    types_ = _field_types()
+    print(f"{exp.name} [{profile}]: {len(configs)} variant(s): {', '.join(configs)}"
+          + (f"; with --set {' '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""))
+    rows = []
+    for key in types_:
+        values = {v: d[key] for v, d in configs.items()}
+        shown = {v: json.dumps(x) for v, x in values.items()}
+        if len(set(shown.values())) == 1:
+            text = next(iter(shown.values()))
+        else:
+            text = ", ".join(f"{v}: {x}" for v, x in shown.items())
+        rows.append((key, _type_name(types_[key]).replace(" (comma-separated)", ""), text))
+    wk = max(len(r[0]) for r in rows)
+    wt = max(len(r[1]) for r in rows)
+    print(f"{'key':<{wk}}  {'type':<{wt}}  value")
+    for key, tp, text in rows:
+        print(f"{key:<{wk}}  {tp:<{wt}}  {text}")
+    print("\nchange any of them with --set key=value (e.g. --set lr=0.05 steps=2000); values as JSON "
+          "(null = the model's default)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bnlab.experiments import get_experiment
-    from bnlab.train.config import parse_set_args
-    from bnlab.train.runner import parse_seeds, parse_shard, run_experiment
+    from bnlab.train.runner import check_data_dir, parse_seeds, parse_shard, run_experiment
 
     exp = get_experiment(args.name)
-    overrides = parse_set_args(_flatten(args.set))
-    exp.configs(args.profile, overrides)  # unknown keys / wrong types fail here, before any output
-    seeds = parse_seeds(args.seeds) if args.seeds else None
+    profile = check_profile(args.profile)
+    overrides = parse_overrides(args.set)
+    exp.configs(profile, overrides)  # wrong types / values fail here, before any output
+    if args.show_config:
+        show_config(exp, profile, overrides)
+        return 0
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
     shard = parse_shard(args.shard) if args.shard else None
+    check_data_dir(args.data_dir)
+    root = profile_root(args.out, profile)
     run = run_experiment(
-        exp, args.profile, out=args.out, seeds=seeds, overrides=overrides, variants=variants,
+        exp, profile, out=root, seeds=seeds, overrides=overrides, variants=variants,
         workers=args.workers, threads=args.threads, max_minutes=args.max_minutes, quiet=args.quiet,
         tensorboard=args.tensorboard, data_dir=args.data_dir, wait=args.wait, shard=shard,
     )
@@ -68,7 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("verdict: skipped for a partial run (--shard/--variants); run without them once every "
               "part is done to get it")
         return 0
-    write_verdict_and_plots(exp, run.run_dirs, Path(args.out), args.profile, overrides)
+    write_verdict_and_plots(exp, run.run_dirs, root, profile, overrides)
     return 0
 
 
@@ -76,7 +191,8 @@ def write_verdict_and_plots(exp: Any, run_dirs: Sequence[Path], out: Path, profi
                             overrides: dict[str, Any]) -> list[dict[str, Any]] | None:
     """Compute the experiment's verdict and plots from the stored runs of this invocation; write
     ``<out>/<exp>/verdict.json`` and ``<out>/<exp>/figures/`` (where the report puts them too);
-    print the verdict table."""
+    print the verdict table. Smoke-profile rows are UNDECIDED (see report.verdicts)."""
+    from bnlab.report.verdicts import apply_profile_policy
     from bnlab.train.results import ExperimentResults
 
     if exp.verdict is None and exp.plots is None:
@@ -89,11 +205,17 @@ def write_verdict_and_plots(exp: Any, run_dirs: Sequence[Path], out: Path, profi
     results = results.finished()
     rows = None
     if exp.verdict is not None:
+        from bnlab.report.build import Section
+
         rows = [dict(r) for r in exp.verdict(results)]
+        dataset = Section(exp.name, profile, exp, results).dataset_text
         for r in rows:
             r.setdefault("profile", profile)
+            if not r.get("dataset"):
+                r["dataset"] = dataset
             if overrides:
                 r.setdefault("overrides", dict(overrides))
+        rows = apply_profile_policy(rows, profile)
         path = write_verdict_json(out, exp.name, rows)
         print_verdict(rows)
         print(f"verdict written to {path}")
@@ -101,13 +223,16 @@ def write_verdict_and_plots(exp: Any, run_dirs: Sequence[Path], out: Path, profi
         for title, table_rows in exp.tables(results).items():
             print_table(title, table_rows)
     if exp.plots is not None:
+        from bnlab.report.plots import use_agg
+
+        use_agg()
         for p in exp.plots(results, out / exp.name / "figures"):
-            print(f"plot: {p}")
+            print(f"figure: {p}")
     return rows
 
 
 def write_verdict_json(out: Path, experiment: str, rows: list[dict[str, Any]]) -> Path:
-    """``<out>/<experiment>/verdict.json``: the verdict rows (claim, paper, ours, seeds, passed, why)."""
+    """``<out>/<experiment>/verdict.json``: the verdict rows (see bnlab.report.verdicts)."""
     from bnlab.train.rundir import atomic_write_json, json_safe
 
     path = Path(out) / experiment / "verdict.json"
@@ -131,15 +256,44 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
         print("  " + "  ".join(v.ljust(w) for v, w in zip(line, widths)))
 
 
-def print_verdict(rows: list[dict[str, Any]]) -> None:
-    mark = {True: "PASS", False: "FAIL", None: "n/a"}
-    print("\nverdict")
+def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> None:
+    """One block per claim: outcome, claim, ours, estimate with its CI, seeds, data."""
+    from bnlab.report.markdown import claim_id_of
+    from bnlab.report.verdicts import ci_text, outcome_of, ours_text, seeds_text
+
+    from bnlab.report.verdicts import UNDECIDING_PROFILES
+
+    print(f"\n{title}")
+    for profile in dict.fromkeys(r.get("profile") for r in rows if r.get("undecided_reason")):
+        if profile in UNDECIDING_PROFILES:
+            print(f"  ({UNDECIDING_PROFILES[profile]})")
     for r in rows:
-        print(f"  [{mark.get(r.get('passed'), '?'):>4}] {r.get('claim', '')}")
-        print(f"         paper: {r.get('paper', '')}")
-        print(f"         ours:  {r.get('ours', '')}  (seeds: {r.get('seeds', '?')})")
-        if r.get("why"):
-            print(f"         why:   {r['why']}")
+        cid = claim_id_of(r)
+        claim = str(r.get("claim", ""))
+        if cid and not claim.startswith(cid):
+            claim = f"{cid} {claim}"
+        where = f"{r['experiment']}: " if r.get("experiment") else ""
+        print(f"  [{outcome_of(r):>9}] {where}{claim}")
+        if r.get("paper"):
+            print(f"              paper: {r['paper']}")
+        print(f"              ours:  {ours_text(r.get('ours', ''))}")
+        ci = ci_text(r)
+        if ci:
+            print(f"              CI:    {ci}")
+        extra = [seeds_text(r)] + ([f"data: {r['dataset']}"] if r.get("dataset") else [])
+        rob = r.get("robustness")
+        if isinstance(rob, dict) and rob.get("label"):
+            extra.append(f"robustness: {rob['label']}")
+        print(f"              {'; '.join(extra)}")
+        if r.get("undecided_reason"):
+            reason = r["undecided_reason"]
+            if r.get("profile") in UNDECIDING_PROFILES and reason == UNDECIDING_PROFILES[r["profile"]]:
+                reason = f"{r['profile']} profile"  # explained once above
+            print(f"              undecided: {reason} (the rule alone: {r.get('computed_outcome', '?')})")
+        elif r.get("why") and not r.get("rule"):
+            print(f"              why:   {r['why']}")
+        if r.get("rule"):
+            print(f"              rule:  {r['rule']}")
 
 
 # --- bnlab reproduce / report -------------------------------------------------------------------------
@@ -162,66 +316,88 @@ def expand_targets(targets: Sequence[str]) -> list[str]:
             try:
                 found = [get_experiment(t).name]
             except BnlabError:
-                raise BnlabError(f"unknown experiment or group {t!r}; groups: all, {', '.join(GROUPS)}; "
-                                 f"experiments: {', '.join(experiment_names())}") from None
+                choices = ["all", *GROUPS, *experiment_names()]
+                raise BnlabError(f"unknown experiment or group {t!r}{_did_you_mean(t, choices)}; groups: all, "
+                                 f"{', '.join(GROUPS)}; experiments: {', '.join(experiment_names())}") from None
         names += [n for n in found if n not in names]
     return names
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    import time
-
     from bnlab.experiments import get_experiment
     from bnlab.report.build import collect, summary_text, write_report
     from bnlab.train.cost import format_seconds
-    from bnlab.train.runner import parse_seeds, plan_runs, run_experiment
+    from bnlab.train.progress import Progress
+    from bnlab.train.runner import check_configs, check_data_dir, parse_seeds, plan_runs, run_experiment
 
+    profile = check_profile(args.profile)
     exps = [get_experiment(n) for n in expand_targets(args.targets)]
-    seeds = parse_seeds(args.seeds) if args.seeds else None
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    check_data_dir(args.data_dir)
+    root = profile_root(args.out, profile)
     # The whole plan first: one estimate for everything, and an overall ETA between experiments.
-    plans = {e.name: plan_runs(e, args.profile, out=args.out, seeds=seeds) for e in exps}
-    todo = {n: sum(p.est_seconds for p in ps if p.state != "done") / max(1, args.workers) for n, ps in plans.items()}
+    plans = {e.name: plan_runs(e, profile, out=root, seeds=seeds) for e in exps}
+    for ps in plans.values():  # every dataset and model of every experiment, before any output
+        check_configs([p for p in ps if p.state != "done"], args.data_dir)
+    todo = {n: sum(p.est_seconds for p in ps if p.state != "done") for n, ps in plans.items()}
     total_runs = sum(len(ps) for ps in plans.values())
-    print(f"reproduce [{args.profile}]: {', '.join(plans)}: {total_runs} runs, "
-          f"{sum(p.state == 'done' for ps in plans.values() for p in ps)} already done; "
-          f"estimated {format_seconds(sum(todo.values()))}")
-    start = time.monotonic()
-    bar = None
-    if not args.quiet:  # one bar over every run of every experiment, in estimated seconds of work
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(p.est_seconds for ps in plans.values() for p in ps if p.state != "done"),
-                   desc="reproduce", dynamic_ncols=True, file=sys.stderr,
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
-    echo = bar.write if bar is not None else print
+    n_done = sum(p.state == "done" for ps in plans.values() for p in ps)
+    print(f"reproduce [{profile}]: {', '.join(plans)}: {total_runs} runs, {n_done} already done; "
+          f"estimated {format_seconds(sum(todo.values()) / args.workers)} -> {root}")
+    work = sum(todo.values())
+    progress = None
+    if not args.quiet and work > 0:  # one progress over every run of every experiment, in estimated seconds
+        progress = Progress(work, desc="reproduce", unit=None, prior_rate=float(args.workers))
+    echo = progress.write if progress is not None else print
     try:
         for i, exp in enumerate(exps, 1):
-            left = sum(list(todo.values())[i - 1:])
-            echo(f"\n[{i}/{len(exps)}] {exp.name}  (elapsed {format_seconds(time.monotonic() - start)}, "
-                 f"about {format_seconds(left)} left)")
-            run_experiment(exp, args.profile, out=args.out, seeds=seeds, workers=args.workers,
+            left = progress.eta() if progress is not None else sum(list(todo.values())[i - 1:]) / args.workers
+            elapsed = f"elapsed {format_seconds(progress.elapsed())}, " if progress is not None else ""
+            echo(f"\n[{i}/{len(exps)}] {exp.name}  ({elapsed}about {format_seconds(left or 0.0)} left"
+                 + (", measured" if progress is not None and progress.rate is not None else ", estimated") + ")")
+            run_experiment(exp, profile, out=root, seeds=seeds, workers=args.workers,
                            max_minutes=args.max_minutes, quiet=args.quiet, data_dir=args.data_dir,
-                           echo=echo, bar=bar)
+                           echo=echo, progress=progress)
     finally:
-        if bar is not None:
-            bar.close()
-    report = collect(args.out, [e.name for e in exps], args.output)
+        if progress is not None:
+            progress.close()
+    report = collect(root, [e.name for e in exps], args.output, profile=profile)
     path = write_report(report)
     for exp in exps:  # the same rows the report shows, one file per experiment
-        rows = [r for r in report.rows if r.get("experiment") == exp.name and r.get("profile") == args.profile]
+        rows = [r for r in report.rows if r.get("experiment") == exp.name]
         if rows:
-            write_verdict_json(Path(args.out), exp.name, rows)
+            write_verdict_json(root, exp.name, rows)
+    print_verdict(report.rows, title=f"verdicts ({profile} profile)")
     print()
     print(summary_text(path, report.rows))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bnlab.report.build import collect, summary_text, write_report
+    from bnlab.report.build import collect, profile_roots, summary_text, write_report
 
-    report = collect(args.dir, args.experiments or None, args.output)
-    path = write_report(report)
-    print(summary_text(path, report.rows))
+    if args.profile is not None:
+        check_profile(args.profile)
+    roots = profile_roots(args.dir)
+    if not roots:  # DIR holds experiment folders itself (one profile's folder, or an older layout)
+        targets = [(Path(args.dir), args.profile)]
+    elif args.profile is not None:
+        if args.profile not in roots:
+            raise DataNotFoundError(f"no runs of the {args.profile} profile under {args.dir} (found: "
+                                    f"{', '.join(roots)}); run `bnlab reproduce --profile {args.profile} "
+                                    f"--out {args.dir}` first")
+        targets = [(roots[args.profile], args.profile)]
+    else:
+        targets = list((d, p) for p, d in roots.items())
+        if args.output is not None and len(targets) > 1:
+            raise ConfigError(f"{args.dir} holds runs of several profiles ({', '.join(roots)}): one report "
+                              "each; add --profile P to choose the one -o names")
+    for root, profile in targets:
+        report = collect(root, args.experiments or None, args.output, profile=profile)
+        path = write_report(report)
+        if len(targets) > 1:
+            print(f"\n[{profile or 'all profiles'}]")
+        print(summary_text(path, report.rows))
     return 0
 
 
@@ -245,23 +421,24 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print("git: " + (f"{git['commit'][:12]}{' (uncommitted changes)' if git['dirty'] else ''}" if git
                      else "not a git checkout"))
     print(f"tensorboard: {'available' if tensorboard_available() else 'not installed (pip install tensorboard)'}")
-    try:
-        import numba
+    from bnlab.data import DATASET_NAMES, how_to_get, load_dataset, search_paths
+    from bnlab.train.runner import check_data_dir
 
-        print(f"numba: {numba.__version__}")
-    except ImportError:
-        print("numba: not installed (fused BN kernels fall back to torch)")
-    from bnlab.data import DATASET_NAMES, load_dataset, search_paths
-
-    print("datasets (search order: --data-dir, $BNLAB_DATA, ~/.cache/bnlab, /usr/share/datasets):")
+    check_data_dir(args.data_dir)
+    print("datasets (search order: --data-dir, $BNLAB_DATA, ~/.cache/bnlab, /usr/share/datasets; "
+          "* = folder exists):")
     for name in DATASET_NAMES:
         try:
             ds = load_dataset(name, args.data_dir, fallback=False)
-            found = f"found: {ds.x_train.shape[0]} train / {ds.x_test.shape[0]} test in {ds.source}"
+            found = f"found: {ds.x_train.shape[0]} train / {ds.x_test.shape[0]} test images in {ds.source}"
         except BnlabError as err:
-            found = "MISSING: " + str(err).splitlines()[0]
+            first = str(err).splitlines()[0].rstrip(":. ")
+            first = first.replace(" Searched, in order", "")
+            found = f"missing: {first} in any folder below."
             if name in ("mnist", "cifar10"):
-                found += " (runs fall back to fashion_mnist unless data_fallback=false)"
+                found += (" Runs that ask for it use fashion_mnist instead and say so (set data_fallback=false "
+                          "to make that an error).")
+            found += f" How to get it: {how_to_get(name)}"
         print(f"  {name:<14} {found}")
         if name != "digits":
             for p in search_paths(name, args.data_dir):
@@ -271,30 +448,50 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 # --- the parser ----------------------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with bnlab's one-line errors (exit 2) instead of a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        if "invalid choice" in message:  # e.g. a misspelt command: suggest the closest
+            import re
+
+            m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+            if m:
+                choices = [c.strip(" '") for c in m.group(2).split(",")]
+                message = (f"unknown {'command' if self.prog == 'bnlab' else 'choice'} {m.group(1)!r}"
+                           f"{_did_you_mean(m.group(1), choices)}; choose one of: {', '.join(choices)}")
+        print(f"bnlab: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bnlab", description="Batch normalization laboratory.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = _Parser(prog="bnlab", description="Batch normalization laboratory.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    known = ", ".join(profiles())
 
     p = sub.add_parser("list", help="experiments, their descriptions and estimated costs")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("run", help="run an experiment (skips finished runs, resumes killed ones)")
     p.add_argument("name", help="experiment name (see `bnlab list`)")
-    p.add_argument("--profile", default="quick", choices=("smoke", "quick", "paper"),
-                   help="smoke: seconds; quick: minutes on 2 cores (default); paper: the paper's scale")
+    p.add_argument("--profile", default="quick", metavar="PROFILE",
+                   help=f"one of {known} (default quick). smoke: seconds, checks the pipeline, decides no "
+                        "claim; quick: minutes on 2 cores; paper: the paper's scale")
     p.add_argument("--seeds", help="e.g. 0,1,2 or 0-4 (default: the profile's seeds)")
     p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE",
-                   help="override config fields, e.g. --set lr=0.05 steps=2000")
+                   help="override config fields, e.g. --set lr=0.05 steps=2000 (each key once)")
+    p.add_argument("--show-config", action="store_true",
+                   help="print every config key with its type and value (per variant) and exit")
     p.add_argument("--variants", help="comma-separated subset of the experiment's variants")
-    p.add_argument("--out", default="runs", help="output directory (default: runs/)")
-    p.add_argument("--workers", type=int, default=1, help="parallel run processes (1 thread each)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--out", default="runs", help="output root (default: runs/); runs go to OUT/PROFILE/")
+    p.add_argument("--workers", type=_positive_int, default=1, help="parallel run processes (1 thread each)")
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch threads per run (default: 2 for one worker, 1 with several)")
-    p.add_argument("--max-minutes", type=float, default=None,
+    p.add_argument("--max-minutes", type=_positive_float, default=None,
                    help="refuse to start if the estimated time exceeds this")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--tensorboard", action="store_true", help="also log to <run>/tb (needs tensorboard)")
-    p.add_argument("--data-dir", default=None, help="look for datasets here first")
+    p.add_argument("--data-dir", default=None, help="look for datasets here first (must exist)")
     p.add_argument("--wait", action="store_true",
                    help="wait for runs that another process is writing instead of skipping them")
     p.add_argument("--shard", default=None, metavar="I/N", help="run only every N-th run, from the I-th")
@@ -307,19 +504,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run a paper's experiments (what is missing) and write the HTML report")
     p.add_argument("targets", nargs="*", metavar="TARGET",
                    help=f"groups ({', '.join(['all', *GROUPS])}) or experiment names (default: ioffe)")
-    p.add_argument("--profile", default="quick", choices=("smoke", "quick", "paper"))
+    p.add_argument("--profile", default="quick", metavar="PROFILE", help=f"one of {known} (default quick)")
     p.add_argument("--seeds", help="e.g. 0,1,2 (default: each profile's seeds)")
-    p.add_argument("--out", default="runs", help="output directory (default: runs/)")
-    p.add_argument("--workers", type=int, default=2, help="parallel run processes (default 2, 1 thread each)")
-    p.add_argument("--max-minutes", type=float, default=None, help="refuse an experiment estimated longer")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--data-dir", default=None, help="look for datasets here first")
-    p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: OUT/report.html)")
+    p.add_argument("--out", default="runs", help="output root (default: runs/); runs and the report go to OUT/PROFILE/")
+    p.add_argument("--workers", type=_positive_int, default=2,
+                   help="parallel run processes (default 2, 1 thread each)")
+    p.add_argument("--max-minutes", type=_positive_float, default=None, help="refuse an experiment estimated longer")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--data-dir", default=None, help="look for datasets here first (must exist)")
+    p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: OUT/PROFILE/report.html)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild the HTML report from stored runs only (never trains)")
-    p.add_argument("dir", nargs="?", default="runs", help="the --out directory of the runs (default: runs/)")
-    p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: DIR/report.html)")
+    p.add_argument("dir", nargs="?", default="runs",
+                   help="the --out root of the runs (default: runs/): one report per profile found in it, "
+                        "at DIR/PROFILE/report.html; or one profile's folder")
+    p.add_argument("--profile", default=None, metavar="PROFILE", help=f"only this profile ({known})")
+    p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: next to the runs)")
     p.add_argument("--experiments", nargs="+", default=None, help="only these experiments")
     p.set_defaults(func=cmd_report)
     return parser

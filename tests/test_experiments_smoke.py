@@ -24,6 +24,7 @@ def test_smoke_profile_runs(name, tmp_path, capsys):
     code = main(["run", name, "--profile", "smoke", "--quiet", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0, out
+    tmp_path = tmp_path / "smoke"  # the CLI keeps each profile's runs in <out>/<profile>/
     results = load_results(tmp_path, name, profile="smoke")
     n_runs = len(exp.variants) * len(exp.default_seeds("smoke"))
     assert len(results.runs) == n_runs

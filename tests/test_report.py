@@ -1,16 +1,21 @@
 """The HTML report: built from stored runs only, self-contained, rendered by a real browser.
 
-Runs come from the "ioffe_mnist" experiment at the smoke profile (scikit-learn digits, a few seconds). The
-browser checks load the page in headless Chromium: a screenshot that is not blank, the DOM after
-load (verdict table, one data: <img> per figure), no console messages and no request from the page to
-anything but the file itself (Chromium's net log). Both detectors are first shown to fire on a page
-that does make a request and log an error, so a silently broken check cannot pass.
+Runs come from the "ioffe_mnist" experiment at the smoke profile (scikit-learn digits, a few seconds);
+the browser test builds a *quick*-profile report from quick runs (smoke-sized by --set overrides) that
+share their directory with smoke runs. The browser checks load the page in headless Chromium: a
+screenshot that is not blank, the DOM after load (verdict table, one SVG data: <img> per figure, the
+dataset at the top and in every experiment title, no smoke run, no raw markup in the text), no
+console messages and no request from the page to anything but the file itself (Chromium's net log).
+Both detectors are first shown to fire on a page that does make a request and log an error, so a
+silently broken check cannot pass. Verdict rows of the current schema (outcome, CI, per-seed values,
+robustness) are synthetic: their right rendering is known.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import html as html_mod
 import json
 import os
 import re
@@ -23,8 +28,11 @@ import pytest
 
 from bnlab.errors import BnlabError, ConfigError, DataNotFoundError
 from bnlab.experiments import get_experiment
+from bnlab.numfmt import fmt_ci, fmt_pm, fmt_value, fmt_values
 from bnlab.report import build_report, collect, summary_text
+from bnlab.report.markdown import claim_id_of, render_claims, render_inline, render_markdown
 from bnlab.report.plots import mean_spread, new_figure, read_caption, save_figure
+from bnlab.train.config import config_diff
 from bnlab.train.runner import run_experiment
 
 SMOKE_SEEDS = (0, 1)
@@ -82,6 +90,20 @@ def _img_srcs(text: str) -> list[str]:
     return re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", text)
 
 
+def _visible_text(page: str) -> str:
+    """The page's text as a reader sees it: no style, no tags, no attribute values, entities decoded."""
+    page = re.sub(r"<style\b.*?</style>", " ", page, flags=re.S | re.I)
+    return html_mod.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+def _assert_svg(src: str) -> bytes:
+    assert src.startswith("data:image/svg+xml;base64,"), src[:40]
+    svg = base64.b64decode(src.split(",", 1)[1])
+    assert b"<svg" in svg[:2000] and b"<script" not in svg.lower()
+    assert not re.search(rb"""href=["'](https?:|//)""", svg), "the figure references something outside"
+    return svg
+
+
 # --- the page itself -------------------------------------------------------------------------------
 
 def test_report_is_self_contained(mnist_out):
@@ -96,15 +118,18 @@ def test_report_is_self_contained(mnist_out):
     n_figures = sum(len(s.figures) for s in report.sections)
     assert n_figures >= 1 and len(srcs) == n_figures
     for src in srcs:
-        assert src.startswith("data:image/png;base64,")
-        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+        _assert_svg(src)
     # the content the page promises
     assert 'id="summary"' in text and "<th>claim</th>" in text
     assert "PASS" in text or "FAIL" in text or "UNDECIDED" in text
     exp = get_experiment("ioffe_mnist")
-    for needle in (exp.description, exp.paper, "sigmoid_input", "probe", "Environment",
-                   "torch", "git commit", "full config of"):
-        assert needle.replace("&", "&amp;") in text, needle
+    for needle in ("sigmoid_input", "probe", "Environment", "torch", "git commit", "full config of"):
+        assert needle in text, needle
+    # the runner does not know on which examples a probe runs (its docstring says): no made-up count
+    assert "on the probe batch" not in text and "declared by the probe" in text
+    page = _visible_text(text)
+    for needle in (exp.description, exp.paper):  # Markdown-rendered: compare the text a reader sees
+        assert _visible_text(str(render_inline(needle))).strip() in page, needle
     assert "deviations from the paper" in text.lower() and "else Fashion-MNIST" in text
     assert os.stat(path).st_mode & 0o044, "the report is readable by others (not mkstemp's 0600)"
     assert not list(mnist_out.glob(".report.html.*")), "no temporary file left behind"
@@ -171,18 +196,54 @@ def test_browser_checks_detect_requests_and_console_errors(tmp_path):
     assert any(u.startswith("http://127.0.0.1:9/") for u in external), external
 
 
-def test_report_renders_in_chromium(mnist_out, tmp_path):
+SMOKE_SIZED = {k: b for k, (a, b) in config_diff(get_experiment("ioffe_mnist").config("bn", "quick"),
+                                                 get_experiment("ioffe_mnist").config("bn", "smoke")).items()}
+NOTES_WITH_MARKUP = ("Choices (``BASE_LR`` and `lr` are set in the module):\n\n"
+                     "* **Data**: MNIST when installed, else Fashion-MNIST.\n* Init: N(0, 1).")
+
+
+@pytest.fixture(scope="module")
+def quick_and_smoke_out(mnist_out, tmp_path_factory) -> Path:
+    """Quick-profile runs (made smoke-sized with overrides) and smoke runs in one directory."""
+    out = _copy_runs(mnist_out, tmp_path_factory.mktemp("both") / "runs")
+    run_experiment(get_experiment("ioffe_mnist"), "quick", out=out, seeds=(10, 11), overrides=SMOKE_SIZED,
+                   quiet=True, echo=_quiet)
+    return out
+
+
+def test_report_renders_in_chromium(quick_and_smoke_out, tmp_path):
     import matplotlib.image as mpimg
 
-    report = build_report(mnist_out, output=tmp_path / "report.html")
-    n_figures = sum(len(s.figures) for s in collect(mnist_out).sections)
+    out = quick_and_smoke_out
+    exp = dataclasses.replace(get_experiment("ioffe_mnist"), notes=NOTES_WITH_MARKUP)
+    report_data = collect(out, [exp], tmp_path / "report.html", profile="quick")
+    from bnlab.report.build import write_report
+
+    report = write_report(report_data)
+    n_figures = sum(len(s.figures) for s in report_data.sections)
 
     dom, console, external = _load(report, tmp_path)
     assert console == [], console
     assert external == [], external
     assert 'id="summary"' in dom and "<th>claim</th>" in dom and "bnlab report" in dom
+    # figures: vector (SVG), one per figure the experiment made
     srcs = _img_srcs(dom)
-    assert len(srcs) == n_figures and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert len(srcs) == n_figures >= 1 and all(_assert_svg(s) for s in srcs)
+    # the dataset actually used: at the top, and in every experiment's title
+    used = "scikit-learn digits (8×8) (binarized at 0.5)"
+    top = re.search(r'<p class="data-used">(.*?)</p>', dom, re.S)
+    assert top and used in _visible_text(top.group(1)), top
+    titles = [_visible_text(t) for t in re.findall(r"<section id=\"exp-[^\"]*\">\s*<h2>(.*?)</h2>", dom, re.S)]
+    assert titles and all(f"data: {used}" in t for t in titles), titles
+    # no smoke run in a quick report: neither its seeds' run directories nor a smoke profile label
+    assert not re.search(r"/seed[01]\b", dom) and "/seed10<" in dom and "/seed11<" in dom
+    assert all(s.profile == "quick" for s in report_data.sections)
+    assert {r["profile"] for r in report_data.rows} == {"quick"}
+    # no raw markup in the text a reader sees
+    text = _visible_text(dom)
+    assert "`" not in text and "**" not in text, re.findall(r".{30}[`*]{1,2}.{30}", text)
+    assert not re.search(r"</?(em|strong|code|b|i|a|p|li|span)\b[^>]*>", text), re.findall(r".{30}</?\w+>.{30}", text)
+    assert "BASE_LR" in text and "<code>BASE_LR</code>" in dom and "<strong>Data</strong>" in dom
 
     shot = tmp_path / "shot.png"
     proc = _browse(report.as_uri(), tmp_path, f"--screenshot={shot}", "--window-size=1280,2000")
@@ -192,8 +253,19 @@ def test_report_renders_in_chromium(mnist_out, tmp_path):
     non_white = (img < 0.9).any(axis=-1)
     assert non_white.mean() > 0.02, "screenshot is (almost) blank"
     assert img.std() > 0.05
-    # colour from the figures and the PASS/FAIL badges, not just black text
+    # colour from the figures and the outcome badges, not just black text
     assert (img.max(axis=-1) - img.min(axis=-1) > 0.3).mean() > 0.001
+
+
+def test_collect_one_profile_of_a_shared_directory(quick_and_smoke_out, tmp_path):
+    both = collect(quick_and_smoke_out)
+    assert sorted(s.profile for s in both.sections) == ["quick", "smoke"]
+    smoke_rows = [r for r in both.rows if r["profile"] == "smoke"]
+    assert smoke_rows and all(r["outcome"] == "UNDECIDED" and r["computed_outcome"] for r in smoke_rows)
+    smoke_only = collect(quick_and_smoke_out, profile="smoke")
+    assert [s.profile for s in smoke_only.sections] == ["smoke"]
+    with pytest.raises(DataNotFoundError, match="no runs of the paper profile"):
+        collect(quick_and_smoke_out, profile="paper")
 
 
 # --- runs that did not go to plan -------------------------------------------------------------------
@@ -267,7 +339,7 @@ def test_text_from_experiments_is_escaped(mnist_out, tmp_path):
     text = build_report(mnist_out, [exp], output=tmp_path / "r.html").read_text(encoding="utf-8")
     assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in text
     assert "<img src=x" not in text and "<li>first</li>" in text
-    assert "0.6 ± 0.1414 (mean ± std, n=2)" in text
+    assert "0.60 ± 0.14 (mean ± std, n=2)" in text
     assert "FAIL" in summary_text(tmp_path / "r.html", collect(mnist_out, [exp]).rows)
 
 
@@ -286,7 +358,7 @@ def test_definitions_attribute_and_unregistered_experiment(mnist_out, tmp_path):
     report = collect(out)
     (section,) = report.sections
     assert section.experiment is None and report.rows == []
-    assert [f.path.name for f in section.figures] == ["old_name_curves.png"]
+    assert [f.path.name for f in section.figures] == ["old_name_curves.svg"]
     text = build_report(out).read_text(encoding="utf-8")
     assert "not a registered experiment" in text and len(_img_srcs(text)) == 1
 
@@ -298,8 +370,14 @@ def test_dataset_fallback_is_a_stated_deviation(mnist_out, tmp_path):
         env["dataset"].update(requested="mnist", used="fashion_mnist",
                               note="MNIST not found; Fashion-MNIST (same format) used instead")
         env_path.write_text(json.dumps(env))
+    report = collect(out)
     text = build_report(out).read_text(encoding="utf-8")
+    used = "Fashion-MNIST (MNIST not installed: fallback; binarized at 0.5)"
     assert "Dataset fallback" in text and "MNIST not found; Fashion-MNIST (same format) used instead" in text
+    assert re.search(r'<p class="data-used"><strong>Data used:</strong>\s*' + re.escape(used), text)
+    assert f"data: {used}</span></h2>" in text  # the experiment's title
+    assert report.rows and all(r["dataset"] == used for r in report.rows)  # every verdict row
+    assert text.count(f"<td>{used}</td>") >= len(report.rows) * 2 + 2  # summary + section rows, settings
 
 
 def test_unreadable_run_dir_is_named_not_fatal(mnist_out, tmp_path):
@@ -342,12 +420,150 @@ def test_requested_experiment_without_runs(mnist_out, tmp_path):
 
 def test_summary_text_counts():
     rows = [{"claim": "a", "passed": True}, {"claim": "b", "passed": False, "experiment": "x", "profile": "quick"},
-            {"claim": "c", "passed": None}, {"claim": "d", "passed": None, "error": "Traceback", "why": "boom"}]
+            {"claim": "c", "passed": None}, {"claim": "d", "passed": None, "error": "Traceback", "why": "boom",
+                                             "experiment": "x", "profile": "quick"},
+            {"claim": "e", "outcome": "TIE"}, {"claim": "f", "outcome": "fail", "passed": True}]
     text = summary_text("out/report.html", rows)
     assert str(Path("out/report.html").resolve()) in text
-    assert "1 PASS, 1 FAIL, 1 UNDECIDED, 1 verdict error (4 claims)" in text
-    assert "FAIL      x/quick: b" in text and "boom" in text
+    assert "1 PASS, 2 FAIL, 1 TIE, 1 UNDECIDED, 1 verdict error (6 claims)" in text  # outcome wins over passed
+    assert "ERROR     x/quick: boom" in text
     assert "none" in summary_text("r.html", [])
+
+
+# --- verdict rows of the current schema ------------------------------------------------------------
+
+def _schema_rows() -> list[dict]:
+    per_seed = [{"seed": s, "values": {"bn": 0.8 + 0.01 * s, "baseline": 0.71 + 0.003 * s}, "diff": 0.09 + 0.007 * s,
+                 "status": {"bn": "done", "baseline": "diverged" if s == 2 else "done"}} for s in range(3)]
+    return [
+        {"claim_id": "D.8a", "claim": "BN is ahead of the baseline early in training",
+         "paper": "BN ≈0.96 almost at once (Fig. 1a)", "ours": "gap at step 1000: +0.081 [0.052, 0.110]",
+         "dataset": "Fashion-MNIST (MNIST not installed)", "outcome": "PASS",
+         "rule": "PASS if the 95% CI of the paired gap is above `+0.00`", "statistic": "paired difference BN - baseline",
+         "estimate": 0.08123456, "ci": [0.05234567, 0.11012345], "ci_level": 0.95,
+         "ci_method": "Student t interval on paired per-seed differences", "no_ci_reason": None,
+         "per_seed": per_seed, "n_seeds": 3, "n_diverged": 1, "n_collapsed": 0, "passed": True,
+         "robustness": {"settings": [
+             {"setting": "init=small lr=0.1", "outcome": "PASS", "estimate": 0.08, "ci": [0.05, 0.11], "n_seeds": 3},
+             {"setting": "init=N(0,1) lr=0.5", "outcome": "FAIL", "estimate": -0.02, "ci": [-0.04, -0.01],
+              "n_seeds": 3}], "holds": 1, "of": 2, "label": "fragile: 1/2"}},
+        {"claim_id": "D.10c", "claim": "x5 without BN fails", "paper": "machine infinity", "ours": "2/5 seeds fail",
+         "dataset": "Fashion-MNIST (MNIST not installed)", "outcome": "TIE", "rule": "r", "estimate": None,
+         "ci": None, "no_ci_reason": "count outcome", "per_seed": [], "n_seeds": 5, "n_diverged": 0,
+         "n_collapsed": 2, "robustness": None, "passed": None},
+        {"claim": "D.9 old-style row", "paper": "p", "ours": [0.5, 0.7], "seeds": 2, "passed": False, "why": "w"},
+    ]
+
+
+def test_schema_rows_render_outcomes_ci_per_seed_and_robustness(mnist_out, tmp_path, monkeypatch):
+    import bnlab.report.html as report_html
+
+    claims = tmp_path / "claims.md"
+    claims.write_text('# Claims\n\n<a id="d8a"></a>\n## D.8a BN is ahead early\n\nSee '
+                      "[the paper](https://arxiv.org/abs/1502.03167).\n\n## D.10c x5 without BN fails\n")
+    monkeypatch.setattr(report_html, "claims_doc_path", lambda: claims)
+    exp = dataclasses.replace(get_experiment("ioffe_mnist"), verdict=lambda results: _schema_rows())
+    report = collect(mnist_out, [exp], tmp_path / "r.html", profile="smoke")
+    assert [r["computed_outcome"] for r in report.rows] == ["PASS", "TIE", "FAIL"]  # smoke decides nothing
+    # the same rows at a deciding profile: a copy of the runs relabelled "quick"
+    out = _copy_runs(mnist_out, tmp_path / "runs")
+    for cfg in out.glob("ioffe_mnist/*/seed*/config.json"):
+        meta = json.loads(cfg.read_text())
+        cfg.write_text(json.dumps({**meta, "profile": "quick"}))
+    report = collect(out, [exp], tmp_path / "q.html", profile="quick")
+    from bnlab.report.build import write_report
+
+    text = write_report(report).read_text(encoding="utf-8")
+    for badge in ("PASS", "TIE", "FAIL"):
+        assert f'<span class="badge {badge}">{badge}</span>' in text
+    assert "0.081 [0.052, 0.110] (95% CI)" in text  # estimate and CI at the interval's precision
+    assert "no CI: count outcome" in text and "3 seeds (1 diverged)" in text and "5 seeds (2 collapsed)" in text
+    assert "<code>+0.00</code>" in text  # the rule's Markdown is rendered
+    # per-seed values: every seed, each arm at the precision of its spread, statuses kept
+    assert "<th>seed</th><th>bn</th><th>baseline</th><th>difference</th><th>status</th>" in text
+    assert "<td>0.800</td><td>0.7100</td><td>0.090</td><td>bn: done, baseline: done</td>" in text
+    assert "baseline: diverged" in text
+    # robustness: claims x settings with outcomes, and the label
+    assert '<h2 id="robustness">' in text and "<th>init=small lr=0.1</th><th>init=N(0,1) lr=0.5</th>" in text
+    assert "fragile: 1/2" in text and "-0.020 [-0.040, -0.010] (n=3)" in text
+    # claim ids link into the embedded docs/claims.md; its outside link is text, not a link
+    assert 'href="#claims-d8a"' in text and 'id="claims-d8a"' in text and 'href="#claims-d10c"' in text
+    assert "the paper (https://arxiv.org/abs/1502.03167)" in text and 'href="https:' not in text
+    # old rows still render: outcome from passed, mean ± std of the list
+    assert "D.9</span> old-style row" in text and "0.60 ± 0.14 (mean ± std, n=2)" in text
+    assert "1 PASS, 1 FAIL, 1 TIE, 0 UNDECIDED" in summary_text(tmp_path / "q.html", report.rows)
+
+
+def test_settings_list_what_matters_and_keep_the_full_config(mnist_out):
+    from bnlab.report.html import settings_fields
+    from bnlab.train.config import TrainConfig
+
+    cfgs = [r.config for r in collect(mnist_out).sections[0].results.runs]
+    fields = settings_fields(cfgs)
+    for key in ("dataset", "model", "norm", "steps", "batch_size", "lr", "binarize", "init_std", "activation"):
+        assert key in fields, key
+    for key in ("lr_decay", "lr_decay_steps", "lr_min", "regression_n", "checkpoint_every", "eval_batch_size",
+                "nesterov", "channels_last", "probe_points", "width", "depth"):
+        assert key not in fields, key  # unused by these runs, or not a result-changing setting
+    cosine = TrainConfig(lr_schedule="cosine", momentum=0.9, nesterov=True, model="vgg11", channels_last=True)
+    assert {"lr_min", "nesterov", "channels_last", "momentum"} <= set(settings_fields([cosine]))
+    text = build_report(mnist_out).read_text(encoding="utf-8")
+    assert "full config of" in text and "&#34;lr_decay_steps&#34;: 1000" in text
+
+
+# --- text and numbers -----------------------------------------------------------------------------------
+
+def test_markdown_in_safe_mode():
+    doc = render_markdown("""Uses ``BASE_LR`` (see `lr`).
+
+        * **first** <script>alert(1)</script>
+        * [x](javascript:alert(1)) and [y](https://example.org/a)
+        """)
+    assert "<code>BASE_LR</code>" in doc and "<code>lr</code>" in doc and "<strong>first</strong>" in doc
+    assert "<script>" not in doc and "&lt;script&gt;" in doc
+    assert "javascript:" not in doc.replace("[x](javascript:alert(1))", "")  # refused, left as text
+    assert 'href="https' not in doc and "y (https://example.org/a)" in doc
+    assert str(render_inline("a ``b``")) == "a <code>b</code>"
+    assert claim_id_of({"claim": "D.8a BN ..."}) == "D.8a" and claim_id_of({"claim": "BN"}) is None
+    claims = render_claims("<a name='d9'></a>\n\n## D.10 heading\n")
+    assert claims.anchors == {"d9", "d10"} and 'id="claims-d9"' in claims.html and 'id="claims-d10"' in claims.html
+
+
+@pytest.mark.parametrize("value, spread, text", [
+    (0.1, 1.7e-17, "0.1 ± 0"),  # round-off is not a spread
+    (0.8728, 0.0009539, "0.87280 ± 0.00095"),
+    (0.873, 0.0, "0.873 ± 0"),
+    (0.8728, 0.0123, "0.873 ± 0.012"),
+    (31500.0, 1234.0, "31500 ± 1200"),
+    (-0.0001, 0.01, "0.000 ± 0.010"),
+    (float("nan"), 0.1, "nan"),
+])
+def test_one_rule_for_digits(value, spread, text):
+    assert fmt_pm(value, spread) == text
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_digits_follow_the_spread(seed):
+    """Random values and spreads: both printed to the same decimal place, a place that resolves the
+    spread to two significant digits (between 1/100 and 1/10 of it), both correctly rounded."""
+    rng = np.random.default_rng(seed)
+    value = float(rng.normal()) * 10.0 ** int(rng.integers(-3, 4))
+    spread = 10.0 ** float(rng.uniform(-4, 2))
+    v_text, s_text = fmt_pm(value, spread).split(" ± ")
+    decimals = len(s_text.split(".")[1]) if "." in s_text else 0
+    assert (len(v_text.split(".")[1]) if "." in v_text else 0) == decimals, (v_text, s_text)
+    step = 10.0 ** -decimals
+    assert spread / 100 < step <= spread / 10 * 1.01, (spread, s_text)
+    assert abs(float(s_text) - spread) <= step / 2 * (1 + 1e-9)
+    assert abs(float(v_text) - value) <= step / 2 * (1 + 1e-9)
+    assert fmt_pm(0.000999, 0.000999) == "0.0010 ± 0.0010"  # rounding up across a power of ten
+
+
+def test_ci_and_value_lists_share_the_rule():
+    assert fmt_ci(0.08123, 0.05234, 0.11012) == "0.081 [0.052, 0.110]"
+    assert fmt_ci(0.5, 0.5, 0.5) == "0.5 [0.5, 0.5]"
+    assert fmt_value(0.87281234) == "0.8728" and fmt_value(12) == "12" and fmt_value(None) == "–"
+    assert fmt_values([0.80, 0.71, 0.9]) == "0.80, 0.71, 0.90"
 
 
 # --- plot helpers --------------------------------------------------------------------------------------
@@ -372,22 +588,30 @@ def test_mean_spread_aligns_seeds_and_marks_divergence(tmp_path):
     with pytest.raises(ValueError, match="band"):
         mean_spread(ax, [a], label="x", band="iqr")
 
-    path = save_figure(fig, tmp_path / "f.png", caption="Accuracy.")
+    path = save_figure(fig, tmp_path / "f.png", caption="Accuracy.")  # the older call form
+    assert path == tmp_path / "f.svg" and not (tmp_path / "f.png").exists()
     caption = read_caption(path)
     assert caption.startswith("Accuracy.") and "min–max over seeds" in caption and "diverged" in caption
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and b"Software" not in path.read_bytes()
+    svg = path.read_bytes()
+    assert b"<svg" in svg[:2000] and b"<dc:date>" not in svg and b"matplotlib.org" not in svg
 
 
 def test_save_figure_is_reproducible_and_atomic(tmp_path):
-    def draw() -> bytes:
+    def draw(name: str = "g.png", **kw) -> bytes:
         fig, ax = new_figure()
         mean_spread(ax, [([0, 1, 2], [0.1, 0.5, 0.9]), ([0, 1, 2], [0.2, 0.4, 0.8])], label="x")
         ax.legend()
-        return save_figure(fig, tmp_path / "g.png").read_bytes()
+        return save_figure(fig, tmp_path / name, **kw).read_bytes()
 
     assert draw() == draw()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.caption.txt", "g.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.caption.txt", "g.svg"]
     assert len(draw()) < 60_000, "figures are inlined in the report: keep them small"
+    png = draw("h.png", fmt="png")  # a raster copy on request: at least 2x a 96-dpi screen
+    import matplotlib.image as mpimg
+
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and mpimg.imread(tmp_path / "h.png").shape[1] >= 2 * 5.2 * 96 * 0.9
+    with pytest.raises(ValueError, match="svg"):
+        draw("i.png", fmt="gif")
 
 
 def test_subfigure_notes_reach_the_saved_caption(tmp_path):
@@ -396,7 +620,7 @@ def test_subfigure_notes_reach_the_saved_caption(tmp_path):
     sub = fig.subfigures(1, 2)[1]
     ax = sub.subplots()
     mean_spread(ax, [([0, 1], [1.0, 2.0]), ([0, 1], [2.0, 3.0])], label="x", band="std")
-    assert "±1 std over seeds" in read_caption(save_figure(fig, tmp_path / "s.png"))
+    assert "±1 std over seeds" in read_caption(save_figure(fig, tmp_path / "s.svg"))
 
 
 def test_mean_spread_reads_run_results(mnist_out):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 
-from bnlab.cli import main
+from bnlab.cli import main, print_verdict
 
 
 def _cli(capsys, *argv):
@@ -22,25 +22,58 @@ def test_reproduce_twice_trains_once_and_rewrites_the_same_report(tmp_path, caps
     code, first, _ = _cli(capsys, "reproduce", "ioffe", "--profile", "smoke", "--out", str(out), "--quiet")
     assert code == 0
     assert "[1/2] ioffe_mnist" in first and "[2/2] ioffe_lr_study" in first
-    report = out / "report.html"
+    root = out / "smoke"  # each profile in its own folder, the report next to its runs
+    report = root / "report.html"
     assert f"report: {report}" in first and "verdicts:" in first
     for name in ("ioffe_mnist", "ioffe_lr_study"):
-        rows = json.loads((out / name / "verdict.json").read_text())
-        assert rows and all({"claim", "paper", "ours", "seeds", "passed", "why"} <= set(r) for r in rows)
+        rows = json.loads((root / name / "verdict.json").read_text())
+        assert rows and all({"claim", "paper", "ours", "passed", "dataset"} <= set(r) for r in rows)
+        assert all(r["outcome"] == "UNDECIDED" for r in rows)  # smoke runs decide nothing
+        # the verdict table: one block per claim with its outcome, the claim, ours
+        for r in rows:
+            assert f"[UNDECIDED] {name}: {r['claim']}" in first
+            assert f"ours:  {r['ours']}" in first
+    # figures: one place per experiment and profile, whichever command drew them
+    figures = sorted(str(p.relative_to(root)) for p in root.rglob("*.svg"))
+    assert figures and all(re.fullmatch(r"ioffe_(mnist|lr_study)/figures/[^/]+\.svg", f) for f in figures), figures
+    assert not list(out.rglob("*.png"))
     html = report.read_text(encoding="utf-8")
-    assert "Ioffe Fig. 3: steps to reach the Baseline&#x27;s max accuracy" in html  # the paper's table
-    metrics = {p: p.read_bytes() for p in out.glob("*/*/seed*/metrics.jsonl")}
+    assert "Ioffe Fig. 3: steps to reach the Baseline&#39;s max accuracy" in html  # the paper's table
+    metrics = {p: p.read_bytes() for p in root.glob("*/*/seed*/metrics.jsonl")}
 
     code, second, _ = _cli(capsys, "reproduce", "ioffe", "--profile", "smoke", "--out", str(out), "--quiet")
     assert code == 0
     assert second.count("nothing to do") == 2 and " 0 new" in second
-    assert {p: p.read_bytes() for p in out.glob("*/*/seed*/metrics.jsonl")} == metrics  # no training
+    assert {p: p.read_bytes() for p in root.glob("*/*/seed*/metrics.jsonl")} == metrics  # no training
     assert _without_time(report.read_text(encoding="utf-8")) == _without_time(html)
 
     # `bnlab report` rebuilds the same page from the stored runs only
-    code, text, _ = _cli(capsys, "report", str(out), "-o", str(tmp_path / "again.html"))
+    code, text, _ = _cli(capsys, "report", str(out), "--profile", "smoke", "-o", str(tmp_path / "again.html"))
     assert code == 0 and "again.html" in text
     assert _without_time((tmp_path / "again.html").read_text(encoding="utf-8")) == _without_time(html)
+    code, text, _ = _cli(capsys, "report", str(root), "-o", str(tmp_path / "again2.html"))  # the profile folder
+    assert code == 0
+    assert _without_time((tmp_path / "again2.html").read_text(encoding="utf-8")) == _without_time(html)
+
+
+def test_verdict_table_prints_outcome_claim_ours_and_ci(capsys):
+    rows = [
+        {"experiment": "ioffe_mnist", "claim_id": "D.8a", "claim": "BN is ahead early", "paper": "BN ≈0.96 at once",
+         "ours": "gap at step 1000: +0.081 [0.052, 0.110]", "dataset": "Fashion-MNIST (MNIST not installed: fallback)",
+         "outcome": "PASS", "rule": "PASS if the 95% CI of the paired gap is above 0", "estimate": 0.08123,
+         "ci": [0.05234, 0.11012], "ci_level": 0.95, "n_seeds": 5, "n_diverged": 1, "n_collapsed": 0,
+         "robustness": {"settings": [], "holds": 3, "of": 4, "label": "holds in 3/4"}, "passed": True},
+        {"experiment": "ioffe_lr_study", "claim_id": "D.10c", "claim": "x5 without BN fails", "ours": "2/5 fail",
+         "outcome": "TIE", "estimate": None, "ci": None, "no_ci_reason": "count outcome", "n_seeds": 5},
+        {"claim": "D.9 old-style row", "paper": "p", "ours": [0.5, 0.7], "seeds": 2, "passed": False, "why": "w"},
+    ]
+    print_verdict(rows)
+    out = capsys.readouterr().out
+    assert "[     PASS] ioffe_mnist: D.8a BN is ahead early" in out
+    assert "CI:    0.081 [0.052, 0.110] (95% CI)" in out  # digits from the interval's width
+    assert "5 seeds (1 diverged); data: Fashion-MNIST (MNIST not installed: fallback); robustness: holds in 3/4" in out
+    assert "[      TIE] ioffe_lr_study: D.10c x5 without BN fails" in out and "no CI: count outcome" in out
+    assert "[     FAIL] D.9 old-style row" in out and "0.60 ± 0.14 (mean ± std, n=2)" in out and "why:   w" in out
 
 
 def test_report_of_an_empty_directory_is_one_clear_message(tmp_path, capsys):
@@ -53,3 +86,5 @@ def test_report_of_an_empty_directory_is_one_clear_message(tmp_path, capsys):
 def test_unknown_reproduce_target_lists_groups_and_experiments(capsys):
     code, _, err = _cli(capsys, "reproduce", "imagenet", "--profile", "smoke")
     assert code == 2 and "unknown experiment or group 'imagenet'" in err and "ioffe" in err and "ioffe_mnist" in err
+    code, _, err = _cli(capsys, "reproduce", "iofe", "--profile", "smoke")
+    assert code == 2 and "did you mean 'ioffe'?" in err

@@ -236,7 +236,7 @@ def test_two_processes_on_one_run_dir(tmp_path, capsys, monkeypatch):
 
     script, module = _load_script(tmp_path)
     ref = run(module.EXP, tmp_path / "ref")
-    out = tmp_path / "shared"
+    out = tmp_path / "shared" / "smoke"  # the folder `bnlab run --profile smoke --out <it>` uses as is
     run_dir = plan_runs(module.EXP, "smoke", out=out)[0].spec.run_dir
     proc = _start_slow(script, out, delay=0.004)
     try:

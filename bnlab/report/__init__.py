@@ -4,7 +4,7 @@
     path = build_report("runs")                  # runs/report.html, self-contained, opens offline
 
 Figure helpers for experiments live in ``bnlab.report.plots`` (mean ± spread over seeds, divergence
-marks, reproducible PNGs).
+marks, reproducible SVG files).
 """
 
 from __future__ import annotations

@@ -7,9 +7,13 @@ nothing here trains or probes (design.md: compute, store, plot, report are separ
     path = write_report(report)                 # -> r.html
     print(summary_text(path, report.rows))      # what a CLI prints at the end
 
-For each experiment with runs under ``<out>/<experiment>/`` (one section per profile found there):
-its verdict and plot functions are called on the *finished* stored runs (figures go to
-``<out>/<experiment>/figures/``); a verdict or plot function that raises is reported in its section
+``out`` is one profile's folder (``runs/quick``, as the CLI writes them; ``profile_roots`` finds them)
+or any folder of ``<experiment>/`` run directories. For each experiment with runs there (one
+section per profile found, or only ``profile=``): its verdict and plot functions are called on the
+*finished* stored runs (figures go to ``<out>/<experiment>/figures/``, where ``bnlab run`` puts them
+too); verdict rows get the dataset the runs really used when they do not name it, and rows of the
+smoke profile decide nothing (``verdicts.apply_profile_policy``). A verdict or plot function that
+raises is reported in its section
 instead of stopping the report. Incomplete (killed or still running) and diverged runs are listed as
 such. Runs of experiments that are no longer registered still get their settings, environment and
 generic curves.
@@ -24,13 +28,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from bnlab.errors import ConfigError, DataNotFoundError
+from bnlab.errors import BnlabError, ConfigError, DataNotFoundError
 from bnlab.atomic import atomic_write_bytes
+from bnlab.report.verdicts import LABELS, apply_profile_policy, outcome_of
 from bnlab.train.config import config_hash
 from bnlab.train.results import ExperimentResults, RunResult, load_run
 
-PROFILE_ORDER = ("paper", "quick", "smoke")  # the largest scale first: it is the one that counts
+PROFILE_ORDER = ("paper", "robust", "quick", "smoke")  # the largest scale first: it is the one that counts
 _FIGURE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
+_DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10",
+                  "digits": "scikit-learn digits (8×8)", "gaussian_regression": "synthetic Gaussian regression"}
+
+
+def dataset_name(name: Any) -> str:
+    """A dataset's name as people write it: "fashion_mnist" -> "Fashion-MNIST"."""
+    return _DATASET_NAMES.get(str(name), str(name)) if name else "unknown"
+
+
+def dataset_text(record: dict[str, Any] | None, binarized: bool = False) -> str:
+    """What a run really trained on, from its env.json ``dataset`` record (used / requested /
+    note): "Fashion-MNIST (MNIST not installed: fallback; binarized at 0.5)"."""
+    record = record or {}
+    if not record.get("used"):
+        return "unknown (the run recorded no dataset)"
+    parts = []
+    if record.get("requested") and record["requested"] != record["used"]:
+        parts.append(f"{dataset_name(record['requested'])} not installed: fallback")
+    if binarized:
+        parts.append("binarized at 0.5")
+    return dataset_name(record["used"]) + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def run_dataset_text(run: RunResult) -> str:
+    try:
+        record = run.dataset
+    except BnlabError:  # an unreadable env.json: say so rather than guess
+        return "unknown (env.json cannot be read)"
+    return dataset_text(record, bool(getattr(run.config, "binarize", False)))
 
 __all__ = ["FigureEntry", "Report", "Section", "build_report", "collect", "summary_text",
            "write_report"]
@@ -71,6 +105,18 @@ class Section:
         return f"{self.name} ({self.profile} profile)" if self.profile else self.name
 
     @property
+    def datasets(self) -> dict[str, list[RunResult]]:
+        """The data the runs really used (text, see ``dataset_text``) -> those runs."""
+        out: dict[str, list[RunResult]] = {}
+        for r in self.results.runs:
+            out.setdefault(run_dataset_text(r), []).append(r)
+        return out
+
+    @property
+    def dataset_text(self) -> str:
+        return " / ".join(self.datasets) or "no runs"
+
+    @property
     def finished(self) -> ExperimentResults:
         """The finished runs the verdict and figures use (see ``_choose_configs``)."""
         done = self.results.finished()
@@ -93,11 +139,12 @@ class Report:
     generated: str
     sections: list[Section]
     missing: list[str] = field(default_factory=list)  # requested experiments without runs
+    profile: str | None = None  # the one profile this report was restricted to (None: every profile found)
 
     @property
     def rows(self) -> list[dict[str, Any]]:
         """Every verdict row, tagged with experiment and profile; a verdict function that raised
-        gives one row with ``passed=None`` and ``error`` set."""
+        gives one row with ``outcome="ERROR"`` (``passed=None``) and ``error`` set."""
         out: list[dict[str, Any]] = []
         for s in self.sections:
             for r in s.rows:
@@ -105,8 +152,37 @@ class Report:
             if s.verdict_error is not None:
                 out.append({"experiment": s.name, "profile": s.profile, "claim": "(verdict function failed)",
                             "paper": "", "ours": "", "seeds": len(s.finished.runs), "passed": None,
+                            "outcome": "ERROR", "dataset": s.dataset_text,
                             "why": _last_line(s.verdict_error), "error": s.verdict_error})
         return out
+
+    @property
+    def profiles(self) -> list[str]:
+        return list(dict.fromkeys(s.profile for s in self.sections if s.profile))
+
+    @property
+    def datasets(self) -> dict[str, list[str]]:
+        """The data really used (text) -> the experiments that used it, over every section."""
+        out: dict[str, list[str]] = {}
+        for s in self.sections:
+            for text in s.datasets:
+                names = out.setdefault(text, [])
+                if s.name not in names:
+                    names.append(s.name)
+        return out
+
+
+def profile_roots(out_dir: Path | str) -> dict[str, Path]:
+    """``<out>/<profile>/`` folders that hold runs (the layout ``bnlab run``/``reproduce`` write),
+    in PROFILE_ORDER; empty when ``out_dir`` itself holds experiment folders."""
+    out_dir = Path(out_dir)
+    found = {}
+    if out_dir.is_dir():
+        for d in sorted(out_dir.iterdir()):
+            if d.is_dir() and any(d.glob("*/*/seed*/config.json")) and not any(d.glob("*/seed*/config.json")):
+                found[d.name] = d
+    return dict(sorted(found.items(), key=lambda kv: (PROFILE_ORDER.index(kv[0]) if kv[0] in PROFILE_ORDER
+                                                      else len(PROFILE_ORDER), kv[0])))
 
 
 # --- finding runs -------------------------------------------------------------------------------------
@@ -191,9 +267,14 @@ def _run_verdict(section: Section) -> None:
     if exp is None or getattr(exp, "verdict", None) is None:
         return
     try:
-        section.rows = _normalize_rows(exp.verdict(section.finished))
+        rows = _normalize_rows(exp.verdict(section.finished))
     except Exception as err:  # the report shows it; other experiments still get their sections
         section.verdict_error = _format_error(err)
+        return
+    for r in rows:  # rows name the data they were computed on; older verdicts did not
+        if not r.get("dataset"):
+            r["dataset"] = section.dataset_text
+    section.rows = apply_profile_policy(rows, section.profile)
 
 
 def _run_tables(section: Section) -> None:
@@ -296,11 +377,13 @@ def _sections_for(out_dir: Path, name: str, exp: Any, lookup_error: str | None) 
 
 
 def collect(out_dir: Path | str, experiments: Sequence[Any] | None = None,
-            output: Path | str | None = None) -> Report:
+            output: Path | str | None = None, profile: str | None = None) -> Report:
     """Read the stored runs, run every verdict and plot function; the report as data (no HTML).
 
     experiments: names (or Experiment objects, e.g. unregistered ones in tests); None = every
-    experiment with runs under ``out_dir``. Raises DataNotFoundError when there is nothing to report.
+    experiment with runs under ``out_dir``. profile: only runs of that profile (a quick report never
+    shows smoke runs); None = one section per profile found. Raises DataNotFoundError when there is
+    nothing to report.
     """
     out_dir = Path(out_dir)
     if not out_dir.exists():
@@ -334,6 +417,10 @@ def collect(out_dir: Path | str, experiments: Sequence[Any] | None = None,
     sections: list[Section] = []
     for name, exp, why in wanted:
         sections.extend(_sections_for(out_dir, name, exp, why))
+    if profile is not None:
+        sections = [s for s in sections if s.profile == profile]
+        if not sections:
+            raise DataNotFoundError(_no_runs_message(out_dir, f"no runs of the {profile} profile under {out_dir}"))
     for name in dict.fromkeys(s.name for s in sections):
         mine = [s for s in sections if s.name == name]
         for s in mine:
@@ -345,7 +432,7 @@ def collect(out_dir: Path | str, experiments: Sequence[Any] | None = None,
             _run_tables(s)
             _run_plots(s, out_dir, several_profiles=len(mine) > 1)
     output = Path(output) if output is not None else out_dir / "report.html"
-    return Report(out_dir, output, time.strftime("%Y-%m-%d %H:%M:%S %z"), sections, missing)
+    return Report(out_dir, output, time.strftime("%Y-%m-%d %H:%M:%S %z"), sections, missing, profile)
 
 
 def write_report(report: Report) -> Path:
@@ -366,26 +453,19 @@ def build_report(out_dir: Path | str, experiments: Sequence[Any] | None = None,
 
 def summary_text(report_path: Path | str, verdict_rows: Sequence[dict[str, Any]] | None) -> str:
     """A few plain-text lines for the end of a CLI command: where the report is, and the verdict
-    counts (PASS / FAIL / UNDECIDED, and verdict functions that failed), naming the claims that
-    did not pass."""
+    counts (PASS / FAIL / TIE / UNDECIDED, and verdict functions that failed)."""
     rows = list(verdict_rows or [])
-    n_pass = sum(1 for r in rows if r.get("passed") is True and not r.get("error"))
-    n_fail = sum(1 for r in rows if r.get("passed") is False and not r.get("error"))
-    n_err = sum(1 for r in rows if r.get("error"))
-    n_und = len(rows) - n_pass - n_fail - n_err
     lines = [f"report: {Path(report_path).resolve()} (one self-contained file; opens offline in any browser)"]
     if not rows:
         lines.append("verdicts: none (no verdict rows)")
-    else:
-        counts = f"{n_pass} PASS, {n_fail} FAIL, {n_und} UNDECIDED"
-        if n_err:
-            counts += f", {n_err} verdict error{'s' if n_err != 1 else ''}"
-        lines.append(f"verdicts: {counts} ({len(rows)} claim{'s' if len(rows) != 1 else ''})")
+        return "\n".join(lines)
+    n = {k: sum(1 for r in rows if outcome_of(r) == k) for k in LABELS}
+    text = ", ".join(f"{v} {k}" for k, v in n.items() if k != "ERROR")
+    if n["ERROR"]:
+        text += f", {n['ERROR']} verdict error{'s' if n['ERROR'] != 1 else ''}"
+    lines.append(f"verdicts: {text} ({len(rows)} claim{'s' if len(rows) != 1 else ''})")
     for r in rows:
-        if r.get("passed") is True and not r.get("error"):
-            continue
-        mark = "ERROR" if r.get("error") else "FAIL" if r.get("passed") is False else "UNDECIDED"
-        where = "/".join(str(r[k]) for k in ("experiment", "profile") if r.get(k))
-        text = r.get("why") if r.get("error") else r.get("claim", "")
-        lines.append(f"  {mark:<9} {where + ': ' if where else ''}{text}")
+        if outcome_of(r) == "ERROR":
+            where = "/".join(str(r[k]) for k in ("experiment", "profile") if r.get(k))
+            lines.append(f"  ERROR     {where + ': ' if where else ''}{r.get('why', '')}")
     return "\n".join(lines)

@@ -1,62 +1,121 @@
-"""The report as one self-contained HTML page: inline CSS, figures as base64 data URIs, no JavaScript,
+"""The report as one self-contained HTML page: inline CSS, figures (SVG) as data: URIs, no JavaScript,
 no external URL of any kind, so the file can be mailed, archived and opened offline.
 
-``render(report)`` turns a ``bnlab.report.build.Report`` into the page. Every piece of text that comes
-from runs or experiments goes through ``esc`` (html.escape), so a claim with ``<`` or ``&`` in it
-cannot break the page.
+``render(report)`` turns a ``bnlab.report.build.Report`` into the page with the Jinja2 templates in
+``bnlab/report/templates/`` (autoescaping on: every value from runs or experiments is escaped; only
+what this module marks as ``Markup`` is inserted as HTML: Markdown rendered in safe mode by
+``bnlab.report.markdown``, and data: URIs of figures). This module prepares the values: numbers
+formatted with the one rule of ``bnlab.numfmt``, outcomes from ``bnlab.report.verdicts``.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import inspect
 import json
+import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
-import numpy as np
+from markupsafe import Markup
 
 from bnlab.errors import BnlabError
-from bnlab.train.config import config_diff, config_to_dict
+from bnlab.numfmt import fmt_pm, fmt_value, values_decimals
+from bnlab.report.markdown import (ANCHOR_PREFIX, claim_anchor, claim_id_of, render_claims, render_inline,
+                                   render_markdown)
+from bnlab.report.verdicts import (ci_text, counts, outcome_of, ours_text, per_seed_table, robustness_grid,
+                                   seeds_text)
+from bnlab.train.config import NOT_HASHED, TrainConfig, config_diff, config_to_dict
 
-__all__ = ["esc", "render", "verdict_label"]
-
-_KEY_FIELDS = ("dataset", "model", "norm", "activation", "init", "init_std", "width", "widths", "depth",
-               "loss", "loss_reduction", "steps", "batch_size", "lr", "lr_schedule", "momentum",
-               "weight_decay", "eval_every", "eval_subset", "probe_schedule", "probe_points",
-               "probe_batch_size", "dtype")
+__all__ = ["CSS", "esc", "format_cell", "render", "settings_fields", "verdict_label"]
 
 CSS = """
-:root { --pass: #1a7f37; --fail: #cf222e; --undecided: #7d6608; --error: #8250df; --muted: #57606a;
-        --line: #d0d7de; --bg2: #f6f8fa; }
+:root { --pass: #1a7f37; --fail: #cf222e; --tie: #0550ae; --undecided: #7d6608; --error: #8250df;
+        --muted: #57606a; --line: #d0d7de; --bg2: #f6f8fa; }
 * { box-sizing: border-box; }
 body { font-family: system-ui, -apple-system, "Segoe UI", "DejaVu Sans", Arial, sans-serif; font-size: 15px;
-       line-height: 1.45; color: #1f2328; max-width: 1180px; margin: 0 auto; padding: 24px 28px 64px; }
+       line-height: 1.45; color: #1f2328; max-width: 1240px; margin: 0 auto; padding: 24px 28px 64px; }
 h1 { font-size: 28px; margin: 0 0 4px; } h2 { font-size: 22px; margin: 40px 0 6px; padding-top: 12px;
      border-top: 3px solid var(--line); } h3 { font-size: 17px; margin: 24px 0 8px; }
+h2 .muted { font-size: 16px; font-weight: 500; }
 .muted, .generated { color: var(--muted); } .generated { margin: 0 0 16px; }
+.data-used { font-size: 16px; background: var(--bg2); border: 1px solid var(--line); padding: 6px 10px; }
 table { border-collapse: collapse; margin: 8px 0 12px; font-size: 13.5px; width: 100%; }
 th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
-th { background: var(--bg2); font-weight: 600; } td.num { text-align: right; white-space: nowrap; }
+th { background: var(--bg2); font-weight: 600; } td.num { white-space: nowrap; }
+td.ci { white-space: nowrap; } .rule { color: var(--muted); font-size: 12.5px; margin-top: 2px; white-space: normal; }
+table.per-seed { width: auto; font-size: 12.5px; } table.per-seed td, table.per-seed th { padding: 2px 6px; }
 code, pre { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px; }
 pre { background: var(--bg2); border: 1px solid var(--line); padding: 8px 10px; overflow-x: auto;
       white-space: pre-wrap; word-break: break-word; }
 .badge { display: inline-block; min-width: 92px; text-align: center; padding: 1px 8px; border-radius: 10px;
          color: #fff; font-weight: 700; font-size: 12px; letter-spacing: .03em; }
-.PASS { background: var(--pass); } .FAIL { background: var(--fail); }
+.PASS { background: var(--pass); } .FAIL { background: var(--fail); } .TIE { background: var(--tie); }
 .UNDECIDED { background: var(--undecided); } .ERROR { background: var(--error); }
+.claim-id { font-weight: 700; white-space: nowrap; }
 .status-diverged { color: var(--fail); font-weight: 600; } .status-incomplete { color: var(--undecided);
   font-weight: 600; } .status-done { color: var(--pass); }
 .counts span { margin-right: 14px; }
 .note { border-left: 4px solid var(--undecided); background: #fff8c5; padding: 6px 10px; margin: 8px 0; }
 .error { border-left: 4px solid var(--error); background: #fbefff; padding: 6px 10px; margin: 8px 0; }
 .diverged { border-left: 4px solid var(--fail); background: #ffebe9; padding: 6px 10px; margin: 8px 0; }
-figure { margin: 14px 0 22px; } figure img { max-width: 100%; height: auto; border: 1px solid var(--line); }
+figure { margin: 14px 0 22px; } figure img { max-width: 100%; height: auto; border: 1px solid var(--line);
+  background: #fff; }
 figcaption { color: var(--muted); font-size: 13.5px; margin-top: 4px; }
 details { margin: 6px 0; } summary { cursor: pointer; color: #0969da; }
 nav ul { margin: 4px 0; padding-left: 20px; } a { color: #0969da; text-decoration: none; }
+.doc p, .claims-doc p { margin: 6px 0; } td p { margin: 0 0 4px; } td ul { margin: 2px 0; padding-left: 18px; }
 """
+
+# Settings: always shown (they define the run even at their default value) ...
+_CORE_FIELDS = ("dataset", "model", "norm", "steps", "batch_size", "lr", "eval_every", "eval_subset")
+# ... the parameters of the learning-rate schedule in use (lr_min of cosine, even at its default) ...
+_SCHEDULE_FIELDS = ("lr_decay", "lr_decay_steps", "lr_min")
+# ... never shown outside the full config (they change how a run is written or how fast, not what
+# it computes) ...
+_NEVER_FIELDS = set(NOT_HASHED) | {"eval_batch_size", "data_fallback"}
+
+
+def _used(field: str, cfg: TrainConfig) -> bool:
+    """False for a field the run's other settings make irrelevant (e.g. lr_min without cosine)."""
+    if field in ("regression_n", "regression_dim"):
+        return cfg.dataset == "gaussian_regression"
+    if field in ("lr_decay", "lr_decay_steps"):
+        return cfg.lr_schedule in ("exp", "step")
+    if field == "lr_min":
+        return cfg.lr_schedule == "cosine"
+    if field == "nesterov":
+        return cfg.momentum > 0
+    if field == "probe_every":
+        return cfg.probe_schedule == "every"
+    if field == "probe_points":
+        return cfg.probe_schedule == "log"
+    if field == "channels_last":
+        return cfg.model in ("vgg11", "vgg16", "convnet")
+    if field == "binarize":
+        return cfg.dataset != "gaussian_regression"
+    return True
+
+
+def settings_fields(configs: Sequence[TrainConfig]) -> list[str]:
+    """The config fields worth a reader's attention for these configs, in field order: the core
+    fields, and every field some config sets away from the TrainConfig default, minus fields the
+    config makes irrelevant or that do not change results. The full config stays one click away."""
+    if not configs:
+        return []
+    default = config_to_dict(TrainConfig())
+    dicts = [config_to_dict(c) for c in configs]
+    out = []
+    for k in default:
+        if k in _NEVER_FIELDS:
+            continue
+        differs = any(d[k] != default[k] for d in dicts)
+        core = k in _CORE_FIELDS or k in _SCHEDULE_FIELDS  # schedule fields only count when used
+        if (core or differs) and any(_used(k, c) for c in configs):
+            out.append(k)
+    return out
 
 
 def esc(value: Any) -> str:
@@ -64,97 +123,32 @@ def esc(value: Any) -> str:
 
 
 def verdict_label(row: dict[str, Any]) -> str:
-    if row.get("error"):
-        return "ERROR"
-    return {True: "PASS", False: "FAIL"}.get(row.get("passed"), "UNDECIDED")
-
-
-def _badge(label: str) -> str:
-    return f'<span class="badge {label}">{label}</span>'
-
-
-def _num(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (float, np.floating)):
-        return "nan" if value != value else f"{float(value):.4g}"
-    return str(value)
-
-
-def _fmt_ours(value: Any) -> str:
-    """The experiment's measured value: text as given; numbers, {mean, std/min/max} and lists of
-    per-seed numbers as mean ± spread."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and "mean" in value:
-        m = _num(value["mean"])
-        if "std" in value:
-            return f"{m} ± {_num(value['std'])} (mean ± std)"
-        if "min" in value and "max" in value:
-            return f"{m} (min {_num(value['min'])}, max {_num(value['max'])})"
-        return m
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (int, float)) for v in value):
-        arr = np.asarray(value, dtype=float)
-        std = arr.std(ddof=1) if arr.size > 1 else 0.0
-        return f"{_num(arr.mean())} ± {_num(std)} (mean ± std, n={arr.size})"
-    return _num(value)
-
-
-def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], raw: bool = False) -> str:
-    """``rows`` cells are escaped unless ``raw`` (then the caller escaped them)."""
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = []
-    for row in rows:
-        cells = "".join(f"<td>{c if raw else esc(c)}</td>" for c in row)
-        body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def data_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A list of dicts as a table: columns in the first row's key order, numbers formatted."""
-    if not rows:
-        return '<p class="muted">(empty)</p>'
-    headers = list(rows[0])
-    return _table(headers, ([format_cell(r.get(h)) for h in headers] for r in rows))
+    return outcome_of(row)
 
 
 def format_cell(value: Any) -> str:
+    """A table cell as text (the CLI prints paper tables with it too)."""
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return fmt_value(value)
     if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            d = values_decimals(value)
+            return ", ".join(fmt_value(v, d) for v in value)
         return ", ".join(format_cell(v) for v in value)
     return str(value)
 
 
-def _paragraphs(text: str) -> str:
-    """Plain text with blank-line paragraphs and "- " / "* " bullet lines, escaped."""
-    out: list[str] = []
-    for block in inspect.cleandoc(text).split("\n\n"):
-        lines = block.strip().splitlines()
-        if not lines:
-            continue
-        items: list[str] = []
-        para: list[str] = []
-        for ln in lines:
-            s = ln.strip()
-            if s.startswith(("- ", "* ")):
-                items.append(s[2:])
-            elif items and ln.startswith((" ", "\t")):
-                items[-1] += " " + s
-            else:
-                if items:
-                    out.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>")
-                    items = []
-                para.append(s)
-        if para:
-            out.append(f"<p>{esc(' '.join(para))}</p>")
-        if items:
-            out.append("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>")
-    return "".join(out)
+@functools.lru_cache(maxsize=1)
+def _env():
+    import jinja2
+
+    return jinja2.Environment(loader=jinja2.PackageLoader("bnlab.report", "templates"),
+                              autoescape=True, undefined=jinja2.StrictUndefined,
+                              trim_blocks=False, lstrip_blocks=False)
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -164,244 +158,60 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-# --- the page -----------------------------------------------------------------------------------------
-
-def render(report: Any) -> str:
-    rows = report.rows
-    labels = [verdict_label(r) for r in rows]
-    counts = {k: labels.count(k) for k in ("PASS", "FAIL", "UNDECIDED", "ERROR")}
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        "<title>bnlab report</title>",
-        f"<style>{CSS}</style></head><body>",
-        "<h1>bnlab report</h1>",
-        f'<p class="generated">Generated <time>{esc(report.generated)}</time> from the runs in '
-        f"<code>{esc(report.out_dir)}</code>. Read from stored runs only; nothing was trained to "
-        "make this page.</p>",
-        '<p class="counts">' + "".join(
-            f"<span>{_badge(k)} {v}</span>" for k, v in counts.items() if v or k != "ERROR") + "</p>",
-        _toc(report),
-        "<h2 id=\"summary\">Verdicts</h2>",
-        "<p class=\"muted\">Each row is one claim of the papers, checked on the stored runs: the paper's "
-        "number, ours (mean ± spread over seeds, as the experiment states it), how many seeds it saw, "
-        "and why it passed or not. UNDECIDED: the runs cannot decide it (too few seeds, unfinished "
-        "runs, or a claim the scaled-down run cannot test).</p>",
-        _summary_table(report),
-    ]
-    if report.missing:
-        parts.append('<div class="note">Requested but without runs in this directory: '
-                     + ", ".join(f"<code>{esc(m)}</code>" for m in report.missing)
-                     + f". Run them with <code>bnlab run NAME --out {esc(report.out_dir)}</code>.</div>")
-    for s in report.sections:
-        parts.append(_section(s, report.out_dir))
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+def _last_line(text: str) -> str:
+    lines = [ln for ln in str(text).strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
 
 
-def _toc(report: Any) -> str:
-    items = "".join(f'<li><a href="#{s.anchor}">{esc(s.title)}</a> <span class="muted">— '
-                    f"{len(s.results.runs)} run{'s' if len(s.results.runs) != 1 else ''}</span></li>"
-                    for s in report.sections)
-    return f'<nav><strong>Experiments</strong><ul>{items}</ul></nav>'
+# --- the claims document ---------------------------------------------------------------------------------
+
+def claims_doc_path() -> Path | None:
+    """docs/claims.md of the bnlab checkout this module runs from (None in an installed wheel)."""
+    import bnlab
+
+    path = Path(bnlab.__file__).resolve().parent.parent / "docs" / "claims.md"
+    return path if path.is_file() else None
 
 
-def _summary_table(report: Any) -> str:
-    rows = report.rows
-    if not rows:
-        return '<p class="muted">No verdict rows (no experiment here declares a verdict, or none finished).</p>'
-    anchors = {(s.name, s.profile): s.anchor for s in report.sections}
-    body = []
-    for r in rows:
-        link = f'<a href="#{anchors.get((r["experiment"], r["profile"]), "")}">{esc(r["experiment"])}</a>'
-        prof = esc(r.get("profile", ""))
-        body.append([link + (f'<br><span class="muted">{prof}</span>' if prof else ""),
-                     esc(r.get("claim", "")), esc(r.get("paper", "")), esc(_fmt_ours(r.get("ours", ""))),
-                     esc(_num(r.get("seeds"))), _badge(verdict_label(r)), esc(r.get("why", ""))])
-    return _table(["experiment", "claim", "paper", "ours", "seeds", "result", "why"], body, raw=True)
+# --- verdict rows -------------------------------------------------------------------------------------------
+
+def _row_view(r: dict[str, Any], anchors: dict[tuple, str], claim_anchors: set[str]) -> dict[str, Any]:
+    cid = claim_id_of(r)
+    claim = str(r.get("claim") or "")
+    if cid and not r.get("claim_id") and claim.startswith(cid):
+        claim = claim[len(cid):].lstrip(" :")  # the id is shown (and linked) on its own
+    anchor = claim_anchor(cid) if cid else ""
+    rob = r.get("robustness") if isinstance(r.get("robustness"), dict) else None
+    return {
+        "experiment": r.get("experiment", ""), "profile": r.get("profile", ""),
+        "section_anchor": anchors.get((r.get("experiment"), r.get("profile")), ""),
+        "claim_id": cid, "claim_anchor": anchor,
+        "claim_href": f"#{ANCHOR_PREFIX}{anchor}" if anchor in claim_anchors else "",
+        "claim_text": render_inline(claim), "paper": render_inline(r.get("paper")),
+        "ours": ours_text(r.get("ours", "")), "ci": ci_text(r),
+        "statistic": r.get("statistic") or "", "ci_method": r.get("ci_method") or "",
+        "rule": render_inline(r.get("rule")) if r.get("rule") else "",
+        "why": r.get("why") or "", "dataset": r.get("dataset") or "",
+        "seeds": seeds_text(r), "outcome": outcome_of(r), "per_seed": per_seed_table(r),
+        "robust_label": (rob or {}).get("label") or "",
+        # the page explains the smoke policy once at the top; a row only names it
+        "undecided_reason": ("smoke profile: decides nothing" if str(r.get("undecided_reason") or "").startswith(
+            "smoke profile") else r.get("undecided_reason") or ""),
+        "computed_outcome": r.get("computed_outcome") or "",
+    }
 
 
-def _section(s: Any, out_dir: Path) -> str:
-    exp = s.experiment
-    out = [f'<section id="{s.anchor}">', f"<h2>{esc(s.title)}</h2>"]
-    if exp is not None:
-        if getattr(exp, "description", ""):
-            out.append(f"<p>{esc(exp.description)}</p>")
-        if getattr(exp, "paper", ""):
-            out.append(f"<p><strong>Paper:</strong> {esc(exp.paper)}</p>")
-    n_done = sum(r.status == "done" for r in s.results.runs)
-    out.append(f'<p class="muted">{len(s.results.runs)} runs: {n_done} done, {len(s.diverged)} diverged, '
-               f"{len(s.incomplete)} incomplete.</p>")
-    for note in s.notes:
-        out.append(f'<div class="note">{esc(note)}</div>')
-    if s.diverged:
-        items = "".join(
-            f"<li>variant <code>{esc(r.variant)}</code> (<code>{esc(r.config_hash[:8])}</code>) "
-            f"seed {esc(r.seed)}: at step {esc(r.diverged_step)}, training loss "
-            f"{esc(r.done_info.get('diverged_loss') or 'non-finite')}</li>"
-            for r in sorted(s.diverged, key=lambda r: (r.variant, r.config_hash, r.seed)))
-        out.append(f'<div class="diverged"><strong>Diverged runs</strong> (the loss became non-finite; '
-                   "divergence is a result: the run stopped there and is recorded as such):"
-                   f"<ul>{items}</ul></div>")
-    if s.incomplete:
-        items = "".join(f"<li>variant <code>{esc(r.variant)}</code> (<code>{esc(r.config_hash[:8])}</code>) "
-                        f"seed {esc(r.seed)}: reached step {esc(_last_step(r))} of {esc(r.config.steps)}</li>"
-                        for r in sorted(s.incomplete, key=lambda r: (r.variant, r.config_hash, r.seed)))
-        out.append('<div class="note"><strong>Incomplete runs</strong> (no done marker: killed or still '
-                   "running; <code>bnlab run</code> with the same arguments resumes them). They are not in "
-                   f"the verdict or the figures:<ul>{items}</ul></div>")
-
-    out.append("<h3>Verdict</h3>")
-    if s.verdict_error is not None:
-        out.append('<div class="error"><strong>The verdict function raised an error</strong>; the runs '
-                   f"below are intact. {esc(s.verdict_error.strip().splitlines()[-1])}</div>"
-                   f"<details><summary>traceback</summary><pre>{esc(s.verdict_error)}</pre></details>")
-    elif s.rows:
-        body = [[esc(r.get("claim", "")), esc(r.get("paper", "")), esc(_fmt_ours(r.get("ours", ""))),
-                 esc(_num(r.get("seeds"))), _badge(verdict_label(r)), esc(r.get("why", ""))] for r in s.rows]
-        out.append(_table(["claim", "paper", "ours", "seeds", "result", "why"], body, raw=True))
-    else:
-        out.append('<p class="muted">No verdict for these runs.</p>')
-
-    for title, rows in s.tables.items():
-        out.append(f"<h3>{esc(title)}</h3>")
-        out.append(data_table(rows))
-
-    out.append("<h3>Results over seeds</h3>")
-    out.append(_results_table(s))
-
-    out.append("<h3>Figures</h3>")
-    out.append(_figures(s, out_dir))
-
-    out.append("<h3>What is measured</h3>")
-    out.append(_definitions(s))
-
-    out.append("<h3>Settings</h3>")
-    out.append(_settings(s))
-
-    out.append("<h3>Deviations from the paper</h3>")
-    out.append(_deviations(s))
-
-    out.append("<h3>Runs</h3>")
-    out.append(_runs_table(s, out_dir))
-
-    out.append("<h3>Environment</h3>")
-    out.append(_environment(s))
-
-    if exp is not None:
-        path, doc = _module_doc(exp)
-        if doc:
-            out.append(f"<details><summary>protocol and choices ({esc(path)} docstring)</summary>"
-                       f"{_paragraphs(doc)}</details>")
-    out.append("</section>")
-    return "\n".join(out)
+def _robustness_view(rows: list[dict[str, Any]], views: list[dict[str, Any]], title: str) -> dict[str, Any] | None:
+    grid = robustness_grid(rows)
+    if grid is None:
+        return None
+    settings, claims = grid
+    by_id = {id(r): v for r, v in zip(rows, views)}
+    return {"title": title, "settings": settings,
+            "claims": [{"row": by_id[id(c["row"])], "label": c["label"], "cells": c["cells"]} for c in claims]}
 
 
-# --- pieces of a section ------------------------------------------------------------------------------
-
-def _results_table(s: Any) -> str:
-    body = []
-    left_out = {id(r) for r in s.excluded}
-    for (variant, h), runs in _config_groups(s).items():
-        done = [r for r in runs if r.status == "done"]
-        if any(id(r) in left_out for r in runs):
-            used = "no (other config)"
-        elif all(r.status == "incomplete" for r in runs):
-            used = "no (unfinished)"
-        else:
-            used = "yes"
-        cells = [esc(variant), f"<code>{esc(h[:8])}</code>", esc(len(done)),
-                 esc(sum(r.status == "diverged" for r in runs)), esc(sum(r.status == "incomplete" for r in runs))]
-        for key in ("acc", "loss"):
-            vals = [(r.done_info.get("test") or {}).get(key) for r in done]
-            vals = np.asarray([v for v in vals if v is not None], dtype=float)
-            if vals.size == 0:
-                cells.append("–")
-            elif vals.size == 1:
-                cells.append(f"{_num(vals[0])} (1 seed)")
-            else:
-                cells.append(f"{_num(vals.mean())} ± {_num(vals.std(ddof=1))} "
-                             f'<span class="muted">[{_num(vals.min())}, {_num(vals.max())}]</span>')
-        cells.append(esc(used))
-        body.append(cells)
-    return (_table(["variant", "config", "done", "diverged", "incomplete", "test accuracy", "test loss",
-                    "in verdict"], body, raw=True)
-            + '<p class="muted">Full test split at the end of each finished run: mean ± sample std over '
-              "seeds, [min, max] in brackets. Diverged and incomplete runs have no final value.</p>")
-
-
-def _figures(s: Any, out_dir: Path) -> str:
-    out = []
-    if s.plot_error is not None:
-        out.append('<div class="error"><strong>The plot function raised an error</strong>. '
-                   f"{esc(s.plot_error.strip().splitlines()[-1])}</div>"
-                   f"<details><summary>traceback</summary><pre>{esc(s.plot_error)}</pre></details>")
-    if not s.figures and s.plot_error is None:
-        out.append('<p class="muted">No figures.</p>')
-    for i, f in enumerate(s.figures, 1):
-        rel = esc(_rel(f.path, out_dir))
-        caption = esc(f.caption) if f.caption else esc(f.path.stem.replace("_", " "))
-        if f.data is None:
-            out.append(f"<p>Figure {i}: <code>{rel}</code> (not an image type the report inlines)</p>")
-            continue
-        uri = f"data:{f.mime};base64,{base64.b64encode(f.data).decode('ascii')}"
-        out.append(f'<figure><img src="{uri}" alt="Figure {i}: {caption}">'
-                   f"<figcaption><strong>Figure {i}.</strong> {caption} "
-                   f'<span class="muted">(file: <code>{rel}</code>)</span></figcaption></figure>')
-    return "\n".join(out)
-
-
-def _same(values: list[Any], none_text: str, varies_text: str) -> str:
-    """The one value all configs share, as text (``none_text`` for None, ``varies_text`` if they differ)."""
-    if not values or any(v != values[0] for v in values):
-        return varies_text
-    return none_text if values[0] is None else str(values[0])
-
-
-def _definitions(s: Any) -> str:
-    exp = s.experiment
-    cfgs = [r.config for r in s.results.runs]
-    rows: list[tuple[str, str, str]] = []
-    custom = getattr(exp, "definitions", None) if exp is not None else None
-    for item in custom or ():
-        q, d, c = (list(item) + ["", "", ""])[:3]
-        rows.append((str(q), str(d), str(c)))
-    pbs = _same([c.probe_batch_size for c in cfgs], "?", "probe_batch_size, see settings")
-    for probe in getattr(exp, "probes", ()) if exp is not None else ():
-        fn = getattr(probe.fn, "func", probe.fn)
-        doc = inspect.getdoc(fn) or ""
-        if not doc:
-            mod = inspect.getmodule(fn)
-            doc = inspect.cleandoc(mod.__doc__) if mod is not None and mod.__doc__ else "(no docstring)"
-        calls = sorted({len(probe.steps(c)) for c in cfgs})
-        calls_txt = "/".join(str(c) for c in calls) or "?"
-        cost = (f"{probe.cost:g} forward+backward pass equivalents on the probe batch "
-                f"({pbs} examples) per call; "
-                f"{calls_txt} calls per run")
-        rows.append((f"probe: {probe.name}", doc, cost))
-    ev = _same([c.eval_subset for c in cfgs], "all", "eval_subset (see settings)")
-    every = _same([c.eval_every for c in cfgs], "?", "eval_every (see settings)")
-    log_every = _same([c.log_every for c in cfgs], "?", "log_every (see settings)")
-    rows += [
-        ("train loss / acc",
-         "Loss (the config's loss and reduction) and accuracy of the training minibatch at step s, in "
-         "training mode (BN normalizes with the minibatch's own statistics), from the forward pass of "
-         f"the update at s, before that update; every {log_every} step(s).",
-         "0 extra passes (the update's own forward pass)"),
-        ("eval acc / loss",
-         f"Accuracy and mean per-example loss on a fixed subset of {ev} "
-         "test examples (the same for every seed: chosen with data_seed), model in eval mode (BN uses its "
-         f"running statistics); every {every} steps and at the last step.",
-         "1 forward pass over the subset per evaluation"),
-        ("test acc / loss",
-         "The same on the full test split, once, at the end of a finished run (the 'final' value in the "
-         "verdicts and the results table).",
-         "1 forward pass over the test split"),
-    ]
-    body = [[f"<strong>{esc(q)}</strong>", _paragraphs(d) if "\n" in d else esc(d), esc(c)] for q, d, c in rows]
-    return _table(["quantity", "definition (paper's equation / figure)", "cost"], body, raw=True)
-
+# --- sections -----------------------------------------------------------------------------------------------
 
 def _config_groups(s: Any) -> dict[tuple[str, str], list[Any]]:
     groups: dict[tuple[str, str], list[Any]] = {}
@@ -412,50 +222,172 @@ def _config_groups(s: Any) -> dict[tuple[str, str], list[Any]]:
     return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0])))
 
 
-def _seed_status(runs: list[Any]) -> str:
+def _results_view(s: Any) -> dict[str, Any]:
+    rows = []
+    left_out = {id(r) for r in s.excluded}
+    for (variant, h), runs in _config_groups(s).items():
+        done = [r for r in runs if r.status == "done"]
+        if any(id(r) in left_out for r in runs):
+            used = "no (other config)"
+        elif all(r.status == "incomplete" for r in runs):
+            used = "no (unfinished)"
+        else:
+            used = "yes"
+        cells: list[Any] = [variant, Markup(f"<code>{esc(h[:8])}</code>"), len(done),
+                            sum(r.status == "diverged" for r in runs), sum(r.status == "incomplete" for r in runs)]
+        for key in ("acc", "loss"):
+            vals = [(r.done_info.get("test") or {}).get(key) for r in done]
+            vals = [float(v) for v in vals if isinstance(v, (int, float))]
+            if not vals:
+                cells.append("–")
+            elif len(vals) == 1:
+                cells.append(f"{fmt_value(vals[0])} (1 seed)")
+            else:
+                mean = sum(vals) / len(vals)
+                std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+                d = values_decimals(vals)
+                cells.append(Markup(f"{esc(fmt_pm(mean, std))} <span class=\"muted\">"
+                                    f"[{esc(fmt_value(min(vals), d))}, {esc(fmt_value(max(vals), d))}]</span>"))
+        cells.append(used)
+        rows.append(cells)
+    return {"headers": ["variant", "config", "done", "diverged", "incomplete", "test accuracy", "test loss",
+                        "in verdict"], "rows": rows}
+
+
+def _figures_view(s: Any, out_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    for f in s.figures:
+        caption = f.caption or f.path.stem.replace("_", " ")
+        view = {"rel": _rel(f.path, out_dir), "caption": render_inline(caption),
+                "caption_text": re.sub(r"\s+", " ", caption), "uri": "", "width": None}
+        if f.data is not None:
+            view["uri"] = Markup(f"data:{f.mime};base64,{base64.b64encode(f.data).decode('ascii')}")
+            view["width"] = _svg_width(f.data) if f.mime == "image/svg+xml" else None
+        out.append(view)
+    return out
+
+
+def _svg_width(data: bytes) -> int | None:
+    """The SVG's own width in CSS pixels (matplotlib writes pt), so it shows at its natural size."""
+    m = re.search(rb'<svg[^>]*\swidth="([0-9.]+)(pt|px)?"', data[:4000])
+    if not m:
+        return None
+    value = float(m.group(1)) * (96 / 72 if m.group(2) in (b"pt", None) else 1.0)
+    return int(round(value))
+
+
+def _same(values: list[Any], none_text: str, varies_text: str) -> str:
+    if not values or any(v != values[0] for v in values):
+        return varies_text
+    return none_text if values[0] is None else str(values[0])
+
+
+def _definitions_view(s: Any) -> list[dict[str, Any]]:
+    exp = s.experiment
+    cfgs = [r.config for r in s.results.runs]
+    rows: list[dict[str, Any]] = []
+    for item in (getattr(exp, "definitions", None) if exp is not None else None) or ():
+        q, d, c = (list(item) + ["", "", ""])[:3]
+        rows.append({"quantity": str(q), "definition": render_markdown(str(d)), "cost": render_inline(str(c))})
+    for probe in getattr(exp, "probes", ()) if exp is not None else ():
+        fn = getattr(probe.fn, "func", probe.fn)
+        doc = inspect.getdoc(fn) or ""
+        if not doc:
+            mod = inspect.getmodule(fn)
+            doc = inspect.cleandoc(mod.__doc__) if mod is not None and mod.__doc__ else "(no docstring)"
+        calls = sorted({len(probe.steps(c)) for c in cfgs})
+        calls_txt = "/".join(str(c) for c in calls) or "?"
+        # The probe's own docstring says on which examples it runs; here only what the runner knows.
+        cost = (f"{probe.cost:g} forward+backward pass equivalents per call (declared by the probe); "
+                f"{calls_txt} calls per run")
+        rows.append({"quantity": f"probe: {probe.name}", "definition": render_markdown(doc), "cost": cost})
+    ev = _same([c.eval_subset for c in cfgs], "all", "eval_subset (see Settings)")
+    every = _same([c.eval_every for c in cfgs], "?", "eval_every (see Settings)")
+    log_every = _same([c.log_every for c in cfgs], "?", "log_every (see Settings)")
+    tests = {(r.done_info.get("test") or {}).get("n") for r in s.results.runs if r.status == "done"}
+    tests.discard(None)
+    n_test = _same(sorted(tests), "?", "the") if tests else "the"
+    rows += [
+        {"quantity": "train loss / acc",
+         "definition": ("Loss (the config's loss and reduction) and accuracy of the training minibatch at step s, "
+                        "in training mode (BN normalizes with the minibatch's own statistics), from the forward "
+                        f"pass of the update at s, before that update; every {log_every} step(s)."),
+         "cost": "0 extra passes (the update's own forward pass)"},
+        {"quantity": "eval acc / loss",
+         "definition": (f"Accuracy and mean per-example loss on a fixed subset of {ev} test examples (the same "
+                        "for every seed: chosen with data_seed), model in eval mode (BN uses its running "
+                        f"statistics); every {every} steps and at the last step."),
+         "cost": "1 forward pass over the subset per evaluation"},
+        {"quantity": "test acc / loss",
+         "definition": (f"The same on the full test split ({n_test} examples), once, at the end of a finished run "
+                        "(the final value in the results table)."),
+         "cost": "1 forward pass over the test split"},
+    ]
+    return rows
+
+
+def _seed_status(runs: list[Any]) -> Markup:
     parts = []
     for r in sorted(runs, key=lambda r: r.seed):
         if r.status == "done":
-            parts.append(f"{r.seed}")
+            parts.append(esc(r.seed))
         elif r.status == "diverged":
-            parts.append(f'<span class="status-diverged">{r.seed} (diverged @ {esc(r.diverged_step)})</span>')
+            parts.append(f'<span class="status-diverged">{esc(r.seed)} (diverged at step {esc(r.diverged_step)})</span>')
         else:
-            parts.append(f'<span class="status-incomplete">{r.seed} (incomplete)</span>')
-    return ", ".join(parts)
+            parts.append(f'<span class="status-incomplete">{esc(r.seed)} (incomplete)</span>')
+    return Markup(", ".join(parts))
 
 
-def _settings(s: Any) -> str:
+def _setting_value(v: Any) -> str:
+    return format_cell(tuple(v) if isinstance(v, list) else v)
+
+
+def _settings_view(s: Any) -> dict[str, Any]:
     groups = _config_groups(s)
-    dicts = {k: config_to_dict(rs[0].config) for k, rs in groups.items()}
-    keys = list(next(iter(dicts.values())).keys()) if dicts else []
-    varying = [k for k in keys if len({json.dumps(d[k]) for d in dicts.values()}) > 1]
-    headers = ["variant", "config", "seeds"] + varying
-    body = []
+    cfgs = {k: rs[0].config for k, rs in groups.items()}
+    dicts = {k: config_to_dict(c) for k, c in cfgs.items()}
+    fields = settings_fields(list(cfgs.values()))
+    varying = [k for k in fields if len({json.dumps(d[k]) for d in dicts.values()}) > 1]
+    shared = [k for k in fields if k not in varying]
+    headers = ["variant", "config", "seeds", "data used"] + varying
+    rows = []
     for (variant, h), rs in groups.items():
         d = dicts[(variant, h)]
-        body.append([esc(variant), f"<code>{esc(h[:8])}</code>", _seed_status(rs)]
-                    + [esc(_num(tuple(d[k]) if isinstance(d[k], list) else d[k])) for k in varying])
-    out = [_table(headers, body, raw=True)]
-    shared = [k for k in _KEY_FIELDS if k in keys and k not in varying]
+        data = " / ".join(dict.fromkeys(_run_dataset(r) for r in rs))
+        rows.append([variant, Markup(f"<code>{esc(h[:8])}</code>"), _seed_status(rs), data]
+                    + [_setting_value(d[k]) for k in varying])
+    note = ""
     if shared and dicts:
         first = next(iter(dicts.values()))
-        items = ", ".join(f"{k}={_num(first[k])}" for k in shared if first[k] is not None)
-        out.append(f'<p class="muted">Shared by every run: <code>{esc(items)}</code>. '
-                   + ("Columns after <em>seeds</em> are the fields that differ between the configs."
-                      if varying else "All configs are identical.") + "</p>")
-    for variant, h in groups:
-        text = json.dumps(dicts[(variant, h)], indent=2)
-        out.append(f"<details><summary>full config of <code>{esc(variant)}</code> "
-                   f"(<code>{esc(h[:8])}</code>)</summary><pre>{esc(text)}</pre></details>")
-    return "\n".join(out)
+        items = ", ".join(f"{k}={_setting_value(first[k])}" for k in shared)
+        note = Markup(f"Shared by every run: <code>{esc(items)}</code>. ") + (
+            Markup("Columns after <em>data used</em> are the settings that differ between the configs. ")
+            if varying else "") + Markup(
+            "Listed: the settings that define a run and those set away from their default; "
+            "every field is in the full config below. <code>dataset</code> is what the config asked "
+            "for; <em>data used</em> is what the run really loaded (from its env.json).")
+    full = [{"variant": v, "hash": h[:8], "json": json.dumps(dicts[(v, h)], indent=2)} for v, h in groups]
+    return {"headers": headers, "rows": rows, "shared_note": note, "full": full}
 
 
-def _deviations(s: Any) -> str:
+def _run_dataset(r: Any) -> str:
+    from bnlab.report.build import run_dataset_text
+
+    return run_dataset_text(r)
+
+
+def _who(runs: list[Any]) -> str:
+    if len(runs) > 4:
+        return f"{len(runs)} runs"
+    return ", ".join(f"{r.variant}/seed{r.seed}" for r in runs)
+
+
+def _deviations_view(s: Any) -> list[Markup]:
     exp = s.experiment
-    items: list[str] = []
+    items: list[Markup] = []
     if exp is not None and getattr(exp, "notes", ""):
-        items.append("<strong>Documented choices and deviations (the experiment's notes):</strong>"
-                     + _paragraphs(exp.notes))
+        items.append(Markup("<strong>Documented choices and deviations (the experiment's notes):</strong>")
+                     + render_markdown(exp.notes))
     datasets: dict[tuple, list[Any]] = {}
     for r in s.results.runs:
         try:
@@ -465,31 +397,24 @@ def _deviations(s: Any) -> str:
         key = (d.get("requested"), d.get("used"), d.get("note") or "", d.get("source") or "")
         datasets.setdefault(key, []).append(r)
     for (requested, used, note, source), runs in datasets.items():
-        who = _who(runs)
+        who = esc(_who(runs))
         if requested and used and requested != used:
-            items.append(f"<strong>Dataset fallback</strong> ({who}): asked for <code>{esc(requested)}</code>, "
-                         f"used <code>{esc(used)}</code>. {esc(note)}")
+            items.append(Markup(f"<strong>Dataset fallback</strong> ({who}): asked for <code>{esc(requested)}</code>, "
+                                f"used <code>{esc(used)}</code>. {esc(note)}"))
         elif note:
-            items.append(f"<strong>Dataset</strong> ({who}): <code>{esc(used)}</code>. {esc(note)}")
+            items.append(Markup(f"<strong>Dataset</strong> ({who}): <code>{esc(used)}</code>. {esc(note)}"))
         if source:
-            items.append(f"Data source ({who}): {esc(source)}")
+            items.append(Markup(f"Data source ({who}): {esc(source)}"))
     for (variant, h), rs in _config_groups(s).items():
         dev = _config_deviation(exp, rs[0])
         if isinstance(dev, str):
-            items.append(f"<code>{esc(variant)}</code> (<code>{esc(h[:8])}</code>): {esc(dev)}")
+            items.append(Markup(f"<code>{esc(variant)}</code> (<code>{esc(h[:8])}</code>): {esc(dev)}"))
         elif dev:
-            changes = ", ".join(f"{k}={_num(b)} (declared {_num(a)})" for k, (a, b) in dev.items())
-            items.append(f"<strong>Overridden settings</strong> (<code>--set</code>) of "
-                         f"<code>{esc(variant)}</code> (<code>{esc(h[:8])}</code>, {_who(rs)}): {esc(changes)}")
-    if not items:
-        return '<p class="muted">None recorded.</p>'
-    return "<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
-
-
-def _who(runs: list[Any]) -> str:
-    if len(runs) > 4:
-        return f"{len(runs)} runs"
-    return esc(", ".join(f"{r.variant}/seed{r.seed}" for r in runs))
+            changes = ", ".join(f"{k}={_setting_value(b)} (declared {_setting_value(a)})" for k, (a, b) in dev.items())
+            items.append(Markup(f"<strong>Overridden settings</strong> (<code>--set</code>) of "
+                                f"<code>{esc(variant)}</code> (<code>{esc(h[:8])}</code>, {esc(_who(rs))}): "
+                                f"{esc(changes)}"))
+    return items
 
 
 def _last_step(r: Any) -> Any:
@@ -500,32 +425,31 @@ def _last_step(r: Any) -> Any:
     return max(steps) if steps else 0
 
 
-def _runs_table(s: Any, out_dir: Path) -> str:
-    body = []
+def _runs_view(s: Any, out_dir: Path) -> dict[str, Any]:
+    rows = []
     for r in sorted(s.results.runs, key=lambda r: (r.variant, r.config_hash, r.seed)):
         test = r.done_info.get("test") or {}
         if r.status == "done":
-            status = '<span class="status-done">done</span>'
-            steps = esc(r.done_info.get("steps", r.config.steps))
+            status = Markup('<span class="status-done">done</span>')
+            steps = r.done_info.get("steps", r.config.steps)
         elif r.status == "diverged":
-            status = f'<span class="status-diverged">diverged at step {esc(r.diverged_step)}</span>'
-            steps = esc(r.diverged_step)
+            status = Markup(f'<span class="status-diverged">diverged at step {esc(r.diverged_step)}</span>')
+            steps = r.diverged_step
         else:
-            status = ('<span class="status-incomplete">incomplete</span> <span class="muted">(no done marker: '
-                      "killed or still running; `bnlab run` resumes it)</span>")
-            steps = f"{esc(_last_step(r))} of {esc(r.config.steps)}"
+            status = Markup('<span class="status-incomplete">incomplete</span> <span class="muted">(no done '
+                            "marker: killed or still running; <code>bnlab run</code> resumes it)</span>")
+            steps = f"{_last_step(r)} of {r.config.steps}"
         secs = r.done_info.get("seconds_last_attempt")
         resumed = r.done_info.get("resumed_from")
-        body.append([esc(r.variant), esc(r.seed), status, steps, esc(_num(test.get("acc"))),
-                     esc(_num(test.get("loss"))),
-                     esc(f"{secs:.1f}s" if isinstance(secs, (int, float)) else "–")
-                     + (f' <span class="muted">(resumed at {esc(resumed)})</span>' if resumed else ""),
-                     f"<code>{esc(_rel(r.run_dir, out_dir))}</code>"])
-    return _table(["variant", "seed", "status", "steps", "test acc", "test loss", "time", "directory"],
-                  body, raw=True)
+        time_text = Markup(esc(f"{secs:.1f} s" if isinstance(secs, (int, float)) else "–")
+                           + (f' <span class="muted">(resumed at step {esc(resumed)})</span>' if resumed else ""))
+        rows.append([r.variant, r.seed, status, steps, fmt_value(test.get("acc")), fmt_value(test.get("loss")),
+                     time_text, Markup(f"<code>{esc(_rel(r.run_dir, out_dir))}</code>")])
+    return {"headers": ["variant", "seed", "status", "steps", "test acc", "test loss", "time", "directory"],
+            "rows": rows}
 
 
-def _environment(s: Any) -> str:
+def _environment_view(s: Any) -> dict[str, Any]:
     combos: dict[tuple, list[Any]] = {}
     for r in s.results.runs:
         try:
@@ -540,9 +464,9 @@ def _environment(s: Any) -> str:
                f"{env.get('threads', '?')} / {env.get('interop_threads', '?')}", str(env.get("cpu_count", "?")),
                f"{env.get('machine', '?')}, {env.get('platform', '?')}", env.get("host", "?"), commit)
         combos.setdefault(key, []).append(r)
-    body = [[esc(v) for v in key] + [esc(len(rs))] for key, rs in combos.items()]
-    return _table(["python", "torch", "numpy", "bnlab", "threads (intra / inter-op)", "cpu cores", "machine",
-                   "host", "git commit", "runs"], body, raw=True)
+    return {"headers": ["python", "torch", "numpy", "bnlab", "threads (intra / inter-op)", "cpu cores", "machine",
+                        "host", "git commit", "runs"],
+            "rows": [[*key, len(rs)] for key, rs in combos.items()]}
 
 
 def _module_doc(exp: Any) -> tuple[str, str]:
@@ -569,3 +493,75 @@ def _config_deviation(exp: Any, r: Any) -> dict[str, tuple[Any, Any]] | str | No
         why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         return f"cannot compare with the declared config ({why})"
     return config_diff(declared, r.config)
+
+
+def _section_view(s: Any, out_dir: Path, anchors: dict[tuple, str], claim_anchors: set[str]) -> dict[str, Any]:
+    exp = s.experiment
+    rows = [{"experiment": s.name, "profile": s.profile, **r} for r in s.rows]
+    views = [_row_view(r, anchors, claim_anchors) for r in rows]
+    tables = []
+    for title, trows in s.tables.items():
+        headers = list(trows[0]) if trows else []
+        tables.append({"title": title, "headers": headers,
+                       "rows": [[format_cell(r.get(h)) for h in headers] for r in trows]})
+    path, doc = _module_doc(exp) if exp is not None else ("", "")
+    return {
+        "anchor": s.anchor, "name": s.name, "profile": s.profile, "dataset": s.dataset_text,
+        "title": f"{s.name} ({s.profile or 'no'} profile, data: {s.dataset_text})",
+        "description": render_inline(getattr(exp, "description", "")) if exp is not None else "",
+        "paper": render_inline(getattr(exp, "paper", "")) if exp is not None else "",
+        "n_runs": len(s.results.runs), "n_done": sum(r.status == "done" for r in s.results.runs),
+        "n_diverged": len(s.diverged), "n_incomplete": len(s.incomplete), "notes": s.notes,
+        "diverged": [{"variant": r.variant, "hash": r.config_hash[:8], "seed": r.seed, "step": r.diverged_step,
+                      "loss": r.done_info.get("diverged_loss") or "non-finite"}
+                     for r in sorted(s.diverged, key=lambda r: (r.variant, r.config_hash, r.seed))],
+        "incomplete": [{"variant": r.variant, "hash": r.config_hash[:8], "seed": r.seed, "step": _last_step(r),
+                        "steps": r.config.steps}
+                       for r in sorted(s.incomplete, key=lambda r: (r.variant, r.config_hash, r.seed))],
+        "verdict_error": s.verdict_error or "", "verdict_error_last": _last_line(s.verdict_error or ""),
+        "rows": views, "robustness": _robustness_view(rows, views, s.name),
+        "tables": tables, "results": _results_view(s),
+        "plot_error": s.plot_error or "", "plot_error_last": _last_line(s.plot_error or ""),
+        "figures": _figures_view(s, out_dir), "definitions": _definitions_view(s),
+        "settings": _settings_view(s), "deviations": _deviations_view(s), "runs": _runs_view(s, out_dir),
+        "environment": _environment_view(s), "module_path": path,
+        "module_doc": render_markdown(doc) if doc else "",
+    }
+
+
+# --- the page -----------------------------------------------------------------------------------------------
+
+def render(report: Any) -> str:
+    claims_path = claims_doc_path()
+    claims = render_claims(claims_path.read_text(encoding="utf-8")) if claims_path else None
+    claim_anchors = claims.anchors if claims else set()
+    anchors = {(s.name, s.profile): s.anchor for s in report.sections}
+    rows = report.rows
+    views = [_row_view(r, anchors, claim_anchors) for r in rows]
+    robustness = []
+    for s in report.sections:
+        mine = [(r, v) for r, v in zip(rows, views) if r.get("experiment") == s.name and r.get("profile") == s.profile]
+        block = _robustness_view([r for r, _ in mine], [v for _, v in mine], f"{s.name} ({s.profile} profile)")
+        if block is not None:
+            robustness.append(block)
+    n = counts(rows)
+    profiles = getattr(report, "profiles", [])
+    profile = getattr(report, "profile", None) or (profiles[0] if len(profiles) == 1 else None)
+    profile_note = ""
+    if profile == "smoke":
+        profile_note = ("Smoke profile: these runs check that the pipeline works (1 seed, a few steps, small "
+                        "data). They decide no claim: every outcome is UNDECIDED. Run --profile quick for verdicts.")
+    elif len(profiles) > 1:
+        profile_note = (f"This directory holds runs of several profiles ({', '.join(profiles)}), shown as separate "
+                        "sections; smoke-profile rows decide nothing. Run bnlab report DIR --profile P for one "
+                        "profile's report.")
+    page = {
+        "profile": profile, "profile_note": profile_note, "generated": report.generated,
+        "out_dir": str(report.out_dir),
+        "datasets": list(report.datasets.items()) if hasattr(report, "datasets") else [],
+        "counts": [(k, v) for k, v in n.items() if v or k != "ERROR"],
+        "rows": views, "robustness": robustness, "missing": report.missing,
+        "claims_doc": claims.html if claims else "",
+    }
+    sections = [_section_view(s, report.out_dir, anchors, claim_anchors) for s in report.sections]
+    return _env().get_template("report.html.j2").render(page=page, sections=sections, css=Markup(CSS)) + "\n"

@@ -1,5 +1,5 @@
-"""Figure helpers shared by every experiment: mean ± spread over seeds, divergence marks, and PNG files
-that are small and byte-for-byte reproducible.
+"""Figure helpers shared by every experiment: mean ± spread over seeds, divergence marks, and SVG files
+that are sharp at any zoom, small, and byte-for-byte reproducible.
 
     from bnlab.report.plots import new_figure, mean_spread, save_figure
 
@@ -8,17 +8,19 @@ that are small and byte-for-byte reproducible.
         mean_spread(ax, runs, label=variant, split="eval", key="acc")
     ax.set(xlabel="training step", ylabel="accuracy (eval subset)")
     ax.legend()
-    paths = [save_figure(fig, out_dir / "acc.png", caption="Test accuracy over training.")]
+    paths = [save_figure(fig, out_dir / "acc.png", caption="Test accuracy over training.")]  # -> acc.svg
 
 Why these rules:
 - Figures are drawn on the Agg canvas explicitly (``new_figure`` never touches pyplot), so plotting
   works without a display, leaks no pyplot state, and never changes an interactive user's backend.
-- ``save_figure`` writes through a temporary file and ``os.replace`` (a killed report never leaves a
-  half PNG), at a modest DPI (the report inlines every figure as base64), and without the
-  ``Software`` PNG text chunk, so rebuilding a report from the same runs gives the same bytes.
+- ``save_figure`` writes SVG (vector: sharp on any screen and in print; text stays text) through a
+  temporary file and ``os.replace`` (a killed report never leaves half a file), without a date or
+  creator line and with a fixed id salt, so rebuilding a report from the same runs gives the same
+  bytes. A ``.png`` path (the older call form) is written as ``<stem>.svg``; the path written is
+  returned.
 - The band a curve shows is always said: ``mean_spread`` puts it in the legend label and records it
   on the figure, and ``save_figure`` appends it to the caption (``<name>.caption.txt`` next to the
-  PNG, read by the HTML report).
+  figure, read by the HTML report).
 """
 
 from __future__ import annotations
@@ -36,14 +38,17 @@ from matplotlib.figure import Figure
 
 from bnlab.atomic import atomic_write_bytes
 
-DEFAULT_DPI = 90
+DEFAULT_DPI = 200  # fmt="png" only: over 2x a 96-dpi screen (SVG, the default, has no pixels)
 BANDS = ("minmax", "std")
 _BAND_TEXT = {"minmax": "min–max over seeds", "std": "±1 std over seeds"}
-# Reproducible bytes: no version string in the PNG, a fixed hash salt for any SVG a user saves.
+# Reproducible bytes: no version or date in the file, a fixed salt for the SVG's element ids; text as
+# <text> elements (small, selectable, crisp) rather than outlined glyph paths.
 _PNG_METADATA = {"Software": None}
-_RC = {"svg.hashsalt": "bnlab", "path.simplify": True}
+_SVG_METADATA = {"Date": None, "Creator": None}
+_RC = {"svg.hashsalt": "bnlab", "path.simplify": True, "svg.fonttype": "none"}
+VECTOR_SUFFIX = ".svg"
 
-__all__ = ["BANDS", "DEFAULT_DPI", "Spread", "caption_path", "default_plots", "mean_spread",
+__all__ = ["BANDS", "DEFAULT_DPI", "Spread", "caption_path", "default_plots", "figure_path", "mean_spread",
            "new_figure", "read_caption", "save_figure", "use_agg"]
 
 
@@ -190,32 +195,45 @@ def _note_band(fig: Any, band: str) -> None:
 
 # --- saving --------------------------------------------------------------------------------------------
 
-def caption_path(png: Path | str) -> Path:
-    """Where the caption of a figure file lives: ``fig.png`` -> ``fig.caption.txt``."""
-    return Path(png).with_suffix(".caption.txt")
+def caption_path(figure: Path | str) -> Path:
+    """Where the caption of a figure file lives: ``fig.svg`` -> ``fig.caption.txt``."""
+    return Path(figure).with_suffix(".caption.txt")
 
 
-def read_caption(png: Path | str) -> str:
-    path = caption_path(png)
+def read_caption(figure: Path | str) -> str:
+    path = caption_path(figure)
     try:
         return path.read_text(encoding="utf-8").strip()
     except OSError:
         return ""
 
 
+def figure_path(path: Path | str, fmt: str = "svg") -> Path:
+    """The file ``save_figure(fig, path)`` writes: ``path`` with the suffix of ``fmt``."""
+    return Path(path).with_suffix("." + fmt)
+
+
 def save_figure(fig: Figure, path: Path | str, *, caption: str | None = None, dpi: int = DEFAULT_DPI,
-                close: bool = True) -> Path:
-    """Write ``fig`` as a PNG to ``path`` atomically, reproducibly, at ``dpi``; returns ``path``.
+                close: bool = True, fmt: str = "svg") -> Path:
+    """Write ``fig`` to ``path`` with the suffix of ``fmt`` (SVG by default: ``acc.png`` is written
+    as ``acc.svg``), atomically and reproducibly; returns the path written.
 
     caption: written next to it (``caption_path``) for the report; what ``mean_spread`` drew (band,
-    divergence marks) is appended. ``close``: release a pyplot-managed figure afterwards.
+    divergence marks) is appended. ``dpi``: for ``fmt="png"`` only (vector files have no pixels).
+    ``close``: release a pyplot-managed figure afterwards.
+    Raises ValueError for a format other than "svg" or "png".
     """
-    path = Path(path)
+    if fmt not in ("svg", "png"):
+        raise ValueError(f"fmt={fmt!r}; choose svg (default) or png")
+    path = figure_path(path, fmt)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     with matplotlib.rc_context(_RC):
         # tight: legends placed outside the axes are kept, nothing is cut off
-        fig.savefig(buf, format="png", dpi=dpi, metadata=_PNG_METADATA, bbox_inches="tight")
+        if fmt == "svg":
+            fig.savefig(buf, format="svg", metadata=_SVG_METADATA, bbox_inches="tight")
+        else:
+            fig.savefig(buf, format="png", dpi=dpi, metadata=_PNG_METADATA, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
     notes = list(getattr(fig, "_bnlab_notes", []))
     text = " ".join(t for t in [(caption or "").strip()] + [n[0].upper() + n[1:] + "." for n in notes] if t)
@@ -267,6 +285,6 @@ def default_plots(results: Any, out_dir: Path | str) -> list[Path]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     name = results.experiment or "runs"
-    return [save_figure(fig, out_dir / f"{name}_curves.png",
+    return [save_figure(fig, out_dir / f"{name}_curves.svg",
                         caption=f"{name}: training and evaluation curves of every variant (generic plot; "
                                 "the experiment declares no figures of its own).")]

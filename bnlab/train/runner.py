@@ -20,7 +20,6 @@ import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -31,6 +30,7 @@ from bnlab.errors import BnlabError, ConfigError, RunLockedError
 from bnlab.train.config import config_hash
 from bnlab.train.cost import format_seconds
 from bnlab.train.loop import RunOptions, RunOutcome, RunSpec, train_run
+from bnlab.train.progress import Progress
 from bnlab.train.rundir import CHECKPOINT, RunDir, run_dir_path
 from bnlab.train.task import build_network, build_task
 
@@ -64,22 +64,22 @@ class ExperimentRun:
 
 
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """"0,1,2" or "0-4" (inclusive) -> seeds."""
+    """"0,1,2" or "0-4" (inclusive) -> seeds (repeats dropped, order kept). Raises ConfigError for
+    anything else, including empty items ("0,,1") and reversed ranges ("4-0")."""
     seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part[1:]:
-                lo, hi = part.split("-", 1) if not part.startswith("-") else (part, part)
-                seeds.extend(range(int(lo), int(hi) + 1))
-            else:
-                seeds.append(int(part))
-    except ValueError:
-        raise ConfigError(f"--seeds expects integers like 0,1,2 or 0-4, got {text!r}") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise ConfigError(f"--seeds expects non-negative integers like 0,1,2 or 0-4, got {text!r}")
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            raise ConfigError(f"--seeds has an empty item in {text!r}; write e.g. 0,1,2 or 0-4")
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = (int(lo), int(hi)) if sep and lo else (int(part), int(part))
+        except ValueError:
+            raise ConfigError(f"--seeds expects integers like 0,1,2 or 0-4, got {text!r}") from None
+        if first < 0:
+            raise ConfigError(f"--seeds expects non-negative integers like 0,1,2 or 0-4, got {text!r}")
+        if last < first:
+            raise ConfigError(f"--seeds range {part!r} is reversed; write {last}-{first}")
+        seeds.extend(range(first, last + 1))
     return tuple(dict.fromkeys(seeds))
 
 
@@ -130,14 +130,36 @@ def plan_runs(exp: Any, profile: str, *, out: Path | str = "runs", seeds: Sequen
     return planned
 
 
-def check_configs(planned: Sequence[PlannedRun], data_dir: str | None) -> None:
-    """Load every dataset and build every model once, in this process, before any run starts."""
+def check_data_dir(data_dir: str | os.PathLike | None) -> None:
+    """A --data-dir that does not exist is a mistake (a typo would silently fall back otherwise)."""
+    if data_dir is None:
+        return
+    path = Path(data_dir)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise ConfigError(f"--data-dir {data_dir} {what}; pass the folder that holds the dataset folders "
+                          "(e.g. DIR with DIR/mnist/), or leave --data-dir out (`bnlab doctor` shows where "
+                          "datasets are looked for)")
+
+
+def check_configs(planned: Sequence[PlannedRun], data_dir: str | None) -> list[Any]:
+    """Load every dataset and build every model once, in this process, before any run starts or
+    anything is printed or created; returns the distinct Tasks (for the dataset-fallback notice).
+
+    Catches: unknown dataset/norm/model, missing data, a batch larger than the training set, and
+    shape mismatches (one forward pass on two examples)."""
     seen: set[tuple] = set()
+    tasks: dict[int, Any] = {}
     for p in planned:
         if p.state == "done":
             continue
         cfg, spec = p.spec.cfg, p.spec
         task = (spec.build_task or build_task)(cfg, data_dir)
+        tasks.setdefault(id(task), task)
+        n_train = int(task.x_train.shape[0])
+        if cfg.batch_size > n_train:
+            raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {n_train} training examples of "
+                              f"{task.name}; lower batch_size (at most {n_train}) or raise train_subset")
         key = (cfg.model, cfg.norm, cfg.activation, cfg.width, cfg.widths, cfg.init, cfg.init_std,
                cfg.head, cfg.depth, cfg.dropout, cfg.dtype, cfg.channels_last, task.in_shape,
                task.num_classes)
@@ -148,6 +170,17 @@ def check_configs(planned: Sequence[PlannedRun], data_dir: str | None) -> None:
         n = min(2, task.x_train.shape[0])
         with torch.no_grad():  # one forward on two examples: catches shape mismatches early
             model.eval()(task.x_train[:n])
+    return list(tasks.values())
+
+
+def fallback_notices(tasks: Sequence[Any]) -> list[str]:
+    """One line per distinct dataset fallback among ``tasks`` (asked for X, using Y, and why)."""
+    lines = []
+    for requested, used, note in dict.fromkeys((t.requested, t.name, t.note) for t in tasks):
+        if requested != used:
+            lines.append(f"data: {note}" if note else
+                         f"data: {requested} is not installed; using {used} instead (recorded in each run)")
+    return lines
 
 
 def _default_threads(workers: int) -> int:
@@ -177,7 +210,7 @@ def _worker_run(index: int, spec: RunSpec, options: RunOptions) -> RunOutcome:
 
 # --- printing ----------------------------------------------------------------------------------------
 
-_ROW = "{variant:<18} {seed:>4} {steps:>7} {state:<12} {result:<22} {time:>7}"
+_ROW = "{variant:<18} {seed:>4} {steps:>7} {state:<10} {result}"
 
 
 def _outcome_row(o: RunOutcome, steps: int) -> str:
@@ -191,9 +224,11 @@ def _outcome_row(o: RunOutcome, steps: int) -> str:
         result = f"test loss {o.test['loss']:.4g}"
     else:
         result = ""
-    state = o.status + (f"@{o.resumed_from}" if o.resumed_from else "")
-    return _ROW.format(variant=o.variant[:18], seed=o.seed, steps=steps, state=state, result=result,
-                       time=format_seconds(o.seconds) if o.status in ("done", "diverged") else "")
+    if o.status in ("done", "diverged"):
+        result += f" in {format_seconds(o.seconds)}"
+    if o.resumed_from:
+        result += f" (resumed from the checkpoint at step {o.resumed_from})"
+    return _ROW.format(variant=o.variant[:18], seed=o.seed, steps=int(steps), state=o.status, result=result)
 
 
 def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs",
@@ -201,11 +236,21 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
                    variants: Sequence[str] | None = None, workers: int = 1, threads: int | None = None,
                    max_minutes: float | None = None, quiet: bool = False, tensorboard: bool = False,
                    data_dir: str | None = None, wait: bool = False, shard: tuple[int, int] | None = None,
-                   echo: Callable[[str], None] = print, bar: Any = None) -> ExperimentRun:
-    """Plan, check, estimate, run (see module docstring). Raises ConfigError past ``max_minutes`` and
-    RunLockedError at the end if some runs were held by another process (the others still ran)."""
+                   echo: Callable[[str], None] = print, progress: Progress | None = None) -> ExperimentRun:
+    """Plan, check, estimate, run (see module docstring); runs go to ``out/<experiment>/...``.
+
+    Everything that can be checked is checked before the first line is printed or the first file is
+    created (config values, --data-dir, datasets, models, batch size vs data). Raises ConfigError
+    past ``max_minutes`` and RunLockedError at the end if some runs were held by another process
+    (the others still ran). ``progress``: an outer Progress counting estimated seconds of work
+    (``bnlab reproduce``: one over several experiments); without it, and unless ``quiet``, one
+    over this experiment's steps.
+    """
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    check_data_dir(data_dir)
     if tensorboard:
         from bnlab.train.tensorboard import require_tensorboard
 
@@ -217,49 +262,49 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
     serial = sum(p.est_seconds for p in todo)
     parallel = min(workers, max(len(todo), 1))
     wall = serial / parallel
-    echo(f"{exp.name} [{profile}]: {len(planned)} runs ({len(planned) - len(todo)} done, "
-         f"{n_resume} to resume, {len(todo) - n_resume} new) -> {Path(out) / exp.name}")
-    echo(f"estimated cost: {format_seconds(wall)}"
-         + (f" ({format_seconds(serial)} of CPU over {parallel} workers)" if parallel > 1 else ""))
     if max_minutes is not None and wall > max_minutes * 60:
         raise ConfigError(
             f"estimated {format_seconds(wall)} exceeds --max-minutes {max_minutes:g}; use a smaller "
             f"--profile (smoke, quick), fewer --seeds or --variants, more --workers, or raise --max-minutes"
         )
+    tasks = check_configs(todo, data_dir)  # before any output: a bad value prints nothing, creates nothing
+    write = progress.write if progress is not None else echo
+    write(f"{exp.name} [{profile}]: {len(planned)} runs ({len(planned) - len(todo)} done, "
+          f"{n_resume} to resume, {len(todo) - n_resume} new) -> {Path(out) / exp.name}")
     result = ExperimentRun(exp.name, profile, planned)
     if not todo:
-        echo(f"nothing to do: all {len(planned)} runs are done (delete a run directory to redo it)")
+        write(f"nothing to do: all {len(planned)} runs are done (delete a run directory to redo it)")
         return result
-    check_configs(todo, data_dir)
+    write(f"estimated cost: {format_seconds(wall)}"
+          + (f" ({format_seconds(serial)} of CPU over {parallel} workers)" if parallel > 1 else ""))
+    for line in fallback_notices(tasks):
+        write(line)
 
     threads = threads or _default_threads(workers)
     options = RunOptions(data_dir=data_dir, threads=threads, tensorboard=tensorboard,
                          lock_wait=math.inf if wait else None)
     total_steps = sum(p.spec.cfg.steps - p.start_step for p in todo)
-    # An outer bar (``bnlab reproduce``: one bar over several experiments) counts estimated seconds of
-    # work, since a step of one model can cost 100x a step of another; our own bar counts steps.
-    own_bar = bar is None and not quiet
+    # An outer progress (``bnlab reproduce``) counts estimated seconds of work, since a step of one
+    # model can cost 100x a step of another; our own counts steps.
+    own = progress is None and not quiet
     weight = [1.0] * len(todo)
-    if own_bar:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False, file=sys.stderr)
-    elif bar is not None:
+    if own:
+        progress = Progress(total_steps, desc=exp.name, unit="steps", prior_rate=total_steps / wall if wall else None)
+        write = progress.write
+    elif progress is not None:
         weight = [p.est_seconds / max(1, p.spec.cfg.steps - p.start_step) for p in todo]
-    write = bar.write if bar is not None else echo
-    write(_ROW.format(variant="variant", seed="seed", steps="steps", state="status", result="result",
-                      time="time"))
+    write(_ROW.format(variant="variant", seed="seed", steps="steps", state="status", result="result"))
     done_steps = {i: p.start_step for i, p in enumerate(todo)}
 
     def advance(i: int, step: int) -> None:
-        if bar is not None and step > done_steps[i]:
-            bar.update((step - done_steps[i]) * weight[i])
+        if progress is not None and step > done_steps[i]:
+            progress.update((step - done_steps[i]) * weight[i])
         done_steps[i] = max(done_steps[i], step)
 
     for p in planned:
         if p.state == "done":
             write(_ROW.format(variant=p.spec.variant[:18], seed=p.spec.seed, steps=p.spec.cfg.steps,
-                              state="skipped", result="already done", time=""))
+                              state="skipped", result="already done"))
     try:
         if workers == 1 or len(todo) == 1:
             for i, p in enumerate(todo):
@@ -272,8 +317,8 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
         else:
             _run_pool(todo, options, workers, threads, advance, write, result)
     finally:
-        if own_bar:
-            bar.close()
+        if own and progress is not None:
+            progress.close()
     _summary(result, echo)
     if result.locked:
         raise RunLockedError(
