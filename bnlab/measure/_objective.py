@@ -23,14 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.errors import ConfigError, ShapeError
-from bnlab.measure._util import BnMode, _module_generators, check_choice, isolated
+from bnlab.measure._util import BnMode, _module_generators, _rng_devices, check_choice, isolated
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 # Cost of one backward through a gradient's graph (the second backward of a Hessian-vector product),
-# in forward+backward equivalents; bench/instruments.py measures it (about 1.5-2 on CPU for conv and
-# MLP models with BN).
-DOUBLE_BACKWARD_PASSES = 1.75
+# in forward+backward equivalents, as measured by bench/instruments.py on CPU (torch 2.13): 4.7 for a
+# conv net with BN and for the Ioffe MLP with BN. Double backward through BN and convolutions is
+# expensive: it differentiates the backward formulas themselves.
+DOUBLE_BACKWARD_PASSES = 4.75
 
 
 @dataclasses.dataclass
@@ -44,7 +45,7 @@ class Cost:
     @property
     def passes(self) -> float:
         """Forward+backward equivalents: one gradient evaluation costs 1; a forward alone 1/3; an
-        HVP's double backward ``DOUBLE_BACKWARD_PASSES``."""
+        HVP's double backward ``DOUBLE_BACKWARD_PASSES`` (4.75, measured)."""
         pairs = min(self.forward, self.backward)
         return pairs + (self.forward - pairs) / 3 + (self.backward - pairs) * 2 / 3 \
             + self.double_backward * DOUBLE_BACKWARD_PASSES
@@ -95,12 +96,13 @@ def unflat(v: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """<a, b> in float64 over lists of tensors."""
-    return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+    """<a, b> over lists of tensors, accumulated in float64."""
+    return torch.stack([(x * y.to(x.dtype)).sum(dtype=torch.float64) for x, y in zip(a, b)]).sum()
 
 
 def norm(a: Sequence[Tensor]) -> float:
-    return float(dot(a, a).sqrt())
+    """ℓ2 norm of the concatenation of ``a``, accumulated in float64."""
+    return float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in a]), dtype=torch.float64))
 
 
 class Objective:
@@ -143,8 +145,13 @@ class Objective:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Objective]:
-        with isolated(self.model, self.x, bn_mode=self.bn_mode, seed=None, grad=True):
+        # isolated() forks the global RNGs and seeds them once; their states (and those of module-owned
+        # generators) are then set again before every evaluation, which is much cheaper than reseeding.
+        with isolated(self.model, self.x, bn_mode=self.bn_mode, seed=self.seed, grad=True):
             self._gen_states = [(g, g.get_state()) for g in _module_generators(self.model)]
+            self._gen_states.append((torch.default_generator, torch.default_generator.get_state()))
+            devices = _rng_devices(self.model, self.x)
+            self._cuda_states = [(d, torch.cuda.get_rng_state(d)) for d in devices]
             self._active = True
             try:
                 yield self
@@ -152,10 +159,10 @@ class Objective:
                 self._active = False
 
     def _reset_randomness(self) -> None:
-        if self.seed is not None:
-            torch.manual_seed(self.seed)  # inside fork_rng: restored when the session ends
         for g, state in self._gen_states:
             g.set_state(state)
+        for d, state in self._cuda_states:
+            torch.cuda.set_rng_state(state, d)
 
     def loss_at(self, w: Sequence[Tensor]) -> Tensor:
         """L(w) with autograd graph to ``w`` (tensors shaped like the parameters)."""

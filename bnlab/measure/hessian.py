@@ -23,7 +23,8 @@ s / sqrt(n) and a 95 % Student-t confidence interval.
 
 Both take an explicit ``bn_mode`` (``"batch"`` default: the Hessian of the training objective) and
 never change the model. Cost: 1 forward + 1 backward (the gradient graph) + 1 double backward per
-iteration or sample; a double backward counts ``DOUBLE_BACKWARD_PASSES`` forward+backward passes.
+iteration or sample; a double backward costs about 4.75 forward+backward passes
+(``DOUBLE_BACKWARD_PASSES``, measured by bench/instruments.py).
 """
 from __future__ import annotations
 
@@ -165,9 +166,10 @@ def hessian_eigenvalues(
         raise ConfigError(f"k={k} exceeds the number of parameters ({n})")
     device = obj.w0[0].device
     gen = torch.Generator().manual_seed(int(seed))
+    m = min(max_iter, n)
+    basis = torch.empty(m + 1, n, dtype=torch.float64, device=device)  # Lanczos vectors, preallocated
     q = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
-    q /= q.norm()
-    basis: list[Tensor] = [q]
+    basis[0] = q / q.norm()
     alphas: list[float] = []
     betas: list[float] = []
     theta = np.zeros(0)
@@ -175,13 +177,13 @@ def hessian_eigenvalues(
     converged = False
     with obj.session():
         leaves, grads = obj.gradient_graph()
-        for j in range(min(max_iter, n)):
+        for j in range(m):
             w = flat(obj.hvp(leaves, grads, unflat(basis[j], obj.w0)))
             if j > 0:
                 w -= betas[j - 1] * basis[j - 1]
             alpha = float(w @ basis[j])
             w -= alpha * basis[j]
-            Q = torch.stack(basis)  # (j+1, n)
+            Q = basis[:j + 1]  # (j+1, n)
             for _ in range(2):  # full reorthogonalization, twice is enough (Kahan-Parlett)
                 w -= Q.T @ (Q @ w)
             beta = float(w.norm())
@@ -200,7 +202,7 @@ def hessian_eigenvalues(
                 converged = True  # the whole space: T is similar to H
                 break
             betas.append(beta)
-            basis.append(w / beta)
+            basis[j + 1] = w / beta
     return HessianEigenResult(
         eigenvalues=np.asarray(theta, dtype=np.float64), residuals=np.asarray(resid, dtype=np.float64),
         iterations=len(alphas), converged=bool(converged), which=which, tol=float(tol), seed=int(seed),

@@ -1,0 +1,116 @@
+"""Cost of each landscape instrument in forward+backward passes: measured against stated.
+
+For each model, one "pass" is the measured median time of one plain forward+backward of the same
+model on the same batch (``torch.autograd.grad`` of the loss, BN in training mode). Each instrument
+is timed (median of a few calls) and divided by (its stated cost in passes, from its result's
+``cost.passes``) x (one pass): a ratio of 1 means the stated cost is exact; the target is 0.75-1.25.
+Also printed: the measured cost of one Hessian-vector product's double backward in passes (the
+constant ``DOUBLE_BACKWARD_PASSES`` the stated costs use).
+
+Usage: python bench/instruments.py [--threads N] [--repeats K]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import time_fn  # noqa: E402
+
+from bnlab.measure import along_gradient, hessian_eigenvalues, hessian_trace, ics  # noqa: E402
+from bnlab.measure._objective import DOUBLE_BACKWARD_PASSES  # noqa: E402
+from bnlab.norm import make_norm  # noqa: E402
+
+
+def convnet(norm: str = "batch", width: int = 32) -> nn.Module:
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), make_norm(norm, cout, 2), nn.ReLU()]
+    return nn.Sequential(*block(3, width), *block(width, width), nn.MaxPool2d(2), *block(width, 2 * width),
+                         *block(2 * width, 2 * width), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(2 * width * 8 * 8, 10))
+
+
+def mlp(norm: str = "batch") -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    sizes = [784, 100, 100, 100]
+    for a, b in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(a, b, bias=False), make_norm(norm, b, 1), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(100, 10))
+
+
+def measure(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ics_layers: list[str],
+            repeats: int) -> list[tuple[str, float, float, float]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def one_pass() -> None:
+        torch.autograd.grad(F.cross_entropy(model(x), y), params)
+
+    t_pass = time_fn(one_pass, warmup=2, repeats=repeats)
+    batch = (x, y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    runs = {
+        f"ics({len(ics_layers)} layers)": lambda: ics(model, F.cross_entropy, batch, ics_layers, update=opt),
+        "along_gradient(4 etas)": lambda: along_gradient(model, F.cross_entropy, batch, [0.05, 0.1, 0.2, 0.4]),
+        "hessian_eigenvalues(20 it)": lambda: hessian_eigenvalues(model, F.cross_entropy, batch, k=1, max_iter=20,
+                                                                  tol=1e-12),
+        "hessian_trace(20 samples)": lambda: hessian_trace(model, F.cross_entropy, batch, samples=20),
+    }
+    rows = []
+    for label, fn in runs.items():
+        fn()  # warm-up
+        times, passes = [], 0.0
+        for _ in range(max(3, repeats // 3)):
+            t0 = time.perf_counter()
+            res = fn()
+            times.append(time.perf_counter() - t0)
+            passes = res.cost.passes
+        t = statistics.median(times)
+        rows.append((f"{name}: {label}", t, passes, t / (passes * t_pass)))
+    # the double backward alone: trace with n and 2n samples, the difference is n double backwards
+    t20 = statistics.median(_times(lambda: hessian_trace(model, F.cross_entropy, batch, samples=10), 3))
+    t40 = statistics.median(_times(lambda: hessian_trace(model, F.cross_entropy, batch, samples=30), 3))
+    rows.append((f"{name}: one double backward (measured passes)", (t40 - t20) / 20, DOUBLE_BACKWARD_PASSES,
+                 (t40 - t20) / 20 / t_pass / DOUBLE_BACKWARD_PASSES))
+    print(f"{name}: one forward+backward pass = {t_pass * 1e3:.2f} ms")
+    return rows
+
+
+def _times(fn, k: int) -> list[float]:
+    fn()
+    out = []
+    for _ in range(k):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rows = []
+    rows += measure("convnet w32 BN, (64,3,32,32)", convnet(), torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,)),
+                    ["3", "10", "15"], args.repeats)
+    rows += measure("Ioffe MLP BN, (60,784)", mlp(), torch.rand(60, 784), torch.randint(0, 10, (60,)),
+                    ["4", "7", "10"], args.repeats)
+    print(f"\n{'instrument':62s} {'ms':>9s} {'stated passes':>14s} {'measured/stated':>16s}")
+    worst = 0.0
+    for label, t, passes, ratio in rows:
+        print(f"{label:62s} {t * 1e3:9.2f} {passes:14.2f} {ratio:16.2f}")
+        worst = max(worst, abs(ratio - 1))
+    print(f"\ninstrument_cost_worst_deviation: {worst:.2f} (target <= 0.25)")
+
+
+if __name__ == "__main__":
+    main()
