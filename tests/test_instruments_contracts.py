@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-import bnlab
 from bnlab.errors import ConfigError, ShapeError
 from bnlab.experiments.base import Experiment
 from bnlab.measure import (along_gradient, hessian_eigenvalues, hessian_trace, hessian_vector_product, ics,
