@@ -5,6 +5,7 @@ scheduled as probes."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -208,3 +209,36 @@ def test_probe_costs_enter_the_estimate():
     cfg = exp.config("bn", "smoke")
     assert [p.cost for p in PROBES] == [3.0, 4.0, pytest.approx(1 + 4 * 4.75), pytest.approx(1 + 3 * 4.75)]
     assert exp.run_cost(cfg) > _experiment((), False).run_cost(cfg)
+
+
+class _Crash(BaseException):
+    pass
+
+
+def test_noisy_bn_run_resumes_to_the_same_noise(tmp_path):
+    """The noise generators travel in the checkpoint: a run killed after a checkpoint resumes to the
+    bits of an uninterrupted run (the noise drawn after the resume is the noise it would have drawn)."""
+    state = {"armed": False}
+
+    def crash(ctx):
+        if state["armed"] and ctx.step == 9:
+            raise _Crash()
+        return {}
+
+    from bnlab.experiments.base import Probe
+
+    exp = Experiment(name="noisy", description="resume", base=dataclasses.replace(TINY, checkpoint_every=5),
+                     variants={"noisy": {"norm": "noisy_batch"}},
+                     probes=(Probe("crash", crash, schedule="every", every=1),))
+    kw = dict(echo=lambda s: None, quiet=True, threads=1)
+    ref = run_experiment(exp, "smoke", out=tmp_path / "ref", **kw)
+    state["armed"] = True
+    with pytest.raises(_Crash):
+        run_experiment(exp, "smoke", out=tmp_path / "crashed", **kw)
+    state["armed"] = False
+    again = run_experiment(exp, "smoke", out=tmp_path / "crashed", **kw)
+    assert again.outcomes[0].resumed_from == 5
+    a, b = ref.planned[0].spec.run_dir, again.planned[0].spec.run_dir
+    assert (a / "metrics.jsonl").read_bytes() == (b / "metrics.jsonl").read_bytes()
+    wa, wb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa if isinstance(wa[k], torch.Tensor))
