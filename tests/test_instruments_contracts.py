@@ -207,7 +207,7 @@ def test_training_with_every_instrument_scheduled_is_bit_identical(tmp_path, tor
 def test_probe_costs_enter_the_estimate():
     exp = _experiment(PROBES, False)
     cfg = exp.config("bn", "smoke")
-    assert [p.cost for p in PROBES] == [3.0, 4.0, pytest.approx(1 + 4 * 4.75), pytest.approx(1 + 3 * 4.75)]
+    assert [p.cost for p in PROBES] == [3.0, 4.0, pytest.approx(1 + 4 * 3.0), pytest.approx(1 + 3 * 3.0)]
     assert exp.run_cost(cfg) > _experiment((), False).run_cost(cfg)
 
 

@@ -23,8 +23,10 @@ s / sqrt(n) and a 95 % Student-t confidence interval.
 
 Both take an explicit ``bn_mode`` (``"batch"`` default: the Hessian of the training objective) and
 never change the model. Cost: 1 forward + 1 backward (the gradient graph) + 1 double backward per
-iteration or sample; a double backward costs about 4.75 forward+backward passes
-(``DOUBLE_BACKWARD_PASSES``, measured by bench/instruments.py).
+iteration or sample; a double backward costs about 3 forward+backward passes
+(``DOUBLE_BACKWARD_PASSES``, measured by bench/instruments.py). Lanczos adds its
+orthogonalization, O(iterations x parameters) flops per iteration, which is not counted in passes and
+matters only for models whose pass takes about a millisecond.
 """
 from __future__ import annotations
 

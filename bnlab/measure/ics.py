@@ -28,7 +28,8 @@ Choices made here (the paper leaves them open):
   noise in both passes, so the difference is due to the update alone.
 
 Cost: 1 forward + 1 backward pass for G, plus 1 forward + 1 backward per probed layer for G'
-(``1 + len(layers)`` forward+backward passes); no side effects on the model or the optimizer.
+(at most ``1 + len(layers)`` forward+backward passes: the backward for G' stops at layer i, so a
+layer near the output costs less than a full pass); no side effects on the model or the optimizer.
 """
 from __future__ import annotations
 
