@@ -451,3 +451,68 @@ def test_bad_arguments_are_config_errors(kwargs):
 def test_no_bn_model_covariate_shift_error():
     with pytest.raises(ConfigError, match="no BN"):
         covariate_shift(nn.Sequential(nn.Linear(3, 3)), torch.randn(4, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# a module called more than once per forward: one result per call site, never pooled
+
+
+class SharedReluBlock(nn.Module):
+    """torchvision's BasicBlock pattern: one ``relu`` module called twice per forward."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+def _hook_one_call(model, x, name, call, where):
+    """Independent oracle: hook only the ``call``-th call of module ``name`` on a deep copy."""
+    model = copy.deepcopy(model)
+    seen, counter = [], [0]
+    module = dict(model.named_modules())[name]
+
+    def grab(t):
+        if counter[0] == call:
+            seen.append(t.detach().clone())
+        counter[0] += 1
+
+    if where == "input":
+        h = module.register_forward_pre_hook(lambda m, args: grab(args[0]))
+    else:
+        h = module.register_forward_hook(lambda m, args, out: grab(out))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    t = seen[0]
+    return t.movedim(1, -1).reshape(-1, t.shape[1]).double().numpy()
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_module_called_twice_is_recorded_per_call_site(where):
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(stem=nn.Conv2d(2, 3, 1), block=SharedReluBlock())).train()
+    x = torch.randn(6, 2, 5, 5)
+    res = record_activations(model, x, ["block.relu", "block.bn1"], where=where, bins=None, units=[0, 2])
+    assert set(res) == {"block.relu#0", "block.relu#1", "block.bn1"}
+    for call in (0, 1):
+        vals = _hook_one_call(model, x, "block.relu", call, where)
+        r = res[f"block.relu#{call}"]
+        assert r.n_samples == 6 * 25 == vals.shape[0]  # not 2 x 6 x 25: the two call sites are not pooled
+        np.testing.assert_allclose(r.percentiles, np.percentile(vals, [15, 50, 85], axis=0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(r.mean, vals.mean(0), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(r.sample, vals[:, [0, 2]])
+    # chunks: each call site pooled over chunks, still separately
+    chunked = record_activations(model, x, "block.relu", where=where, bins=None, chunk_size=3)
+    for call in (0, 1):
+        parts = [_hook_one_call(model, xc, "block.relu", call, where) for xc in torch.split(x, 3)]
+        np.testing.assert_allclose(chunked[f"block.relu#{call}"].mean, np.concatenate(parts).mean(0), atol=1e-12)
+    # probes that must pool one activation refuse instead of mixing call sites
+    from bnlab.measure._util import capture
+    with pytest.raises(ConfigError, match="called 2 times"):
+        capture(model, x, {"relu": model.block.relu})

@@ -149,8 +149,11 @@ def _module_generators(model: nn.Module) -> list[torch.Generator]:
 
 
 @contextlib.contextmanager
-def isolated(model: nn.Module, x: Tensor, *, bn_mode: BnMode, seed: int | None) -> Iterator[None]:
-    """Training flags from ``bn_mode``, forked and seeded RNGs, and restoration of all of it."""
+def isolated(model: nn.Module, x: Tensor, *, bn_mode: BnMode, seed: int | None, grad: bool = False) -> Iterator[None]:
+    """Training flags from ``bn_mode``, forked and seeded RNGs, and restoration of all of it.
+
+    ``grad=False`` runs the body under ``no_grad`` (activation probes); ``grad=True`` enables autograd
+    for the instruments that differentiate the loss (they never write ``.grad``)."""
     check_choice("bn_mode", bn_mode, _BN_MODES)
     flags = [(m, m.training) for m in model.modules()]
     gens = [(g, g.get_state()) for g in _module_generators(model)]
@@ -167,7 +170,7 @@ def isolated(model: nn.Module, x: Tensor, *, bn_mode: BnMode, seed: int | None) 
                     m.training = bn_mode == "batch"  # not .train(): that would recurse into children
                 elif is_dropout(m):
                     m.training = False
-            with torch.no_grad():
+            with torch.enable_grad() if grad else torch.no_grad():
                 yield
     finally:
         for m, flag in flags:
@@ -217,6 +220,12 @@ def forward_chunks(
                 raise
 
 
+def call_key(label: str, call: int, calls: int) -> str:
+    """Result key of one call site: the label itself for a module called once per forward,
+    ``"label#i"`` (i = 0, 1, ... in call order) for a module called several times."""
+    return label if calls == 1 else f"{label}#{call}"
+
+
 def capture(
     model: nn.Module,
     x: Tensor,
@@ -226,26 +235,48 @@ def capture(
     bn_mode: BnMode = "batch",
     chunk_size: int | None = None,
     seed: int | None = 0,
+    per_call: bool = False,
 ) -> dict[str, Tensor]:
     """Activations of each target module as ``(samples, units)`` float64, pooled over chunks.
 
     ``where="input"`` uses a *pre*-hook: an in-place module (``ReLU(inplace=True)``) would have
     overwritten its input by the time a post-hook runs. A module called several times in one
-    forward (weight sharing) contributes the samples of every call. Hooks are always removed.
+    forward (a ResNet block's shared ``relu``, weight sharing) has several call sites whose
+    activations are different quantities: with ``per_call=True`` each call site is recorded
+    separately under ``"label#0"``, ``"label#1"``, ... (call order within one forward; the same
+    call index is pooled over chunks); with ``per_call=False`` such a module is refused with a
+    ConfigError. Nothing is ever pooled across call sites. Hooks are always removed.
     """
     check_choice("where", where, _WHERES)
-    store: dict[str, list[Tensor]] = {label: [] for label in targets}
+    # store[label][call index] -> list of per-chunk activations
+    store: dict[str, dict[int, list[Tensor]]] = {label: {} for label in targets}
+    calls_in_chunk: dict[str, int] = {label: 0 for label in targets}
+    calls_per_chunk: dict[str, set[int]] = {label: set() for label in targets}
     handles = []
+
+    def record(label: str, value: Tensor) -> None:
+        i = calls_in_chunk[label]
+        calls_in_chunk[label] = i + 1
+        store[label].setdefault(i, []).append(to_units(value))
 
     def make_hook(label: str):
         if where == "input":
             def pre(module, args, kwargs):
-                store[label].append(to_units(_first_tensor(args, kwargs)))
+                record(label, _first_tensor(args, kwargs))
             return pre
 
         def post(module, args, output):
-            store[label].append(to_units(_first_output(output)))
+            record(label, _first_output(output))
         return post
+
+    def end_chunk() -> None:
+        for label in targets:
+            calls_per_chunk[label].add(calls_in_chunk[label])
+            calls_in_chunk[label] = 0
+
+    def on_chunk(i: int) -> None:
+        if i > 0:
+            end_chunk()
 
     try:
         for label, module in targets.items():
@@ -253,23 +284,39 @@ def capture(
                 handles.append(module.register_forward_pre_hook(make_hook(label), with_kwargs=True))
             else:
                 handles.append(module.register_forward_hook(make_hook(label)))
-        forward_chunks(model, x, bn_mode=bn_mode, chunk_size=chunk_size, seed=seed)
+        forward_chunks(model, x, bn_mode=bn_mode, chunk_size=chunk_size, seed=seed, on_chunk=on_chunk)
+        end_chunk()
     finally:
         for h in handles:
             h.remove()
 
     out: dict[str, Tensor] = {}
-    for label, parts in store.items():
-        if not parts:
+    for label, by_call in store.items():
+        if not by_call:
             raise ConfigError(
                 f"module {label!r} was not called during the forward pass, so nothing was recorded; "
                 f"measure a module that the model's forward uses."
             )
-        widths = {p.shape[1] for p in parts}
-        if len(widths) != 1:
-            raise ShapeError(
-                f"module {label!r} saw activations with different unit counts {sorted(widths)} "
-                f"across calls; measure a module with a fixed number of channels."
+        counts = calls_per_chunk[label]
+        if len(counts) != 1:
+            raise ShapeError(f"module {label!r} was called a different number of times in different chunks "
+                             f"({sorted(counts)}); its call sites cannot be matched, use chunk_size=None.")
+        calls = counts.pop()
+        if calls > 1 and not per_call:
+            raise ConfigError(
+                f"module {label!r} is called {calls} times per forward pass, and its call sites see different "
+                f"activations; pooling them would mix two distributions. Measure a module that is called once "
+                f"(e.g. give each call site its own module), or use record_activations, which records each "
+                f"call site separately as '{label}#0' ... '{label}#{calls - 1}'."
             )
-        out[label] = torch.cat(parts, dim=0)
+        for i in range(calls):
+            parts = by_call[i]
+            key = call_key(label, i, calls)
+            widths = {p.shape[1] for p in parts}
+            if len(widths) != 1:
+                raise ShapeError(
+                    f"module {key!r} saw activations with different unit counts {sorted(widths)} "
+                    f"across chunks; measure a module with a fixed number of channels."
+                )
+            out[key] = torch.cat(parts, dim=0)
     return out

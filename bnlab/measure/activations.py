@@ -238,7 +238,9 @@ def record_activations(
 
     Args:
         modules: a name, list of names (``dict(model.named_modules())``), or ``{label: name}``;
-            results are keyed by label.
+            results are keyed by label. A module called several times per forward (a ResNet
+            block's shared ``relu``) has one result per call site, ``"label#0"``, ``"label#1"``,
+            ... in call order: each equals what hooking that call alone gives; nothing is pooled.
         where: ``"input"`` (e.g. the sigmoid input) or ``"output"`` of each module.
         bn_mode: ``"batch"`` (batch statistics, as in training) or ``"running"`` (population
             statistics, as at inference); never taken from the model's current mode, so a probe
@@ -259,18 +261,27 @@ def record_activations(
     _check_levels(percentiles)
     targets = resolve_modules(model, modules)
     if isinstance(units, Mapping):
-        extra = set(units) - set(targets)
+        extra = {u for u in units if u not in targets and u.rsplit("#", 1)[0] not in targets}
         if extra:
             raise ConfigError(f"units names layers {sorted(extra)} that are not measured; use labels from {sorted(targets)}.")
     acts = capture(
         model, x, {label: m for label, (_, m) in targets.items()},
-        where=where, bn_mode=bn_mode, chunk_size=chunk_size, seed=seed,
+        where=where, bn_mode=bn_mode, chunk_size=chunk_size, seed=seed, per_call=True,
     )
     return {
-        label: stats_from_values(
-            values, name=label, where=where, bn_mode=bn_mode, percentiles=percentiles,
-            units=units.get(label) if isinstance(units, Mapping) else units,
-            bins=bins, hist_range=hist_range,
+        key: stats_from_values(
+            values, name=key, where=where, bn_mode=bn_mode, percentiles=percentiles,
+            units=_units_of(units, key), bins=bins, hist_range=hist_range,
         )
-        for label, values in acts.items()
+        for key, values in acts.items()
     }
+
+
+def _units_of(units: Units, key: str) -> Sequence[int] | None:
+    """Units for result ``key``; a call site ``"label#i"`` takes ``units["label#i"]`` or else
+    ``units["label"]``."""
+    if not isinstance(units, Mapping):
+        return units
+    if key in units:
+        return units[key]
+    return units.get(key.rsplit("#", 1)[0]) if "#" in key else None

@@ -88,3 +88,17 @@ def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
         if dims is not None and type(module) is source[dims]:
             _swap_class(module, target[dims])
     return model
+
+
+# --- Santurkar et al. 2018 variants: noisy BN (App. A.2.1, Algorithm 1) and ℓp BN (Sec. 3.3) ---------
+import math as _math  # noqa: E402
+
+from bnlab.norm.lp import LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d  # noqa: E402
+from bnlab.norm.noisy import NoiseOnly, NoisyBatchNorm1d, NoisyBatchNorm2d, NoisyBatchNorm3d  # noqa: E402
+
+_NOISY_BN = {1: NoisyBatchNorm1d, 2: NoisyBatchNorm2d, 3: NoisyBatchNorm3d}
+_LP_BN = {1: LpBatchNorm1d, 2: LpBatchNorm2d, 3: LpBatchNorm3d}
+register_norm("noisy_batch", lambda num_features, dims, **kw: _NOISY_BN[dims](num_features, **kw))
+register_norm("noise_only", lambda num_features, dims, **kw: NoiseOnly(num_features, **kw))
+for _name, _p in (("l1", 1), ("l2", 2), ("linf", _math.inf)):
+    register_norm(_name, lambda num_features, dims, _p=_p, **kw: _LP_BN[dims](num_features, p=_p, **kw))

@@ -291,7 +291,7 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
                 ctx = ProbeContext(step=step, model=model, cfg=cfg, seed=seed, probe_batch=probe_batch,
                                    batch=(xb, yb), task=task, lr=lr, loss_fn=loss_fn,
                                    generator=probe_generator(seed, probe.name, step),
-                                   state=probe_state[probe.name])
+                                   state=probe_state[probe.name], optimizer=optimizer)
                 scalars, arrays = call_probe(probe, ctx)
                 if scalars:
                     log({"step": step, "probe": probe.name, **scalars})

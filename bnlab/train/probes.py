@@ -12,6 +12,7 @@ training trajectory (tests check the trajectory is bit-identical with and withou
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.errors import ConfigError
+from bnlab.measure._util import _module_generators
 from bnlab.train.config import TrainConfig
 from bnlab.train.schedule import probe_steps
 
@@ -40,6 +42,7 @@ class ProbeContext:
     loss_fn: Callable[[Tensor, Tensor], Tensor]  # the training loss with the config's reduction
     generator: torch.Generator  # seeded by (seed, probe, step): a probe's own randomness
     state: dict[str, Any] = field(default_factory=dict)  # kept across calls and checkpoints
+    optimizer: Any = None  # the run's torch.optim.Optimizer (read only: ICS applies its next step to copies)
 
 
 ProbeFn = Callable[[ProbeContext], Mapping[str, Any]]
@@ -80,10 +83,16 @@ def probe_generator(seed: int, name: str, step: int) -> torch.Generator:
 class _Guard:
     """Snapshot of everything a probe could disturb; ``restore`` puts it back."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         self.model = model
+        self.optimizer = optimizer
+        self.optimizer_state = None if optimizer is None else copy.deepcopy(optimizer.state_dict())
+        # module-owned generators (noisy BN draws its noise from its own torch.Generator)
+        self.generators = [(g, g.get_state()) for g in _module_generators(model)]
         self.training = [(m, m.training) for m in model.modules()]
-        self.tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+        # tensors only: module extra state (a noisy BN's generator) is restored through `generators`
+        self.tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
+                        if isinstance(v, Tensor)}
         self.grads = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
         self.torch_rng = torch.get_rng_state()
         self.np_rng = np.random.get_state()
@@ -103,11 +112,15 @@ class _Guard:
         torch.set_rng_state(self.torch_rng)
         np.random.set_state(self.np_rng)
         random.setstate(self.py_rng)
+        for g, state in self.generators:
+            g.set_state(state)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(self.optimizer_state)
 
 
 def call_probe(probe: Probe, ctx: ProbeContext) -> tuple[dict[str, float | None], dict[str, np.ndarray]]:
     """Run one probe under the guard; split its output into scalars and arrays."""
-    guard = _Guard(ctx.model)
+    guard = _Guard(ctx.model, ctx.optimizer)
     try:
         out = probe.fn(ctx)
     finally:
@@ -158,3 +171,94 @@ class ArrayStore:
 
     def stacked(self) -> dict[str, np.ndarray]:
         return {k: np.stack(v) for k, v in self.data.items() if v}
+
+
+# --- the measure/ instruments as scheduled probes ---------------------------------------------------------
+
+INSTRUMENTS = ("ics", "along_gradient", "hessian_eigenvalues", "hessian_trace")
+_INSTRUMENT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ics": {"param": "weight"},
+    "along_gradient": {"multipliers": (0.5, 1.0, 2.0, 4.0)},
+    "hessian_eigenvalues": {"k": 1, "max_iter": 20, "tol": 1e-3, "which": "largest"},
+    "hessian_trace": {"samples": 20},
+}
+_INSTRUMENT_OPTIONS = {
+    "ics": {"layers", "param"},
+    "along_gradient": {"multipliers", "etas", "params"},
+    "hessian_eigenvalues": {"k", "max_iter", "tol", "which", "params"},
+    "hessian_trace": {"samples", "params"},
+}
+
+
+def _stated_passes(instrument: str, opts: Mapping[str, Any]) -> float:
+    """Forward+backward passes per call, as each instrument's docstring states them (upper bound
+    for Lanczos, which may stop before max_iter)."""
+    from bnlab.measure._objective import DOUBLE_BACKWARD_PASSES
+
+    if instrument == "ics":
+        layers = opts["layers"]
+        return 1.0 + (1 if isinstance(layers, str) else len(layers))
+    if instrument == "along_gradient":
+        return 1.0 + len(opts["etas"] if opts.get("etas") is not None else opts["multipliers"])
+    n = opts["max_iter"] if instrument == "hessian_eigenvalues" else opts["samples"]
+    return 1.0 + n * DOUBLE_BACKWARD_PASSES
+
+
+def instrument_probe(instrument: str, *, name: str | None = None, batch: str = "train", bn_mode: str = "batch",
+                     schedule: str | None = None, every: int | None = None, points: int | None = None,
+                     **options: Any) -> Probe:
+    """A Probe that runs one of bnlab.measure's landscape instruments on a schedule.
+
+    instrument: ``"ics"`` (options ``layers``, ``param``; the update is the run's own: its optimizer,
+    momentum buffers included), ``"along_gradient"`` (``multipliers`` × the step's learning rate,
+    default (1/2, 1, 2, 4), or fixed ``etas``), ``"hessian_eigenvalues"`` (``k``, ``max_iter``,
+    ``tol``, ``which``) or ``"hessian_trace"`` (``samples``). ``batch="train"`` measures on the batch
+    of the update at that step (Santurkar's "same batch"); ``"probe"`` on the run's fixed probe batch.
+    Scalars (the result's ``summary()`` and ``cost_passes``) go to metrics.jsonl, the per-η curves of
+    along_gradient to arrays.npz; ``Probe.cost`` is the stated passes per call, which the cost
+    estimate printed before a run includes.
+    """
+    from bnlab.measure import along_gradient, hessian_eigenvalues, hessian_trace, ics
+
+    if instrument not in INSTRUMENTS:
+        raise ConfigError(f"unknown instrument {instrument!r}; choose one of {', '.join(INSTRUMENTS)}")
+    if batch not in ("train", "probe"):
+        raise ConfigError(f"batch={batch!r}: use 'train' (the step's batch) or 'probe' (the fixed probe batch)")
+    if bn_mode not in ("batch", "running"):
+        raise ConfigError(f"bn_mode={bn_mode!r}: use 'batch' or 'running'")
+    unknown = set(options) - _INSTRUMENT_OPTIONS[instrument]
+    if unknown:
+        raise ConfigError(f"unknown options {sorted(unknown)} for {instrument}; valid: "
+                          f"{sorted(_INSTRUMENT_OPTIONS[instrument])}")
+    if instrument == "ics" and "layers" not in options:
+        raise ConfigError("instrument 'ics' needs layers=[module names] (the layers i of Def. 2.1)")
+    opts = {**_INSTRUMENT_DEFAULTS[instrument], **options}
+
+    def fn(ctx: ProbeContext) -> dict[str, Any]:
+        xb, yb = ctx.batch if batch == "train" else ctx.probe_batch
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=ctx.generator))
+        common = dict(bn_mode=bn_mode)
+        arrays: dict[str, Any] = {}
+        if instrument == "ics":
+            update = ctx.optimizer if ctx.optimizer is not None else ctx.lr
+            if ctx.optimizer is not None:  # the loop sets the step's lr after the probes; the guard restores it
+                for group in ctx.optimizer.param_groups:
+                    group["lr"] = ctx.lr
+            res = ics(ctx.model, ctx.loss_fn, (xb, yb), opts["layers"], update=update, param=opts["param"],
+                      seed=seed, **common)
+        elif instrument == "along_gradient":
+            etas = opts.get("etas") or [m * ctx.lr for m in opts["multipliers"]]
+            res = along_gradient(ctx.model, ctx.loss_fn, (xb, yb), etas, params=opts.get("params"), seed=seed,
+                                 **common)
+            arrays = res.arrays()
+        elif instrument == "hessian_eigenvalues":
+            res = hessian_eigenvalues(ctx.model, ctx.loss_fn, (xb, yb), k=opts["k"], max_iter=opts["max_iter"],
+                                      tol=opts["tol"], which=opts["which"], params=opts.get("params"),
+                                      seed=seed, **common)
+        else:
+            res = hessian_trace(ctx.model, ctx.loss_fn, (xb, yb), samples=opts["samples"],
+                                params=opts.get("params"), seed=seed, **common)
+        return {**res.summary(), "cost_passes": res.cost.passes, **arrays}
+
+    return Probe(name or instrument, fn, schedule=schedule, every=every, points=points,
+                 cost=_stated_passes(instrument, opts))

@@ -1,0 +1,212 @@
+"""The loss of a model on one batch as a pure function of its parameters, for the instruments that
+differentiate it (ics, along_gradient, hessian).
+
+``Objective`` evaluates ``L(w) = loss_fn(model(x; w), y)`` through ``torch.func.functional_call``
+with the chosen parameters replaced by tensors of its own and *fresh clones of every buffer* per
+evaluation, inside ``_util.isolated``: BN layers in the mode ``bn_mode`` says (not the model's),
+dropout off, the global RNG forked and seeded, module-owned generators (noisy BN) restored. Before
+every evaluation the seeded state is set again, so stochastic layers draw the same noise each time
+and L is a deterministic function of w (finite differences, symmetric Hessians). Gradients come from
+``torch.autograd.grad``, which never writes ``.grad``; the model's parameters, buffers, flags and
+``requires_grad`` are never touched.
+
+Every evaluation is counted in ``Cost``: forward passes, backward passes, and backward passes
+through a gradient's graph (a Hessian-vector product by double backward).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.errors import ConfigError, ShapeError
+from bnlab.measure._util import BnMode, _module_generators, _rng_devices, check_choice, isolated
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+# Cost of one backward through a gradient's graph (the second backward of a Hessian-vector product),
+# in forward+backward equivalents, as measured by bench/instruments.py on CPU (torch 2.13, timed
+# between plain passes): 3.2 for a conv net with BN, 2.0 for the Ioffe MLP with BN (small layers,
+# where per-op overhead dominates). Double backward through BN and convolutions differentiates the
+# backward formulas themselves, hence more than one pass.
+DOUBLE_BACKWARD_PASSES = 3.0
+
+
+@dataclasses.dataclass
+class Cost:
+    """Work done by an instrument, counted as it runs."""
+
+    forward: int = 0  # forward passes over the batch
+    backward: int = 0  # ordinary backward passes (one gradient)
+    double_backward: int = 0  # backward passes through a gradient's graph (one Hessian-vector product each)
+
+    @property
+    def passes(self) -> float:
+        """Forward+backward equivalents: one gradient evaluation costs 1; a forward alone 1/3; an
+        HVP's double backward ``DOUBLE_BACKWARD_PASSES`` (3.0, measured)."""
+        pairs = min(self.forward, self.backward)
+        return pairs + (self.forward - pairs) / 3 + (self.backward - pairs) * 2 / 3 \
+            + self.double_backward * DOUBLE_BACKWARD_PASSES
+
+    def as_dict(self) -> dict[str, float]:
+        return {"forward": self.forward, "backward": self.backward, "double_backward": self.double_backward,
+                "passes": self.passes}
+
+
+def check_batch(batch: object) -> tuple[Tensor, Tensor]:
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor)):
+        raise ShapeError(f"batch must be a pair (x, y) of tensors, the inputs and targets of loss_fn, got "
+                         f"{type(batch).__name__}")
+    x, y = batch
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ShapeError(f"batch x must have a non-empty batch dimension, got shape {tuple(x.shape)}")
+    return x, y
+
+
+def select_params(model: nn.Module, params: Sequence[str] | None) -> list[str]:
+    """Names of the parameters L is a function of: ``params``, or every parameter that requires grad."""
+    named = dict(model.named_parameters())
+    if params is None:
+        names = [n for n, p in named.items() if p.requires_grad]
+        if not names:
+            raise ConfigError("the model has no parameter that requires grad; pass params=[names] to choose some")
+        return names
+    if isinstance(params, str):
+        params = [params]
+    names = list(params)
+    unknown = [n for n in names if n not in named]
+    if unknown or not names:
+        shown = ", ".join(repr(n) for n in list(named)[:12])
+        raise ConfigError(f"unknown parameter names {unknown}; valid names (model.named_parameters()) include {shown}")
+    return names
+
+
+def flat(ts: Sequence[Tensor], dtype: torch.dtype = torch.float64) -> Tensor:
+    return torch.cat([t.reshape(-1).to(dtype) for t in ts])
+
+
+def unflat(v: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    out, i = [], 0
+    for t in like:
+        out.append(v[i:i + t.numel()].view_as(t).to(t.dtype))
+        i += t.numel()
+    return out
+
+
+def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """<a, b> over lists of tensors, accumulated in float64."""
+    return torch.stack([(x * y.to(x.dtype)).sum(dtype=torch.float64) for x, y in zip(a, b)]).sum()
+
+
+def norm(a: Sequence[Tensor]) -> float:
+    """ℓ2 norm of the concatenation of ``a``, accumulated in float64."""
+    return float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in a]), dtype=torch.float64))
+
+
+class Objective:
+    """``L(w)`` on one batch; use inside ``with obj.session():``.
+
+    Args:
+        model: any ``nn.Module``; never modified.
+        loss_fn: ``loss_fn(model(x), y) -> scalar tensor`` (e.g. the training loss).
+        batch: ``(x, y)``.
+        bn_mode: ``"batch"`` (BN normalizes with the batch's statistics, as in training) or
+            ``"running"`` (with the running statistics, as at inference); running statistics are
+            never updated either way.
+        params: the parameter names L is a function of (default: all that require grad); the
+            other parameters are held at their current values.
+        seed: seeds the forked global RNG of every evaluation (stochastic layers that use it).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, Tensor], *, bn_mode: BnMode = "batch",
+                 params: Sequence[str] | None = None, seed: int | None = 0) -> None:
+        check_choice("bn_mode", bn_mode, ("batch", "running"))
+        if not callable(loss_fn):
+            raise ConfigError(f"loss_fn must be callable as loss_fn(model(x), y), got {type(loss_fn).__name__}")
+        self.model, self.loss_fn = model, loss_fn
+        self.x, self.y = check_batch(batch)
+        self.bn_mode, self.seed = bn_mode, seed
+        self.names = select_params(model, params)
+        named = dict(model.named_parameters())
+        self.w0 = [named[n].detach() for n in self.names]  # read only: never written
+        self.cost = Cost()
+        self._gen_states: list[tuple[torch.Generator, Tensor]] = []
+        self._active = False
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.w0)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Objective]:
+        # isolated() forks the global RNGs and seeds them once; their states (and those of module-owned
+        # generators) are then set again before every evaluation, which is much cheaper than reseeding.
+        with isolated(self.model, self.x, bn_mode=self.bn_mode, seed=self.seed, grad=True):
+            self._gen_states = [(g, g.get_state()) for g in _module_generators(self.model)]
+            self._gen_states.append((torch.default_generator, torch.default_generator.get_state()))
+            devices = _rng_devices(self.model, self.x)
+            self._cuda_states = [(d, torch.cuda.get_rng_state(d)) for d in devices]
+            self._active = True
+            try:
+                yield self
+            finally:
+                self._active = False
+
+    def _reset_randomness(self) -> None:
+        for g, state in self._gen_states:
+            g.set_state(state)
+        for d, state in self._cuda_states:
+            torch.cuda.set_rng_state(state, d)
+
+    def loss_at(self, w: Sequence[Tensor]) -> Tensor:
+        """L(w) with autograd graph to ``w`` (tensors shaped like the parameters)."""
+        if not self._active:
+            raise RuntimeError("Objective evaluated outside its session(); use `with obj.session():`")
+        self._reset_randomness()
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        out = torch.func.functional_call(self.model, {**dict(zip(self.names, w)), **buffers}, (self.x,))
+        loss = self.loss_fn(out, self.y)
+        self.cost.forward += 1
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise ShapeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                             f"{tuple(loss.shape) if isinstance(loss, Tensor) else ''}; reduce it (mean or sum)")
+        return loss.reshape(())
+
+    def leaves(self, w: Sequence[Tensor] | None = None) -> list[Tensor]:
+        return [t.detach().clone().requires_grad_(True) for t in (self.w0 if w is None else w)]
+
+    def loss_and_grad(self, w: Sequence[Tensor] | None = None, *, only: Sequence[int] | None = None) -> tuple[float, list[Tensor]]:
+        """(L(w), ∇L(w)); ``only`` restricts the gradient to those parameter indices."""
+        leaves = self.leaves(w)
+        loss = self.loss_at(leaves)
+        wrt = leaves if only is None else [leaves[i] for i in only]
+        grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+        self.cost.backward += 1
+        grads = [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(wrt, grads)]
+        return float(loss.detach()), grads
+
+    def gradient_graph(self, w: Sequence[Tensor] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """(leaves, ∇L(leaves)) with the graph kept, for repeated Hessian-vector products."""
+        leaves = self.leaves(w)
+        loss = self.loss_at(leaves)
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+        self.cost.backward += 1
+        grads = [torch.zeros_like(t, requires_grad=True) if g is None else g for t, g in zip(leaves, grads)]
+        return leaves, grads
+
+    def hvp(self, leaves: Sequence[Tensor], grads: Sequence[Tensor], v: Sequence[Tensor]) -> list[Tensor]:
+        """H v by double backward: the gradient of <∇L(w), v> with respect to w (Pearlmutter 1994)."""
+        inner = sum((g * vi.to(g.dtype)).sum() for g, vi in zip(grads, v))
+        if not inner.requires_grad:  # L is linear in w: H = 0
+            self.cost.double_backward += 1
+            return [torch.zeros_like(t) for t in leaves]
+        hv = torch.autograd.grad(inner, list(leaves), retain_graph=True, allow_unused=True)
+        self.cost.double_backward += 1
+        return [torch.zeros_like(t) if h is None else h.detach() for t, h in zip(leaves, hv)]
