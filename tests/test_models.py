@@ -91,7 +91,7 @@ def test_norm_none_has_no_norm_modules_and_keeps_biases(name: str, in_shape: tup
     model = _small(name, "none", in_shape)
     assert model.norm_layers() == {}
     assert not any(isinstance(m, BN_TYPES) for m in model.modules())
-    expect_bias = name != "dln"  # the DLN is bias-free by definition (papers.md B.2)
+    expect_bias = name != "dln"  # the DLN is bias-free by definition (Santurkar et al. 2018, App. A.1)
     for lname, layer in model.weight_layers().items():
         assert (layer.bias is not None) == expect_bias, lname
 
@@ -321,7 +321,7 @@ def test_build_is_reproducible_under_a_seed() -> None:
 # ------------------------------------------------------------------------------- dln, float64
 @pytest.mark.parametrize("norm", NORMS)
 def test_dln_float64_gradient_descent_decreases_loss(norm: str) -> None:
-    """Santurkar's DLN setting (papers.md B.2/F): summed squared loss to A x, full-batch GD, float64."""
+    """Santurkar's DLN setting (Santurkar et al. 2018, App. A.1): summed squared loss to A x, full-batch GD, float64."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1000, 10, generator=g, dtype=torch.float64)  # (1000, 10)
     a = torch.randn(10, 10, generator=g, dtype=torch.float64)
@@ -339,7 +339,7 @@ def test_dln_float64_gradient_descent_decreases_loss(norm: str) -> None:
             for p in model.parameters():
                 p -= lr * p.grad
         losses.append(loss.item())
-    assert 1e4 < losses[0] < 1e6  # papers.md F: ≈1e5 at init
+    assert 1e4 < losses[0] < 1e6  # ≈ 1000 samples x E||Ax||^2 = 1e5 at init
     assert losses[-1] < losses[0], losses
     if norm == "none":  # plain GD on the standard DLN is monotone at this LR; with BN the early
         assert all(b < a for a, b in zip(losses, losses[1:])), losses  # steps may wiggle (pilot, F)

@@ -1,4 +1,4 @@
-"""Claims D.1-D.5 of shared/papers.md, numerical stability, low precision, properties."""
+"""Claims D.1-D.5 (docs/claims.md), numerical stability, low precision, properties."""
 from __future__ import annotations
 
 import numpy as np
@@ -58,7 +58,7 @@ def test_d4_scale_invariance(a):
     w = torch.randn(5, 7, dtype=torch.float64)
     g = torch.randn(32, 5, dtype=torch.float64)
     gamma, beta = torch.rand(5, dtype=torch.float64) + 0.5, torch.randn(5, dtype=torch.float64)
-    eps = 1e-12  # the identity is exact only as eps -> 0 (papers.md A.6)
+    eps = 1e-12  # the identity is exact only as eps -> 0 (Ioffe & Szegedy 2015, Sec. 3.3)
 
     def run(weight):
         weight = weight.clone().requires_grad_()

@@ -1,7 +1,7 @@
 """Mini-batches from one in-memory tensor per split: ``randperm`` + ``index_select``, no DataLoader.
 
 For data that already sits in memory a DataLoader only adds per-sample Python overhead and worker
-processes (design.md, "CPU performance policy"); one gather per batch is ~10x faster on 2 cores.
+processes; one gather per batch is ~10x faster on 2 cores.
 
 The batch at a step is a pure function of (seed, step): epoch e = step // steps_per_epoch is
 shuffled by a generator seeded from (seed, e) alone. A run resumed from a checkpoint at step s

@@ -1,7 +1,7 @@
 """``load_dataset(name)`` -> ``Dataset``: tensors ready for training, plus where they came from.
 
-MNIST and CIFAR-10 fall back to Fashion-MNIST when they are not installed (design.md, "Data
-policy"): experiments still run on a machine with only Debian's ``dataset-fashion-mnist``, and the
+MNIST and CIFAR-10 fall back to Fashion-MNIST when they are not installed (the data
+policy): experiments still run on a machine with only Debian's ``dataset-fashion-mnist``, and the
 returned ``Dataset`` says which data was really used (``name`` vs ``requested``, ``note``) so the
 report can state it. Only a *missing* dataset falls back; a corrupt one is an error, because
 silently training on other data than the files the user installed would hide the problem.

@@ -1,6 +1,6 @@
 """Where datasets live, which files they consist of, and how to tell a good file from a bad one.
 
-Search order (design.md, "Data policy"), first directory holding a complete set of files wins:
+Search order, first directory holding a complete set of files wins:
 
 1. ``data_dir`` (the CLI's ``--data-dir``)
 2. ``$BNLAB_DATA`` (one or more directories separated by ``os.pathsep``)

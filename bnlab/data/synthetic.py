@@ -1,4 +1,4 @@
-"""Synthetic regression data for Santurkar et al.'s deep linear network (papers.md B.2).
+"""Synthetic regression data for Santurkar et al.'s deep linear network (Santurkar et al. 2018, App. A.1).
 
 x ~ N(0, I_dim), A with i.i.d. N(0, 1) entries, y = A x for every sample, i.e. Y = X A^T.
 """

@@ -1,6 +1,6 @@
 """Shared machinery of the probes: find layers, and run a forward pass that changes nothing.
 
-The contract (design.md, "Probes never change what they measure"): switching a probe on must leave
+The contract ("probes never change what they measure"): switching a probe on must leave
 the training trajectory bit-identical. A forward pass can change a model in four ways, and
 `capture` isolates each of them:
 

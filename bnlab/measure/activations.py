@@ -9,9 +9,9 @@ input") or its output on the probe batch ``x``. Following BN's convention a *uni
 
 - ``mean``, ``var``: mean and *biased* variance over the samples (what BN normalizes with);
 - ``percentiles``: by default the 15th/50th/85th, exactly ``numpy.percentile`` (linear
-  interpolation, Hyndman & Fan type 7), as in Ioffe et al. 2015 Fig. 1(b, c) (papers.md A.7);
+  interpolation, Hyndman & Fan type 7), as in Ioffe et al. 2015 Fig. 1(b, c);
 - optional histograms (over all units, and per selected unit, on shared bin edges) and the raw
-  values of selected units: Santurkar et al. 2018 Fig. 1(c), 2 and 9 (papers.md B.3, B.4), the
+  values of selected units: Santurkar et al. 2018 Fig. 1(c), 2 and 9, the
   distribution of a randomly sampled activation over the batch (x height x width).
 
 ``bn_mode`` is explicit: ``"batch"`` normalizes every BN layer with the statistics of the (chunk

@@ -2,7 +2,7 @@
 
 Definitions
 -----------
-- ``moment_drift`` (Santurkar et al. 2018, Fig. 8; papers.md B.4, D.12, D.13): for each layer and
+- ``moment_drift`` (Santurkar et al. 2018, Fig. 8; docs/claims.md D.12, D.13): for each layer and
   consecutive probes t, t+1, the change of the first two moments of each unit,
   ``|mu_{t+1} - mu_t|`` and ``|var_{t+1} - var_t|``, averaged over units ("dmean", "dvar",
   shape (T-1,)), together with the unit-averaged moments themselves ("mean", "var", shape (T,))
@@ -10,7 +10,7 @@ Definitions
   ``record_activations`` (biased variance over batch x spatial positions).
 - ``percentile_drift`` (Ioffe & Szegedy 2015, Fig. 1(b, c); the D.9 statistic): for each percentile
   trace, ``max - min`` over the probes left after skipping the first ``skip_fraction`` of training,
-  averaged over units (papers.md F: a single unit is too noisy to decide D.9).
+  averaged over units (a single unit is too noisy to decide D.9).
 - ``covariate_shift``: the train-vs-eval shift of each BN layer's input. With every BN layer in
   batch mode (as in training), the per-channel mean ``mu_B`` and biased variance ``var_B`` of the
   layer's input over the probe batch (pooled over chunks) are compared with the layer's running

@@ -2,7 +2,7 @@
 
 Each layer gets its own module (never a functional call, never a shared instance) so that a probe can
 hook the input of one particular nonlinearity (Ioffe Fig. 1 measures the input of a sigmoid,
-papers.md A.7). ReLU is built with ``inplace=False``: an in-place ReLU would overwrite the norm output
+Ioffe & Szegedy 2015, Sec. 4.1). ReLU is built with ``inplace=False``: an in-place ReLU would overwrite the norm output
 that a hook on the norm (or on the ReLU's input) has just recorded.
 """
 

@@ -2,12 +2,12 @@
 
 Why a flat chain with stable names (``fc1, norm1, act1, fc2, ...``)?
 
-- Probes hook layers by name. Ioffe Fig. 1 (papers.md A.7) measures the *input of the sigmoid*, i.e. the
-  BN output; Santurkar Figs. 1-3, 6, 8 (papers.md B.3-B.7) index weight layers as "Layer #k". So each
+- Probes hook layers by name. Ioffe Fig. 1 measures the *input of the sigmoid*, i.e. the
+  BN output; Santurkar Figs. 1-3, 6, 8 index weight layers as "Layer #k". So each
   model names its weight layers ``conv{k}`` / ``fc{k}`` with one 1-based ``k`` over *all* weight layers,
   and the norm and activation that follow weight layer ``k`` are ``norm{k}`` and ``act{k}``: the number
   in a name is the paper's layer number.
-- With/without BN is a config value, never a code fork (design.md): every norm slot is built by
+- With/without BN is a config value, never a code fork: every norm slot is built by
   ``make_norm`` and stays in the chain even for ``norm="none"`` (then an ``nn.Identity``), so the module
   names, and the code that runs, are the same for every norm.
 - ``bnlab.norm.factory.convert`` may swap norm modules in place later; ``norm_layers()`` therefore looks
@@ -27,7 +27,7 @@ WEIGHT, NORM, ACT, OTHER = "weight", "norm", "act", "other"
 def uses_norm(norm: str) -> bool:
     """True if ``norm`` puts a normalization layer (with its own shift β) into each slot.
 
-    Only then is the bias of the preceding conv/linear layer dropped: β subsumes it (papers.md A.5).
+    Only then is the bias of the preceding conv/linear layer dropped: β subsumes it (Ioffe & Szegedy 2015, Sec. 3.2).
     """
     return norm != "none"
 
@@ -73,7 +73,7 @@ class LayeredModel(nn.Module):
         """Activation modules in forward order: the *input* of each is the pre-activation after the norm.
 
         Hook with ``register_forward_pre_hook`` (or a forward hook's ``args[0]``) to read e.g. the
-        sigmoid input of Ioffe Fig. 1 (papers.md A.7).
+        sigmoid input of Ioffe Fig. 1.
         """
         return {name: self.get_submodule(name) for name in self._names_by_kind[ACT]}
 

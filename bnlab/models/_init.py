@@ -1,6 +1,6 @@
 """Weight initializations used by the models, each tied to the paper that asks for it.
 
-Biases (present only where no norm follows, papers.md A.5) start at zero in every scheme, so that the
+Biases (present only where no norm follows, Ioffe & Szegedy 2015, Sec. 3.2) start at zero in every scheme, so that the
 with/without-norm networks differ only by the norm and the bias, not by random offsets.
 """
 
@@ -20,9 +20,9 @@ def _zero_bias(layer: nn.Module) -> None:
 def glorot_(layer: nn.Conv2d | nn.Linear) -> None:
     """Glorot & Bengio (2010) "normalized initialization": U(±sqrt(6 / (fan_in + fan_out))), gain 1.
 
-    Santurkar (papers.md B.2) says "Glorot initialization" for both the VGG and the DLN without naming
+    Santurkar et al. 2018 (App. A) say "Glorot initialization" for both the VGG and the DLN without naming
     the uniform or normal form; we take the uniform one, the form of Glorot's paper (also Keras' default
-    and what the papers.md F pilot used for the DLN).
+    and what our DLN pilot runs used).
     """
     nn.init.xavier_uniform_(layer.weight)
     _zero_bias(layer)

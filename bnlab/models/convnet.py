@@ -1,20 +1,20 @@
 """Small conv net: the CPU proxy for Ioffe & Szegedy's BN-Inception experiments (Sec. 4.2).
 
-Inception on ImageNet is out of CPU scope; papers.md E proposes a small conv net instead, and the
-papers.md F pilot used exactly this one: conv 3x3 (32-64-64) -> norm -> activation per stage, 2x2
+Inception on ImageNet is out of CPU scope; we use a small conv net instead, the one our
+pilot runs used: conv 3x3 (32-64-64) -> norm -> activation per stage, 2x2
 max-pool between stages, global average pool, linear classifier. It keeps the traits of Inception that
-matter for Sec. 4.2 (papers.md A.8): norm at the input of every nonlinearity, convolutional BN over
+matter for Sec. 4.2: norm at the input of every nonlinearity, convolutional BN over
 (N, H, W), no FC layers except the top classifier, ReLU or (for BN-x5-Sigmoid) sigmoid.
 
 Choices the papers leave open, and ours:
 - One conv per stage, pools only *between* stages (none after the last: global average pooling
   follows); a pool is skipped once the map is 1x1 (tiny inputs such as 8x8 digits with many stages).
-- Dropout (Inception used 40%, BN-x5 removes it, papers.md A.8 4.2.1) is a ``dropout`` layer right
+- Dropout (Inception used 40%, BN-x5 removes it, Sec. 4.2.1) is a ``dropout`` layer right
   before the classifier, present only when ``dropout > 0`` so that ``dropout=0`` runs exactly the same
   code (and consumes no random numbers) as a net built without it.
 - Init: He (kaiming-normal, fan_in) for the convs with ReLU, Glorot uniform with sigmoid/tanh, since
   each keeps its activation's pre-activations O(1) at step 0; the classifier (no nonlinearity after it)
-  always Glorot uniform. Biases zero; conv biases dropped when a norm follows (papers.md A.5).
+  always Glorot uniform. Biases zero; conv biases dropped when a norm follows (Ioffe & Szegedy 2015, Sec. 3.2).
 
 Layer names (widths of length 3): ``conv1 norm1 act1 pool1 conv2 norm2 act2 pool2 conv3 norm3 act3 gap
 flatten [dropout] fc4``.

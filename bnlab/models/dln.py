@@ -1,10 +1,10 @@
-"""Santurkar et al. 2018's 25-layer deep linear network (papers.md B.2, F).
+"""Santurkar et al. 2018's 25-layer deep linear network (App. A.1).
 
 f(x) = W_25 ... W_2 W_1 x with square bias-free 10x10 layers, trained to fit A x with a summed l2 loss
 (the loss and data live in the experiment, not here). Inputs are (N, width) rows; weights act as
 ``nn.Linear`` (x @ W^T).
 
-Choices the paper leaves open (papers.md B.2/B.10), and ours, as in the papers.md F pilot:
+Choices the paper leaves open, and ours (as in our pilot runs):
 - Norm placement: after every linear layer except the last, with its affine (γ, β); the output layer
   stays unnormalized so the net can still represent any scale of A x.
 - Biases: none, with or without a norm (the paper's objective is the product W_1 ... W_k).

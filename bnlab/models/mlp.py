@@ -1,7 +1,7 @@
-"""Ioffe & Szegedy 2015, Sec. 4.1 / Fig. 1: the MNIST network 784-100-100-100-10 (papers.md A.7).
+"""Ioffe & Szegedy 2015, Sec. 4.1 / Fig. 1: the MNIST network 784-100-100-100-10.
 
 Each hidden layer is z = g(BN(W u)): the norm sits immediately before the nonlinearity and normalizes
-x = W u, and the bias b of W u + b is dropped because BN's β subsumes it (papers.md A.5). Without a norm
+x = W u, and the bias b of W u + b is dropped because BN's β subsumes it (Ioffe & Szegedy 2015, Sec. 3.2). Without a norm
 (``norm="none"``) the layer is the paper's baseline z = g(W u + b). The output layer is a plain linear
 layer with bias (no norm, no nonlinearity): the softmax lives in the cross-entropy loss.
 
@@ -34,13 +34,13 @@ class IoffeMLP(LayeredModel):
         hidden: widths of the hidden layers (paper: three of 100).
         num_classes: output units (paper: 10).
         activation: "sigmoid" (paper), "relu" or "tanh".
-        init: "gaussian" (paper: "small random Gaussian values", std not given, papers.md A.7/A.9) or
+        init: "gaussian" (paper: "small random Gaussian values", std not given) or
             "glorot" (uniform Glorot, as the Santurkar models).
         init_std: std of the Gaussian init. ``None`` (default) is 1/sqrt(fan_in) per layer, i.e. 0.036
             for the 784-input layer and 0.1 for the 100-input layers: "small" as the paper says and the
-            papers.md E suggestion; it keeps the baseline's sigmoid inputs near unit scale at step 0
+            our CPU scale-down's suggestion; it keeps the baseline's sigmoid inputs near unit scale at step 0
             (not saturated), so the BN/no-BN comparison is not decided by a bad init. ``1.0`` gives the
-            r2rt community setting N(0, 1) used in the papers.md F pilot (papers.md A.7 [S]); with
+            r2rt community setting N(0, 1) used in our pilot runs (a community reproduction's choice, not the paper's); with
             784 inputs that starts the baseline's first-layer sigmoids deep in saturation.
     """
 

@@ -1,4 +1,4 @@
-"""Models by name, so an experiment config can say ``model="vgg16", norm="batch"`` (design.md).
+"""Models by name, so an experiment config can say ``model="vgg16", norm="batch"``: with/without BN is a config value.
 
 ``build_model`` maps the dataset's shape (``in_shape``, ``num_classes``) onto each constructor's own
 arguments and passes the rest (``**kwargs``) through after checking them against the constructor, so a
@@ -38,11 +38,11 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "ioffe_mlp": ModelSpec(IoffeMLP, {}, "Ioffe Fig. 1 MLP 784-100-100-100-10, sigmoid (papers.md A.7)"),
+    "ioffe_mlp": ModelSpec(IoffeMLP, {}, "Ioffe Fig. 1 MLP 784-100-100-100-10, sigmoid"),
     "vgg11": ModelSpec(VGG, {"arch": "vgg11"}, "VGG-11 (8 convs), width multiplier, Glorot init"),
-    "vgg16": ModelSpec(VGG, {"arch": "vgg16"}, "VGG-16 (13 convs), Santurkar's VGG (papers.md B.2)"),
-    "convnet": ModelSpec(ConvNet, {}, "small conv net, proxy for Ioffe's BN-Inception (papers.md E)"),
-    "dln": ModelSpec(DLN, {}, "Santurkar's 25-layer 10x10 deep linear network (papers.md B.2)"),
+    "vgg16": ModelSpec(VGG, {"arch": "vgg16"}, "VGG-16 (13 convs), Santurkar's VGG"),
+    "convnet": ModelSpec(ConvNet, {}, "small conv net, proxy for Ioffe's BN-Inception"),
+    "dln": ModelSpec(DLN, {}, "Santurkar's 25-layer 10x10 deep linear network"),
 }
 
 # Constructor arguments that build_model derives from in_shape / num_classes, per class.

@@ -1,14 +1,14 @@
-"""VGG (Simonyan & Zisserman) for the Santurkar et al. 2018 experiments (papers.md B.2-B.7).
+"""VGG (Simonyan & Zisserman) for the Santurkar et al. 2018 experiments (App. A, Figs. 1-6).
 
 Santurkar uses a "VGG-like network" on CIFAR-10 with Glorot init and plain SGD; the exact variant and
-width are unknown (papers.md B.2/B.10). Their figures index layers up to "Layer #13", which matches the
-13 conv layers of VGG-16, so VGG-16 is the default reproduction topology (papers.md B.2 [I]); VGG-11
-(configuration "A", 8 convs) is what the public reproductions use (papers.md C.1). ``width`` scales
-every conv channel count for the CPU scale-down (papers.md E: widths /4 or /8).
+width are not stated in the paper. Their figures index layers up to "Layer #13", which matches the
+13 conv layers of VGG-16, so VGG-16 is the default reproduction topology (our inference); VGG-11
+(configuration "A", 8 convs) is what the public reproductions use. ``width`` scales
+every conv channel count for the CPU scale-down (widths /4 or /8).
 
 Choices the papers leave open, and ours:
 - Norm placement: after each conv, before the ReLU; the conv bias is dropped when a norm follows
-  (Ioffe, papers.md A.5; Santurkar "before the non-linearity", papers.md B.2).
+  (Ioffe & Szegedy 2015, Sec. 3.2; Santurkar et al. 2018: "before the non-linearity").
 - Max-pools on small inputs: a 2x2 max-pool is skipped once the feature map is 1x1 (it would make it
   0x0). On 32x32 inputs all five pools run (32 -> 1); on 28x28 the fifth is skipped (28-14-7-3-1); on
   8x8 the last two are. Skipping keeps the conv stack and the weight-layer count unchanged for every
@@ -17,10 +17,10 @@ Choices the papers leave open, and ours:
 - Head: ``"linear"`` (default) is one linear layer from the flattened features to the classes, the
   usual CIFAR VGG head (512 -> 10 at width 1 on 32x32); weight layer #14 of VGG-16. ``"mlp"`` is the
   classic CIFAR head FC H-H-classes with H = the last conv width (512 at width 1, as in the
-  reproduction of papers.md C.1), each hidden FC followed by the norm and the activation, like the
-  convs. Whether Santurkar's FC layers had BN is unknown (papers.md B.10). No dropout (plain SGD, no
-  regularizers, papers.md B.2).
-- Init: Glorot uniform for every conv and linear weight, zero biases (papers.md B.2, see ``_init``);
+  public reproductions), each hidden FC followed by the norm and the activation, like the
+  convs. Whether Santurkar's FC layers had BN is not stated in the paper. No dropout (plain SGD, no
+  regularizers, App. A.1).
+- Init: Glorot uniform for every conv and linear weight, zero biases (App. A.1, see ``_init``);
   norm γ = 1, β = 0 (the factory's default).
 
 Layer names (VGG-11, linear head): ``conv1 norm1 act1 pool1 conv2 norm2 act2 pool2 conv3 ... conv8 norm8

@@ -3,7 +3,7 @@
 This is the oracle every faster implementation in bnlab is tested against, so it favours the
 paper's notation over speed:
 
-* :func:`forward` is Ioffe & Szegedy 2015, Algorithm 1 (papers.md A.2).
+* :func:`forward` is Ioffe & Szegedy 2015, Algorithm 1.
 * :func:`backward_paper` is the paper's six backprop formulas exactly as printed (A.3), including the
   term of dl/dmu_B that is identically zero; :func:`backward_compact` is the simplified form
   (A.3 "compact", the same identity as Santurkar et al. Fact C.1).
@@ -145,7 +145,7 @@ def inference(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, mean: np.ndarr
 
 
 def ema_update(running_mean: np.ndarray, running_var: np.ndarray, x: np.ndarray, factor: float) -> tuple[np.ndarray, np.ndarray]:
-    """PyTorch's running-statistics update (papers.md C.3) for one training batch x:
+    """PyTorch's running-statistics update (torch.nn's convention) for one training batch x:
     running = (1 - factor) * running + factor * batch, with the *unbiased* batch variance.
     ``factor`` is the momentum, or 1/num_batches_tracked for the cumulative average (momentum=None).
     """

@@ -1,5 +1,5 @@
 """From an out dir of stored runs to one self-contained HTML report. Reads run directories only:
-nothing here trains or probes (design.md: compute, store, plot, report are separate).
+nothing here trains or probes (compute, store, plot and report are separate).
 
     path = build_report("runs")                 # every experiment with runs -> runs/report.html
 

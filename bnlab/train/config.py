@@ -35,10 +35,10 @@ class TrainConfig:
     # --- data -------------------------------------------------------------------------------------
     dataset: str = "digits"  # mnist | fashion_mnist | cifar10 | digits | gaussian_regression
     data_fallback: bool = True  # MNIST/CIFAR absent -> Fashion-MNIST (stated in env.json and report)
-    binarize: bool = False  # Ioffe's binary MNIST pixels: x > 0.5 (papers.md A.7, threshold ours)
+    binarize: bool = False  # Ioffe's binary MNIST pixels: x > 0.5 (Ioffe Sec. 4.1, threshold ours)
     train_subset: int | None = None  # use a fixed random subset of N training examples (data_seed)
     data_seed: int = 0  # fixes subsets, the eval subset, the probe batch, synthetic data (not the seed)
-    regression_n: int = 1000  # gaussian_regression: samples (Santurkar DLN, papers.md B.2)
+    regression_n: int = 1000  # gaussian_regression: samples (Santurkar DLN, App. A.1)
     regression_dim: int = 10  # gaussian_regression: input = output size
     # --- model ------------------------------------------------------------------------------------
     model: str = "ioffe_mlp"  # ioffe_mlp | vgg11 | vgg16 | convnet | dln
@@ -68,7 +68,7 @@ class TrainConfig:
     lr_min: float = 0.0  # cosine floor
     warmup_steps: int = 0  # linear warm-up from 0 over the first steps
     # --- what gets recorded -----------------------------------------------------------------------
-    log_every: int = 1  # train loss/acc record every N steps (per-step by default, papers.md E)
+    log_every: int = 1  # train loss/acc record every N steps (per step by default)
     eval_every: int = 500  # eval on the fixed subset every N steps (and at the last step)
     eval_subset: int | None = 2000  # fixed subset of the test split for periodic eval; None = all
     eval_batch_size: int = 1000

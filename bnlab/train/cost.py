@@ -1,7 +1,7 @@
 """Cost estimates printed before a run (and compared with --max-minutes): steps x ms/step + extras.
 
 The per-step times are measurements on the project's reference machine (2 CPU cores, torch 2.13,
-one intra-op thread unless noted; papers.md F and bench/train_throughput.py), scaled by the obvious
+one intra-op thread unless noted; our pilot runs and bench/train_throughput.py), scaled by the obvious
 factors (batch size, width^2, pixels). They are estimates to decide "seconds, minutes or hours", not
 promises; ``--max-minutes`` refuses a run whose estimate exceeds it before anything starts.
 """
@@ -17,10 +17,10 @@ from bnlab.train.config import TrainConfig
 # measured with bench/train_throughput.py-style loops on 2 busy cores, 1 thread (±30 %).
 _REFERENCE_MS = {
     "ioffe_mlp": (1.1, 60, 784),  # 784-100-100-100-10 with bnlab BN; no norm: x0.5
-    "convnet": (80.0, 128, 784),  # widths 32-64-64 on 28x28 (papers.md F: 65-95 ms, 2 threads)
+    "convnet": (80.0, 128, 784),  # widths 32-64-64 on 28x28 (pilot: 65-95 ms, 2 threads)
     "vgg11": (95.0, 128, 1024),  # width 1/4 on 32x32 (channels_last: ~0.8x)
     "vgg16": (140.0, 128, 1024),  # width 1/4 on 32x32
-    "dln": (3.5, 1000, 10),  # 25 x 10x10, float64, no norm (BN: x4, papers.md F)
+    "dln": (3.5, 1000, 10),  # 25 x 10x10, float64, no norm (BN: x4, pilot runs)
 }
 _FIXED_OVERHEAD_MS = 0.15  # Python + optimizer per step, independent of size
 _TEST_SIZE = {"mnist": 10000, "fashion_mnist": 10000, "cifar10": 10000, "digits": 360}

@@ -4,7 +4,7 @@ A probe gets a ``ProbeContext`` and returns a flat dict. Scalars (Python numbers
 go to metrics.jsonl as ``{"step": s, "probe": name, key: value, ...}``; arrays go to arrays.npz as
 ``probe/<name>/<key>`` stacked over the steps at which the probe ran (``probe/<name>/steps``).
 
-Probes must not change what they measure (design.md). The measure/ layer guarantees that for its own
+Probes must not change what they measure. The measure/ layer guarantees that for its own
 probes; the engine adds a second guard around every call: it restores the model's parameters, buffers,
 train/eval mode and the global RNG states afterwards, so even a careless probe cannot change the
 training trajectory (tests check the trajectory is bit-identical with and without probes).

