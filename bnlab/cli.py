@@ -280,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run an experiment (skips finished runs, resumes killed ones)")
     p.add_argument("name", help="experiment name (see `bnlab list`)")
-    p.add_argument("--profile", default="quick", choices=("smoke", "quick", "paper"),
-                   help="smoke: seconds; quick: minutes on 2 cores (default); paper: the paper's scale")
+    p.add_argument("--profile", default="quick", choices=("smoke", "quick", "robust", "paper"),
+                   help="smoke: seconds; quick: minutes on 2 cores (default); robust: quick over the "
+                        "experiment's grid of the paper's unknowns; paper: the paper's scale")
     p.add_argument("--seeds", help="e.g. 0,1,2 or 0-4 (default: the profile's seeds)")
     p.add_argument("--set", nargs="+", action="append", metavar="KEY=VALUE",
                    help="override config fields, e.g. --set lr=0.05 steps=2000")
@@ -307,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run a paper's experiments (what is missing) and write the HTML report")
     p.add_argument("targets", nargs="*", metavar="TARGET",
                    help=f"groups ({', '.join(['all', *GROUPS])}) or experiment names (default: ioffe)")
-    p.add_argument("--profile", default="quick", choices=("smoke", "quick", "paper"))
+    p.add_argument("--profile", default="quick", choices=("smoke", "quick", "robust", "paper"))
     p.add_argument("--seeds", help="e.g. 0,1,2 (default: each profile's seeds)")
     p.add_argument("--out", default="runs", help="output directory (default: runs/)")
     p.add_argument("--workers", type=int, default=2, help="parallel run processes (default 2, 1 thread each)")
