@@ -33,7 +33,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     exps = all_experiments()
     width = max([len(e.name) for e in exps] + [10])
-    print(f"{'experiment':<{width}}  {'smoke':>6} {'quick':>6} {'paper':>6}  description")
+    print(f"{'experiment':<{width}}  " + " ".join(f"{p:>6}" for p in PROFILES) + "  description")
     for e in exps:
         costs = " ".join(f"{format_seconds(e.estimate_cost(p)):>6}" for p in PROFILES)
         print(f"{e.name:<{width}}  {costs}  {e.description}")

@@ -279,8 +279,9 @@ def verdict_setting(results: ExperimentResults) -> list[dict[str, Any]]:
                       outcome=trains(r, base_final) is want_train) for r in runs]
         word = "train" if want_train else "fail"
         rows.append(seed_count(CLAIMS[cid], seeds, dataset=dataset,
-                               describe=f"{variant} seeds that {word} (final {fmt_mean_sd([x.values['final_acc'] for x in seeds])}"
-                                        f" vs Baseline {base_final:.3f})", extra=extra_base))
+                               describe=f"{variant} seeds that {word} (final "
+                                        f"{fmt_mean_sd([x.values['final_acc'] for x in seeds])} vs Baseline "
+                                        f"{base_final:.3f})", extra=extra_base))
         if cid == "D.10f":
             runs_s = groups.get("Baseline-Sigmoid", [])
             if not runs_s:
@@ -328,7 +329,8 @@ def decide_lr_limit(with_bn: dict[float, bool], without: dict[float, bool]) -> t
     if b_cens:
         return "UNDECIDED", (f"ratio {ratio:g} < {LIMIT_RATIO:g} but with BN the top tested rate {b:g}x still "
                              "trains, so the BN limit may be higher")
-    return "FAIL", f"with BN up to {b:g}x, without up to {n:g}x{'+' if n_cens else ''}: ratio {ratio:g} < {LIMIT_RATIO:g}"
+    return "FAIL", (f"with BN up to {b:g}x, without up to {n:g}x{'+' if n_cens else ''}: ratio {ratio:g} < "
+                    f"{LIMIT_RATIO:g}")
 
 
 def lr_limit_row(groups: dict[str, list[Any]], base_final: float, dataset: str) -> dict[str, Any]:
@@ -403,8 +405,8 @@ def plots(results: ExperimentResults, out_dir: Path) -> list[Path]:
     fig.suptitle(f"Ioffe Fig. 2 proxy on {data}", fontsize=10)
     n_seeds = max((len(v) for v in groups.values()), default=0)
     caption = (f"Ioffe Fig. 2 proxy on {data}: test accuracy on a fixed 2000-image test subset over training, "
-               f"one panel per variant (colour; red = without BN) against the Baseline (grey), mean over up to "
-               f"{n_seeds} seeds with the min-max band. Dotted line: the Baseline max, the maximum of the "
+               f"one panel per variant (colour; red = without BN) against the Baseline (grey), up to {n_seeds} "
+               f"seeds per variant. Dotted line: the Baseline max, the maximum of the "
                f"Baseline's seed-mean curve"
                + (f" ({bmax['target']:.3f}, first reached at step {bmax['step']})" if bmax else "")
                + f"; setting {EXPERIMENT.primary_setting}.")
