@@ -28,7 +28,7 @@ def test_reproduce_twice_trains_once_and_rewrites_the_same_report(tmp_path, caps
         rows = json.loads((out / name / "verdict.json").read_text())
         assert rows and all({"claim", "paper", "ours", "seeds", "passed", "why"} <= set(r) for r in rows)
     html = report.read_text(encoding="utf-8")
-    assert "Ioffe Fig. 3: steps to reach the Baseline&#x27;s max accuracy" in html  # the paper's table
+    assert "Ioffe Fig. 3: steps to reach the Baseline max" in html  # the paper's table
     metrics = {p: p.read_bytes() for p in out.glob("*/*/seed*/metrics.jsonl")}
 
     code, second, _ = _cli(capsys, "reproduce", "ioffe", "--profile", "smoke", "--out", str(out), "--quiet")

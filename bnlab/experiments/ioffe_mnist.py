@@ -339,8 +339,8 @@ BASE = TrainConfig(
 
 EXPERIMENT = Experiment(
     name="ioffe_mnist",
-    description="Ioffe & Szegedy Fig. 1: 3x100 sigmoid MLP on MNIST (binarized; else grey Fashion-MNIST), "
-                "with vs without BN",
+    description="Ioffe & Szegedy Fig. 1: 3x100 sigmoid MLP on binarized MNIST (else Fashion-MNIST, grey "
+                "levels), with vs without BN",
     paper="Ioffe & Szegedy 2015, Sec. 4.1, Figure 1 (claims D.8a-b, D.9a-c in docs/claims.md)",
     base=BASE,
     variants={"baseline": {"norm": "none"}, "bn": {"norm": "batch"}},
