@@ -38,7 +38,7 @@ def test_reproduce_twice_trains_once_and_rewrites_the_same_report(tmp_path, caps
     assert figures and all(re.fullmatch(r"ioffe_(mnist|lr_study)/figures/[^/]+\.svg", f) for f in figures), figures
     assert not list(out.rglob("*.png"))
     html = report.read_text(encoding="utf-8")
-    assert "Ioffe Fig. 3: steps to reach the Baseline&#39;s max accuracy" in html  # the paper's table
+    assert "Ioffe Fig. 3: steps to reach the Baseline max" in html  # the paper's table
     metrics = {p: p.read_bytes() for p in root.glob("*/*/seed*/metrics.jsonl")}
 
     code, second, _ = _cli(capsys, "reproduce", "ioffe", "--profile", "smoke", "--out", str(out), "--quiet")
