@@ -11,6 +11,8 @@ import bnlab.norm as bn
 from bnlab.norm import reference as ref
 from bnlab.norm.functional import batch_norm
 
+pytestmark = pytest.mark.usefixtures("bn_path")  # every test on the fused kernels and the composite path
+
 
 @pytest.mark.parametrize("shape", [(64, 5), (16, 5, 4, 4)])
 def test_d1_normalized_batch_has_zero_mean_and_near_unit_variance(shape):

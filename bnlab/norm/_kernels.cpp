@@ -279,6 +279,11 @@ void train_planar_fused(const T* x, T* y, const Layout& L, const std::vector<dou
   });
 }
 
+// torch.lerp's form: exact at both ends (f = 1 gives the batch value, as momentum=None's first batch needs).
+inline double lerp(double a, double b, double f) {
+  return f < 0.5 ? a + f * (b - a) : b - (b - a) * (1.0 - f);
+}
+
 at::ScalarType compute_type(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
@@ -367,8 +372,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_tr
     // The same guard as the composite core: batch statistics finite in the compute dtype, and the
     // updated values representable in the buffers' dtype.
     ok = ok && finite_in(mean[c], cdt) && finite_in(var_unbiased[c], cdt);
-    pm[c] = old_m[c] + f * (mean[c] - old_m[c]);
-    pv[c] = old_v[c] + f * (var_unbiased[c] - old_v[c]);
+    pm[c] = lerp(old_m[c], mean[c], f);
+    pv[c] = lerp(old_v[c], var_unbiased[c], f);
     ok = ok && finite_in(pm[c], sdt) && finite_in(pv[c], rv.scalar_type());
   }
   new_rm = ok ? from_values(pm, rm) : rm.clone();
