@@ -162,7 +162,7 @@ def batch_norm(
         raise ConfigError("momentum=None (cumulative average) needs num_batches_tracked; pass the counter tensor")
 
     if not training and running_mean is not None and running_var is not None:
-        if not _needs_grad(x, weight, bias) and kernels.applies(x, weight, bias, running_mean, running_var):
+        if kernels.applies(x, weight, bias, running_mean, running_var):
             out = torch.ops.bnlab.bn_eval(x, weight, bias, running_mean, running_var, eps)
         else:
             out = eval_core(x, weight, bias, running_mean, running_var, eps)
@@ -184,11 +184,6 @@ def batch_norm(
         return BatchNormOutput(res.out, res.running_mean, res.running_var,
                                res.num_batches_tracked if num_batches_tracked is not None else None)
     return BatchNormOutput(res.out, running_mean, running_var, num_batches_tracked)
-
-
-def _needs_grad(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                        or (bias is not None and bias.requires_grad))
 
 
 def _kernel_train(x, weight, bias, running_mean, running_var, num_batches_tracked, update, momentum, eps):

@@ -250,11 +250,43 @@ def _composite_grads(x, weight, has_bias, eps, grad_out):
     return gx, gw, gb
 
 
+def _setup_eval(ctx, inputs, output):
+    x, weight, bias, running_mean, running_var, eps = inputs
+    ctx.eps, ctx.has_bias = eps, bias is not None
+    ctx.save_for_backward(x, weight, running_mean, running_var)
+
+
+def _eval_backward(ctx, grad_out):
+    """The eval map is affine per channel; torch ops, so it is differentiable again."""
+    x, weight, running_mean, running_var = ctx.saved_tensors
+    cdtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    invstd = torch.rsqrt(running_var.to(cdtype) + ctx.eps)
+    scale = invstd if weight is None else invstd * weight.to(cdtype)
+    reduce = [0] + list(range(2, x.dim()))
+    g = grad_out.to(cdtype)
+    gx = (g * scale.reshape(shape)).to(x.dtype) if ctx.needs_input_grad[0] else None
+    gw = gb = None
+    if weight is not None and ctx.needs_input_grad[1]:
+        gw = (g * (x.to(cdtype) - running_mean.to(cdtype).reshape(shape))).sum(reduce) * invstd
+        gw = gw.to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = g.sum(reduce).to(weight.dtype if weight is not None else cdtype)
+    return gx, gw, gb, None, None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("bnlab::bn_backward is not differentiable; bnlab differentiates the composite formula "
+                       "instead when create_graph=True, so call BN through bnlab.batch_norm or its modules")
+
+
 def _register_python_parts() -> None:
     torch.library.register_fake("bnlab::bn_train", _fake_train)
     torch.library.register_fake("bnlab::bn_backward", _fake_backward)
     torch.library.register_fake("bnlab::bn_eval", _fake_eval)
     torch.library.register_autograd("bnlab::bn_train", _train_backward, setup_context=_setup_train)
+    torch.library.register_autograd("bnlab::bn_eval", _eval_backward, setup_context=_setup_eval)
+    torch.library.register_autograd("bnlab::bn_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 if __name__ == "__main__":
