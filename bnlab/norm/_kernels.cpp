@@ -14,6 +14,8 @@
 // float32 speed when |mean| >> std.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <sys/mman.h>
@@ -161,34 +163,29 @@ void channel_moments(const T* x, const Layout& L, std::vector<Moments>& out) {
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
     Moments* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * C;
     std::vector<double> sum(C), s1(C), s2(C);
-    std::vector<O> k(C);
     for (int64_t b = b0; b < b1; ++b) {
+      // Shifted data per block: the block's first row is the shift, deviations in float64 (exact for
+      // float32/half inputs), one pass; the corrected sum of squares, then Chan's merge.
       const int64_t r0 = b * rows_per_block, r1 = std::min(L.R, r0 + rows_per_block);
       const double len = static_cast<double>(r1 - r0);
-      std::fill(sum.begin(), sum.end(), 0.0);
+      const T* first = x + r0 * C;
+      double* kp = sum.data();
+      for (int64_t c = 0; c < C; ++c) kp[c] = static_cast<double>(first[c]);
       std::fill(s1.begin(), s1.end(), 0.0);
       std::fill(s2.begin(), s2.end(), 0.0);
-      for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t r = r0 + 1; r < r1; ++r) {
         const T* row = x + r * C;
-        double* sp = sum.data();
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) sp[c] += static_cast<double>(row[c]);
-      }
-      for (int64_t c = 0; c < C; ++c) k[c] = static_cast<O>(sum[c] / len);
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* row = x + r * C;
-        const O* kp = k.data();
         double* a = s1.data();
         double* q = s2.data();
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-          const double d = static_cast<double>(static_cast<O>(row[c]) - kp[c]);
+          const double d = static_cast<double>(row[c]) - kp[c];
           a[c] += d;
           q[c] += d * d;
         }
       }
       for (int64_t c = 0; c < C; ++c) {
-        mine[c].merge(len, static_cast<double>(k[c]) + s1[c] / len, std::max(s2[c] - s1[c] * s1[c] / len, 0.0));
+        mine[c].merge(len, kp[c] + s1[c] / len, std::max(s2[c] - s1[c] * s1[c] / len, 0.0));
       }
     }
   });
@@ -312,7 +309,9 @@ void check_x(const Tensor& x) {
 }
 
 // Training forward: batch statistics, normalize + affine, and the guarded running-statistics update.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_train(
+using TrainOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+TrainOut bn_train(
     const Tensor& x_in, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
     const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
     const c10::optional<Tensor>& num_batches_tracked, double momentum, bool cumulative, double eps) {
@@ -344,9 +343,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_tr
     affine_pass<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), L, mean, a, b);
   });
   auto dopt = x.options().dtype(at::kDouble);
-  Tensor mean_t = at::from_blob(mean.data(), {C}, dopt).clone();
-  Tensor invstd_t = at::from_blob(invstd.data(), {C}, dopt).clone();
-  Tensor var_t = at::from_blob(var_unbiased.data(), {C}, dopt).clone();
+  // stats rows: batch mean, 1/sqrt(biased variance + eps), unbiased variance (float64)
+  Tensor stats = at::empty({3, C}, dopt);
+  double* sp = stats.data_ptr<double>();
+  std::copy(mean.begin(), mean.end(), sp);
+  std::copy(invstd.begin(), invstd.end(), sp + C);
+  std::copy(var_unbiased.begin(), var_unbiased.end(), sp + 2 * C);
   Tensor new_rm, new_rv, new_count, accepted;
   const bool update = running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
                       running_var->defined();
@@ -355,18 +357,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_tr
     new_rv = at::empty({0}, dopt);
     new_count = at::empty({0}, x.options().dtype(at::kLong));
     accepted = at::empty({0}, x.options().dtype(at::kBool));
-    return {y, mean_t, invstd_t, var_t, new_rm, new_rv, new_count, accepted};
+    return {y, stats, new_rm, new_rv, new_count, accepted};
   }
   const Tensor& rm = *running_mean;
   const Tensor& rv = *running_var;
   const bool has_count = num_batches_tracked.has_value() && num_batches_tracked->defined();
   int64_t count = 0;
-  if (has_count) count = num_batches_tracked->item<int64_t>();  // CPU memory read, no device sync
+  if (has_count) {
+    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1,
+                "bnlab kernels: num_batches_tracked must be a one-element int64 tensor");
+    count = num_batches_tracked->const_data_ptr<int64_t>()[0];  // CPU memory, no device sync
+  }
   const double f = cumulative ? 1.0 / static_cast<double>(count + 1) : momentum;
   std::vector<double> old_m = channel_values(rm, C, 0.0), old_v = channel_values(rv, C, 0.0);
   std::vector<double> pm(C), pv(C);
   const at::ScalarType cdt = compute_type(x.scalar_type());
-  const at::ScalarType sdt = rm.scalar_type();
   bool ok = true;
   for (int64_t c = 0; c < C; ++c) {
     // The same guard as the composite core: batch statistics finite in the compute dtype, and the
@@ -374,18 +379,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bn_tr
     ok = ok && finite_in(mean[c], cdt) && finite_in(var_unbiased[c], cdt);
     pm[c] = lerp(old_m[c], mean[c], f);
     pv[c] = lerp(old_v[c], var_unbiased[c], f);
-    ok = ok && finite_in(pm[c], sdt) && finite_in(pv[c], rv.scalar_type());
+    ok = ok && finite_in(pm[c], rm.scalar_type()) && finite_in(pv[c], rv.scalar_type());
   }
   new_rm = ok ? from_values(pm, rm) : rm.clone();
   new_rv = ok ? from_values(pv, rv) : rv.clone();
-  if (has_count) {
-    new_count = num_batches_tracked->clone();
-    if (ok) new_count.add_(1);
-  } else {
-    new_count = at::empty({0}, x.options().dtype(at::kLong));
-  }
-  accepted = at::scalar_tensor(ok, x.options().dtype(at::kBool));
-  return {y, mean_t, invstd_t, var_t, new_rm, new_rv, new_count, accepted};
+  new_count = at::empty(has_count ? num_batches_tracked->sizes() : at::IntArrayRef{0}, x.options().dtype(at::kLong));
+  if (has_count) new_count.data_ptr<int64_t>()[0] = count + (ok ? 1 : 0);
+  accepted = at::empty({}, x.options().dtype(at::kBool));
+  accepted.data_ptr<bool>()[0] = ok;
+  return {y, stats, new_rm, new_rv, new_count, accepted};
 }
 
 template <typename scalar_t>
@@ -535,15 +537,19 @@ void backward_impl(const Tensor& x, const Tensor& dy, Tensor& dx, const Layout& 
 // Compact backward: two per-channel reductions (sum dy, sum dy * (x - mean)) and one elementwise pass
 // dx = a * dy + k * (x - mean) + e with per-channel a, k, e.
 std::tuple<Tensor, Tensor, Tensor> bn_backward(const Tensor& grad_out, const Tensor& x_in,
-                                               const c10::optional<Tensor>& weight, const Tensor& mean_t,
-                                               const Tensor& invstd_t, bool input_grad) {
+                                               const c10::optional<Tensor>& weight, const Tensor& stats,
+                                               bool input_grad) {
   check_x(x_in);
   Layout L;
   Tensor x = dense_input(x_in, L);
   Tensor dy = like_layout(x, grad_out).to(x.scalar_type());
   const int64_t C = L.C;
   const std::vector<double> w = channel_values(weight, C, 1.0);
-  const std::vector<double> mean = channel_values(mean_t, C, 0.0), invstd = channel_values(invstd_t, C, 0.0);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) >= 2 && stats.size(1) == C && stats.scalar_type() == at::kDouble,
+              "bnlab kernels: stats must be the (3, C) float64 tensor of bn_train");
+  const Tensor st = stats.contiguous();
+  const std::vector<double> mean(st.const_data_ptr<double>(), st.const_data_ptr<double>() + C);
+  const std::vector<double> invstd(st.const_data_ptr<double>() + C, st.const_data_ptr<double>() + 2 * C);
   std::vector<double> sdy(C, 0.0), sdyd(C, 0.0);
   Tensor dx = input_grad ? empty_out(x) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_bn_backward", [&] {
@@ -575,13 +581,152 @@ Tensor bn_eval(const Tensor& x_in, const c10::optional<Tensor>& weight, const c1
   return y;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Autograd in C++, so that a call costs no Python frame (small layers are dominated by call overhead).
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const c10::TypedOperatorHandle<decltype(bn_train)>& train_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnlab::bn_train", "").typed<decltype(bn_train)>();
+  return op;
+}
+const c10::TypedOperatorHandle<decltype(bn_backward)>& backward_op() {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bnlab::bn_backward", "").typed<decltype(bn_backward)>();
+  return op;
+}
+const c10::TypedOperatorHandle<decltype(bn_eval)>& eval_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnlab::bn_eval", "").typed<decltype(bn_eval)>();
+  return op;
+}
+
+std::vector<int64_t> reduce_dims(int64_t dim) {
+  std::vector<int64_t> d{0};
+  for (int64_t i = 2; i < dim; ++i) d.push_back(i);
+  return d;
+}
+
+std::vector<int64_t> channel_shape(int64_t dim) {
+  std::vector<int64_t> s(dim, 1);
+  s[1] = -1;
+  return s;
+}
+
+class TrainFn : public torch::autograd::Function<TrainFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& weight,
+                               const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
+                               const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& count,
+                               double momentum, bool cumulative, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto out = train_op().call(x, weight, bias, running_mean, running_var, count, momentum, cumulative, eps);
+    const Tensor w = weight.has_value() ? *weight : Tensor();
+    ctx->save_for_backward({x, w, std::get<1>(out)});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    variable_list result{std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out),
+                         std::get<5>(out)};
+    ctx->mark_non_differentiable({result[1], result[2], result[3], result[4], result[5]});
+    return result;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const Tensor& w = saved[1];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    Tensor dy = grads[0];
+    variable_list result(9);
+    if (!dy.defined()) return result;
+    // needs_input_grad counts only the tensor arguments that were given (an absent weight has no edge)
+    const bool need_x = ctx->needs_input_grad(0), need_w = w.defined() && ctx->needs_input_grad(1);
+    const bool need_b = has_bias && ctx->needs_input_grad(w.defined() ? 2 : 1);
+    Tensor gx, gw, gb;
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: the textbook formula in differentiable torch ops (any order).
+      const auto dims = reduce_dims(x.dim());
+      const auto shape = channel_shape(x.dim());
+      const at::ScalarType ct = compute_type(x.scalar_type());
+      Tensor xc = x.to(ct), g = dy.to(ct);
+      Tensor mu = xc.mean(dims, true);
+      Tensor xmu = xc - mu;
+      Tensor invstd = (xmu * xmu).mean(dims, true).add(eps).rsqrt();
+      Tensor xhat = xmu * invstd;
+      Tensor scale = w.defined() ? invstd * w.to(ct).reshape(shape) : invstd;
+      if (need_x) gx = (scale * (g - g.mean(dims, true) - xhat * (g * xhat).mean(dims, true))).to(x.scalar_type());
+      if (need_w) gw = (g * xhat).sum(dims).to(w.scalar_type());
+      if (need_b) gb = g.sum(dims).to(w.defined() ? w.scalar_type() : ct);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto out = backward_op().call(dy, x, w.defined() ? c10::optional<Tensor>(w) : c10::nullopt, saved[2], need_x);
+      if (need_x) gx = std::get<0>(out);
+      if (need_w) gw = std::get<1>(out);
+      if (need_b) gb = std::get<2>(out);
+    }
+    result[0] = gx;
+    result[1] = gw;
+    result[2] = gb;
+    return result;
+  }
+};
+
+TrainOut bn_train_autograd(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                           const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+                           const c10::optional<Tensor>& count, double momentum, bool cumulative, double eps) {
+  auto r = TrainFn::apply(x, weight, bias, running_mean, running_var, count, momentum, cumulative, eps);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
+class EvalFn : public torch::autograd::Function<EvalFn> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& weight,
+                        const c10::optional<Tensor>& bias, const Tensor& running_mean, const Tensor& running_var,
+                        double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, weight.has_value() ? *weight : Tensor(), running_mean, running_var});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return eval_op().call(x, weight, bias, running_mean, running_var, eps);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // The eval map is affine per channel; torch ops, so this is differentiable again.
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &rm = saved[2], &rv = saved[3];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    variable_list result(6);
+    if (!grads[0].defined()) return result;
+    const at::ScalarType ct = compute_type(x.scalar_type());
+    const auto dims = reduce_dims(x.dim());
+    const auto shape = channel_shape(x.dim());
+    Tensor g = grads[0].to(ct);
+    Tensor invstd = (rv.to(ct) + eps).rsqrt();
+    Tensor scale = w.defined() ? invstd * w.to(ct) : invstd;
+    if (ctx->needs_input_grad(0)) result[0] = (g * scale.reshape(shape)).to(x.scalar_type());
+    if (w.defined() && ctx->needs_input_grad(1))
+      result[1] = ((g * (x.to(ct) - rm.to(ct).reshape(shape))).sum(dims) * invstd).to(w.scalar_type());
+    if (has_bias && ctx->needs_input_grad(w.defined() ? 2 : 1))
+      result[2] = g.sum(dims).to(w.defined() ? w.scalar_type() : ct);
+    return result;
+  }
+};
+
+Tensor bn_eval_autograd(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                        const Tensor& running_mean, const Tensor& running_var, double eps) {
+  return EvalFn::apply(x, weight, bias, running_mean, running_var, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bnlab, m) {
   m.def("bn_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
         "Tensor? num_batches_tracked, float momentum, bool cumulative, float eps) -> "
-        "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("bn_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor invstd, bool input_grad) -> "
+        "(Tensor out, Tensor stats, Tensor new_running_mean, Tensor new_running_var, "
+        "Tensor new_num_batches_tracked, Tensor accepted)");
+  m.def("bn_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor stats, bool input_grad) -> "
         "(Tensor, Tensor, Tensor)");
   m.def("bn_eval(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor");
 }
@@ -590,4 +735,12 @@ TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
   m.impl("bn_train", &bn_train);
   m.impl("bn_backward", &bn_backward);
   m.impl("bn_eval", &bn_eval);
+}
+
+TORCH_LIBRARY_IMPL(bnlab, Autograd, m) {
+  m.impl("bn_train", &bn_train_autograd);
+  m.impl("bn_eval", &bn_eval_autograd);
+  // Used inside bn_train's backward without grad mode; double backward differentiates the formula
+  // above instead, so differentiating this operator is an error that names it.
+  m.impl("bn_backward", torch::autograd::autogradNotImplementedFallback());
 }

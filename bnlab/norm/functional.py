@@ -188,21 +188,31 @@ def batch_norm(
 
 def _kernel_train(x, weight, bias, running_mean, running_var, num_batches_tracked, update, momentum, eps):
     """Training mode through the fused kernel (bnlab.norm.kernels): the same semantics and guard."""
-    (out, mean, _, var, new_mean, new_var, new_count,
+    (out, stats, new_mean, new_var, new_count,
      accepted) = torch.ops.bnlab.bn_train(x, weight, bias, running_mean if update else None,
                                           running_var if update else None,
                                           num_batches_tracked if update else None,
                                           0.0 if momentum is None else momentum, momentum is None, eps)
     if not update:
         return BatchNormOutput(out, running_mean, running_var, num_batches_tracked)
-    # The kernel runs on the CPU only, so reading its flag is a memory read, not a device sync.
-    if not _traced(accepted) and not bool(accepted):
-        f = (1.0 / (float(num_batches_tracked) + 1.0)) if momentum is None else momentum
-        cdtype = compute_dtype(x.dtype)
-        stats = torch.stack((mean.to(cdtype).double(), var.to(cdtype).double(),
-                             torch.lerp(running_mean.double(), mean, f), torch.lerp(running_var.double(), var, f)))
-        _warn(stats, x.dtype, running_mean.dtype, normalized=True)
+    if not _traced(accepted):
+        report_kernel_rejection(accepted, stats, x.dtype, running_mean, running_var, num_batches_tracked, momentum)
     return BatchNormOutput(out, new_mean, new_var, new_count if num_batches_tracked is not None else None)
+
+
+def report_kernel_rejection(accepted: Tensor, stats: Tensor, x_dtype: torch.dtype, running_mean: Tensor,
+                            running_var: Tensor, num_batches_tracked: Tensor | None, momentum: float | None) -> None:
+    """Warn when the kernel's guard kept a batch out of the running statistics (eager mode; the
+    statistics before the update are passed). The kernels run on the CPU only, so reading the flag
+    is a memory read, not a device sync."""
+    if bool(accepted):
+        return
+    f = (1.0 / (float(num_batches_tracked) + 1.0)) if momentum is None else momentum
+    cdtype = compute_dtype(x_dtype)
+    mean, var = stats[0], stats[2]
+    diag = torch.stack((mean.to(cdtype).double(), var.to(cdtype).double(),
+                        torch.lerp(running_mean.double(), mean, f), torch.lerp(running_var.double(), var, f)))
+    _warn(diag, x_dtype, running_mean.dtype, normalized=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,13 +30,16 @@ without a Python frame, which matters for small layers. The price is a compile a
 ``~/.cache/torch_extensions``), so later processes load the library in milliseconds; ``python -m
 bnlab.norm.kernels`` builds it ahead of time. Without a C++ compiler bnlab uses the composite path.
 
-Graph capture: each operator has a fake (meta) implementation and ``bnlab::bn_train`` an autograd
-formula (``torch.library.register_autograd``), so ``torch.compile(fullgraph=True)`` and
-``torch.export`` capture the kernels as single nodes. The composite torch path of
+Graph capture: each operator has a fake (meta) implementation (``torch.library.register_fake``)
+and ``bnlab::bn_train``/``bnlab::bn_eval`` an autograd formula registered at the Autograd dispatch
+key in C++ (a ``torch::autograd::Function``: a Python formula through
+``torch.library.register_autograd`` costs tens of microseconds per call, more than a whole small BN
+layer), so ``torch.compile(fullgraph=True)`` and ``torch.export`` capture the kernels as single
+nodes and ``torch.library.opcheck`` validates the registrations. The composite torch path of
 ``bnlab.norm.functional`` (torch's ops, differentiable to any order) serves everything the kernels
 do not: other devices, ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ``hessian``),
-TorchScript, empty batches, and eval with autograd; double backward through a kernel's output
-(``create_graph=True``) recomputes the composite formula.
+TorchScript and empty batches; double backward through a kernel's output (``create_graph=True``)
+differentiates the textbook backward formula written in torch ops.
 
 Switch: ``BNLAB_KERNELS=auto`` (default: kernels where they apply), ``off`` (always the composite
 path) or ``on`` (like auto, but a failed build raises instead of falling back), read at import; in
@@ -191,9 +194,7 @@ def _out_like(x: Tensor) -> Tensor:
 
 
 def _fake_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps):
-    c = x.shape[1]
-    stats = x.new_empty((c,), dtype=torch.float64)
-    out = (_out_like(x), stats, torch.empty_like(stats), torch.empty_like(stats))
+    out = (_out_like(x), x.new_empty((3, x.shape[1]), dtype=torch.float64))
     if running_mean is None or running_var is None:
         return out + (x.new_empty((0,), dtype=torch.float64), x.new_empty((0,), dtype=torch.float64),
                       x.new_empty((0,), dtype=torch.int64), x.new_empty((0,), dtype=torch.bool))
@@ -203,7 +204,7 @@ def _fake_train(x, weight, bias, running_mean, running_var, num_batches_tracked,
                   x.new_empty((), dtype=torch.bool))
 
 
-def _fake_backward(grad_out, x, weight, mean, invstd, input_grad):
+def _fake_backward(grad_out, x, weight, stats, input_grad):
     c = x.shape[1]
     dx = _out_like(x) if input_grad else x.new_empty((0,))
     dtype = weight.dtype if weight is not None else (torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
@@ -214,79 +215,11 @@ def _fake_eval(x, weight, bias, running_mean, running_var, eps):
     return _out_like(x)
 
 
-def _setup_train(ctx, inputs, output):
-    x, weight, bias = inputs[0], inputs[1], inputs[2]
-    ctx.eps = inputs[8]
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, output[1], output[2])
-    ctx.mark_non_differentiable(*output[1:])
-
-
-def _train_backward(ctx, grad_out, *unused):
-    x, weight, mean, invstd = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    if torch.is_grad_enabled():
-        # create_graph=True (double backward): the composite formula, differentiable to any order.
-        gx, gw, gb = _composite_grads(x, weight, ctx.has_bias, ctx.eps, grad_out)
-    else:
-        gx, gw, gb = torch.ops.bnlab.bn_backward(grad_out, x, weight, mean, invstd, need_x)
-    return (gx if need_x else None, gw if need_w else None, gb if need_b else None,
-            None, None, None, None, None, None)
-
-
-def _composite_grads(x, weight, has_bias, eps, grad_out):
-    """Gradients of the training-mode BN output by autograd through the composite core."""
-    from bnlab.norm.functional import train_core
-
-    inputs = [x] + ([weight] if weight is not None else [])
-    bias = torch.zeros_like(weight) if (has_bias and weight is not None) else None
-    with torch.enable_grad():
-        out = train_core(x, weight, bias, None, None, None, 0.0, eps).out
-        grads = torch.autograd.grad(out, inputs, grad_out, create_graph=True, allow_unused=True)
-    gx = grads[0]
-    gw = grads[1] if weight is not None else None
-    reduce = [0] + list(range(2, x.dim()))
-    gb = grad_out.sum(reduce).to(weight.dtype if weight is not None else grad_out.dtype) if has_bias else None
-    return gx, gw, gb
-
-
-def _setup_eval(ctx, inputs, output):
-    x, weight, bias, running_mean, running_var, eps = inputs
-    ctx.eps, ctx.has_bias = eps, bias is not None
-    ctx.save_for_backward(x, weight, running_mean, running_var)
-
-
-def _eval_backward(ctx, grad_out):
-    """The eval map is affine per channel; torch ops, so it is differentiable again."""
-    x, weight, running_mean, running_var = ctx.saved_tensors
-    cdtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    invstd = torch.rsqrt(running_var.to(cdtype) + ctx.eps)
-    scale = invstd if weight is None else invstd * weight.to(cdtype)
-    reduce = [0] + list(range(2, x.dim()))
-    g = grad_out.to(cdtype)
-    gx = (g * scale.reshape(shape)).to(x.dtype) if ctx.needs_input_grad[0] else None
-    gw = gb = None
-    if weight is not None and ctx.needs_input_grad[1]:
-        gw = (g * (x.to(cdtype) - running_mean.to(cdtype).reshape(shape))).sum(reduce) * invstd
-        gw = gw.to(weight.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        gb = g.sum(reduce).to(weight.dtype if weight is not None else cdtype)
-    return gx, gw, gb, None, None, None
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("bnlab::bn_backward is not differentiable; bnlab differentiates the composite formula "
-                       "instead when create_graph=True, so call BN through bnlab.batch_norm or its modules")
-
-
 def _register_python_parts() -> None:
+    # The autograd formulas are registered in C++ (Autograd key), so a call costs no Python frame.
     torch.library.register_fake("bnlab::bn_train", _fake_train)
     torch.library.register_fake("bnlab::bn_backward", _fake_backward)
     torch.library.register_fake("bnlab::bn_eval", _fake_eval)
-    torch.library.register_autograd("bnlab::bn_train", _train_backward, setup_context=_setup_train)
-    torch.library.register_autograd("bnlab::bn_eval", _eval_backward, setup_context=_setup_eval)
-    torch.library.register_autograd("bnlab::bn_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 if __name__ == "__main__":
