@@ -1,7 +1,7 @@
 """The allocator's effect on whole training steps: VGG-11 (width 1/4) and the Sec. 4.2 convnet with BN.
 
 Each (policy, model) runs in its own process (an allocator is chosen at process start), the policies
-alternate round by round so that load from other processes hits them alike, and the result is the
+alternate round by round in a shuffled order, so that load from other processes hits them alike, and the result is the
 median over rounds of each process's median step time. Policies:
 
 * ``default``: glibc's defaults;
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -81,9 +82,12 @@ def main() -> None:
     pol = policies()
     root = str(Path(__file__).resolve().parents[1])
     results: dict[tuple[str, str], list[float]] = {}
+    rng = random.Random(0)
     for _ in range(args.rounds):
         for model in ("vgg", "convnet"):
-            for name, env in pol.items():
+            order = list(pol.items())
+            rng.shuffle(order)  # no policy always runs first in a round
+            for name, env in order:
                 full = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
                 full.update(env, PYTHONPATH=root, BNLAB_MALLOC="default")
                 out = subprocess.run([sys.executable, __file__, "--child", model, "--steps", str(args.steps),
