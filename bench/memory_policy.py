@@ -1,8 +1,8 @@
 """The allocator's effect on whole training steps: VGG-11 (width 1/4) and the Sec. 4.2 convnet with BN.
 
 Each (policy, model) runs in its own process (an allocator is chosen at process start), the policies
-alternate round by round in a shuffled order, so that load from other processes hits them alike, and the result is the
-median over rounds of each process's median step time. Policies:
+alternate round by round in a shuffled order, so that load from other processes hits them alike,
+and the result is the median over rounds of each process's median step time. Policies:
 
 * ``default``: glibc's defaults;
 * ``tuned``: bnlab's policy (``bnlab.train.memory``: no mmap'd blocks, freed memory kept);

@@ -158,10 +158,15 @@ void channel_moments(const T* x, const Layout& L, std::vector<Moments>& out) {
   const int64_t rows_per_block = std::max<int64_t>(1, kRowBlockValues / C);
   const int64_t nblocks = (L.R + rows_per_block - 1) / rows_per_block;
   const int64_t grain = std::max<int64_t>(1, kGrainValues / (rows_per_block * C));
-  const int nthreads = at::get_num_threads();
-  std::vector<Moments> partial(static_cast<size_t>(nthreads) * C);
-  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-    Moments* mine = partial.data() + static_cast<size_t>(at::get_thread_num()) * C;
+  // Partial moments per chunk of blocks (not per thread id, which need not be below the thread
+  // count), merged in chunk order: deterministic for a given thread count.
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (nblocks + grain - 1) / grain));
+  const int64_t per_chunk = (nblocks + nchunks - 1) / nchunks;
+  std::vector<Moments> partial(static_cast<size_t>(nchunks * C));
+  at::parallel_for(0, nchunks, 1, [&](int64_t t0, int64_t t1) {
+   for (int64_t t = t0; t < t1; ++t) {
+    Moments* mine = partial.data() + t * C;
+    const int64_t b0 = t * per_chunk, b1 = std::min(nblocks, b0 + per_chunk);
     std::vector<double> sum(C), s1(C), s2(C);
     for (int64_t b = b0; b < b1; ++b) {
       // Shifted data per block: the block's first row is the shift, deviations in float64 (exact for
@@ -188,10 +193,11 @@ void channel_moments(const T* x, const Layout& L, std::vector<Moments>& out) {
         mine[c].merge(len, kp[c] + s1[c] / len, std::max(s2[c] - s1[c] * s1[c] / len, 0.0));
       }
     }
+   }
   });
-  for (int t = 0; t < nthreads; ++t) {
+  for (int64_t t = 0; t < nchunks; ++t) {
     for (int64_t c = 0; c < C; ++c) {
-      const Moments& p = partial[static_cast<size_t>(t) * C + c];
+      const Moments& p = partial[static_cast<size_t>(t * C + c)];
       out[c].merge(p.n, p.mean, p.m2);
     }
   }
@@ -464,11 +470,15 @@ void backward_impl(const Tensor& x, const Tensor& dy, Tensor& dx, const Layout& 
       const int64_t rows_per_block = std::max<int64_t>(1, kRowBlockValues / C);
       const int64_t nblocks = (L.R + rows_per_block - 1) / rows_per_block;
       const int64_t grain = std::max<int64_t>(1, kGrainValues / (rows_per_block * C));
-      const int nthreads = at::get_num_threads();
-      std::vector<double> partial(static_cast<size_t>(nthreads) * 2 * C, 0.0);
-      at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
-        double* a = partial.data() + static_cast<size_t>(at::get_thread_num()) * 2 * C;
+      const int64_t nchunks =
+          std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (nblocks + grain - 1) / grain));
+      const int64_t per_chunk = (nblocks + nchunks - 1) / nchunks;
+      std::vector<double> partial(static_cast<size_t>(nchunks * 2 * C), 0.0);
+      at::parallel_for(0, nchunks, 1, [&](int64_t t0, int64_t t1) {
+       for (int64_t t = t0; t < t1; ++t) {
+        double* a = partial.data() + t * 2 * C;
         double* q = a + C;
+        const int64_t b0 = t * per_chunk, b1 = std::min(nblocks, b0 + per_chunk);
         const O* h = hi.data();
         const O* l = lo.data();
         for (int64_t r = b0 * rows_per_block; r < std::min(L.R, b1 * rows_per_block); ++r) {
@@ -481,11 +491,12 @@ void backward_impl(const Tensor& x, const Tensor& dy, Tensor& dx, const Layout& 
             q[c] += static_cast<double>(g * ((static_cast<O>(xs[c]) - h[c]) - l[c]));
           }
         }
+       }
       });
-      for (int t = 0; t < nthreads; ++t) {
+      for (int64_t t = 0; t < nchunks; ++t) {
         for (int64_t c = 0; c < C; ++c) {
-          sdy[c] += partial[static_cast<size_t>(t) * 2 * C + c];
-          sdyd[c] += partial[static_cast<size_t>(t) * 2 * C + C + c];
+          sdy[c] += partial[static_cast<size_t>(t * 2 * C + c)];
+          sdyd[c] += partial[static_cast<size_t>(t * 2 * C + C + c)];
         }
       }
     }
