@@ -131,7 +131,8 @@ def measure_bandwidth(shape=(128, 64, 32, 32), repeats: int = 9) -> dict[str, fl
             "copy_ms": copy * 1e3, "fresh_alloc_ms": max(fresh - copy, 0.0) * 1e3, "bytes": nbytes}
 
 
-def run(repeats: int = 7, small_repeats: int = 15, threads: int | None = None, shapes=None) -> dict:
+def run(repeats: int = 7, small_repeats: int = 15, threads: int | None = None, shapes=None,
+        regimes=("fresh", "steady")) -> dict:
     """All measurements of ``bnlab bench kernels``; returns the JSON-able summary (see the module
     docstring for the keys' meaning). Raises RuntimeError when the kernels cannot be built."""
     from bnlab.train import memory
@@ -145,7 +146,7 @@ def run(repeats: int = 7, small_repeats: int = 15, threads: int | None = None, s
     rows: list[Row] = []
     machine: dict[str, dict] = {}
     try:
-        for regime in ("fresh", "steady"):
+        for regime in regimes:
             if regime == "steady":
                 memory.apply_policy(force=True)
             machine[regime] = measure_bandwidth()
@@ -172,6 +173,7 @@ def _summary(rows: list[Row], machine: dict, threads: int) -> dict:
         return [r.speedup[kind] for r in rows if r.case == case and r.regime == regime and (r.shape == SMALL) == small]
 
     large_steady_fb = [r for r in rows if r.case == "train_fwd_bwd" and r.regime == "steady" and r.shape != SMALL]
+    # (no steady regime measured: the fraction is NaN)
     out = {
         "threads": threads,
         "torch": torch.__version__,

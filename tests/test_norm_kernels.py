@@ -239,3 +239,21 @@ def test_ioffe_mnist_smoke_gives_the_same_metrics_on_both_paths(tmp_path, monkey
                 assert value == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
             else:
                 assert value == b[key], key
+
+
+def test_bench_kernels_reports_every_key_and_the_cli_knows_it():
+    """The benchmark's machinery on tiny shapes (fresh regime only, so the test process's allocator
+    policy is left alone); the timing itself is checked by running the benchmark, not by tests."""
+    from bnlab.bench_kernels import format_table, run
+    from bnlab.cli import build_parser
+
+    shapes = [("8x4x5x5", (8, 4, 5, 5), torch.contiguous_format), ("8x4x5x5 cl", (8, 4, 5, 5), torch.channels_last),
+              ("60x100", (60, 100), torch.contiguous_format)]
+    summary = run(repeats=1, small_repeats=1, shapes=shapes, regimes=("fresh",))
+    for key in ("train_fwd_bwd_speedup", "eval_fwd_speedup", "small_layer_fwd_bwd_speedup", "train_fwd_speedup"):
+        assert summary[key] > 0 and summary[key] == summary[key], key
+    assert "bandwidth_fraction" in summary and summary["machine"]["fresh"]["copy_gbps"] > 0
+    assert len(summary["rows"]) == 3 * 3 and "train_fwd_bwd" in format_table(summary)
+    json.dumps(summary)
+    args = build_parser().parse_args(["bench", "kernels", "--json"])
+    assert args.json and args.what == "kernels"
