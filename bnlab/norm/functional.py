@@ -9,7 +9,12 @@ The core makes no Python decision on tensor *values* (only on shapes, dtypes and
 nothing is read back to the host: it runs unchanged under ``torch.compile(fullgraph=True)``,
 ``torch.export``, ``torch.func.vmap``/``grad``/``jacrev``/``hessian`` and ``torch.jit.script``.
 
-Numerics:
+Two paths: on the CPU (float32/float64/float16/bfloat16, non-empty batches, outside ``torch.func``
+transforms) the work is done by the fused kernels of :mod:`bnlab.norm.kernels` (``torch.library``
+operators; the same semantics and guard, statistics in float64); everywhere else by the composite
+torch path below. ``BNLAB_KERNELS=off`` or ``bnlab.norm.kernels.use_mode("off")`` forces the latter.
+
+Numerics (composite path):
 
 * Statistics are computed in float32 for float16/bfloat16 inputs (in the input dtype otherwise); the
   output has the input's dtype and memory format.
