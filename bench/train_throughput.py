@@ -1,11 +1,15 @@
-"""Training throughput: bnlab's engine against a plain PyTorch loop over DataLoader(TensorDataset).
+"""Training throughput: bnlab's engine against the compute floor and a DataLoader loop.
 
 Same model (built by the same code), same data tensors, same optimizer, same batch size, same
-thread count; measured in the same process, alternating, median of ``--repeats``. The engine is
-``bnlab.train.train_run`` as the CLI runs it (per-step loss record in metrics.jsonl, NaN check, lr
-schedule, checkpoints), minus evaluation and probes, which the plain loop does not do either. The
-plain loop is the textbook one: ``for xb, yb in DataLoader(TensorDataset(x, y), batch_size,
-shuffle=True, drop_last=True)`` with the default ``num_workers=0``.
+thread count; measured in the same process, alternating, median of ``--repeats``. Loops:
+
+* ``engine``: ``bnlab.train.train_run`` as the CLI runs it (per-step loss record in metrics.jsonl,
+  NaN check, lr schedule, checkpoints), minus evaluation and probes, with bnlab's BN;
+* ``plain torch.nn BN``: the compute floor, forward/backward/step over batches sliced beforehand
+  (a cycle of at most 200), with the model's BN layers converted to torch.nn's (``bnlab.convert``);
+* ``plain bnlab BN``: the same loop with bnlab's BN (bnlab's BN against torch.nn's, all else equal);
+* ``DataLoader``: the textbook ``for xb, yb in DataLoader(TensorDataset(x, y), batch_size,
+  shuffle=True, drop_last=True)`` with the default ``num_workers=0``.
 
 Models: the Ioffe MLP (784-100-100-100-10, sigmoid, BN, batch 60) on Fashion-MNIST (or MNIST), and
 VGG-11 at width 1/4 (BN, batch 128) on CIFAR-10 when installed, else random 3x32x32 tensors of the
@@ -13,12 +17,10 @@ same size (the throughput does not depend on the pixel values).
 
     python bench/train_throughput.py [--threads 1] [--repeats 3] [--quick]
 
-The last line is ``engine_vs_dataloader_speedup: <ratio for the Ioffe MLP>``.
-
-What to expect: the batch path alone (randperm + index_select vs per-example __getitem__ +
-collate) is ~9x faster, but it is ~0.15 ms of a step whose forward/backward/update takes ~0.5-1 ms
-on one core for the Ioffe MLP, so the end-to-end ratio is bounded by (model + 0.17) / (model + 0.02)
-whatever the loop does; for VGG the data path is noise.
+Ratios are steps/s over steps/s (> 1: the first is faster). The last lines are
+``mlp_bnlab_vs_torch_bn: <plain bnlab BN / plain torch.nn BN>``, ``mlp_engine_overhead: <plain
+bnlab BN time per step / engine time per step - 1 ... as a fraction>`` and
+``engine_vs_dataloader_speedup: <ratio for the Ioffe MLP>``.
 """
 
 from __future__ import annotations
@@ -98,6 +100,35 @@ def dataloader_steps_per_second(cfg: TrainConfig, task: Task, threads: int) -> f
     return (cfg.steps - warmup) / (time.perf_counter() - t0)
 
 
+def plain_steps_per_second(cfg: TrainConfig, task: Task, threads: int, bn: str) -> float:
+    """Forward/backward/step over pre-sliced batches (no data path at all): the compute floor.
+    ``bn``: "torch" converts the model's BN layers to torch.nn's, "bnlab" keeps bnlab's."""
+    from bnlab.data import Batches
+    from bnlab.norm import convert
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = build_network(cfg, task.in_shape, task.num_classes).train()
+    if bn == "torch":
+        convert(model, to="torch")
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    loss_fn = loss_function(cfg)
+    batches = Batches(task.x_train, task.y_train, cfg.batch_size, seed=0)
+    data = [batches.batch(step) for step in range(min(cfg.steps, 200))]
+    warmup = max(1, cfg.steps // 10)
+    t0 = None
+    for step in range(cfg.steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        xb, yb = data[step % len(data)]
+        loss = loss_fn(model(xb), yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return (cfg.steps - warmup) / (time.perf_counter() - t0)
+
+
 def batch_fetch_microseconds(task: Task, batch_size: int, n: int = 2000) -> tuple[float, float]:
     """Time to produce one batch and nothing else: bnlab.data.Batches vs DataLoader(TensorDataset)."""
     from bnlab.data import Batches
@@ -118,15 +149,24 @@ def batch_fetch_microseconds(task: Task, batch_size: int, n: int = 2000) -> tupl
     return ours, (time.perf_counter() - t0) / n * 1e6
 
 
-def compare(label: str, cfg: TrainConfig, task: Task, threads: int, repeats: int) -> float:
-    engine, plain = [], []
-    for _ in range(repeats):  # alternate, so background load hits both alike
-        engine.append(engine_steps_per_second(cfg, task, threads))
-        plain.append(dataloader_steps_per_second(cfg, task, threads))
-    e, p = statistics.median(engine), statistics.median(plain)
-    print(f"{label:<34} engine {e:8.1f} steps/s  ({1000 / e:6.2f} ms/step)   "
-          f"DataLoader {p:8.1f} steps/s  ({1000 / p:6.2f} ms/step)   ratio {e / p:5.2f}x")
-    return e / p
+def compare(label: str, cfg: TrainConfig, task: Task, threads: int, repeats: int) -> dict[str, float]:
+    """Median steps/s of each loop (alternating round by round); prints one line per loop."""
+    loops = {
+        "engine": lambda: engine_steps_per_second(cfg, task, threads),
+        "plain torch.nn BN": lambda: plain_steps_per_second(cfg, task, threads, "torch"),
+        "plain bnlab BN": lambda: plain_steps_per_second(cfg, task, threads, "bnlab"),
+        "DataLoader": lambda: dataloader_steps_per_second(cfg, task, threads),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in loops}
+    for _ in range(repeats):  # alternate, so background load hits all alike
+        for name, fn in loops.items():
+            rates[name].append(fn())
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    floor = med["plain torch.nn BN"]
+    print(label)
+    for name, r in med.items():
+        print(f"  {name:<20} {r:8.1f} steps/s  {1000 / r:7.2f} ms/step   vs compute floor {r / floor:5.2f}x")
+    return med
 
 
 def main() -> None:
@@ -152,9 +192,11 @@ def main() -> None:
     ours_us, loader_us = batch_fetch_microseconds(mlp_task, 60)
     print(f"{'batch fetch only (60 x 1x28x28)':<34} Batches {ours_us:6.1f} us/batch   DataLoader "
           f"{loader_us:6.1f} us/batch   ratio {loader_us / ours_us:5.2f}x")
-    ratio_mlp = compare("Ioffe MLP 784-100x3-10 BN, batch 60", mlp, mlp_task, args.threads, args.repeats)
+    mlp_rates = compare("Ioffe MLP 784-100x3-10 BN, batch 60", mlp, mlp_task, args.threads, args.repeats)
     compare("VGG-11 width 1/4 BN, batch 128", vgg, vgg_task, args.threads, max(1, args.repeats - 1))
-    print(f"engine_vs_dataloader_speedup: {ratio_mlp:.2f}")
+    print(f"mlp_bnlab_vs_torch_bn: {mlp_rates['plain bnlab BN'] / mlp_rates['plain torch.nn BN']:.3f}")
+    print(f"mlp_engine_overhead: {mlp_rates['plain bnlab BN'] / mlp_rates['engine'] - 1:.3f}")
+    print(f"engine_vs_dataloader_speedup: {mlp_rates['engine'] / mlp_rates['DataLoader']:.2f}")
 
 
 if __name__ == "__main__":

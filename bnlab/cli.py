@@ -523,11 +523,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: next to the runs)")
     p.add_argument("--experiments", nargs="+", default=None, help="only these experiments")
     p.set_defaults(func=cmd_report)
+    from bnlab.bench_kernels import register_cli
+    register_cli(sub)  # bnlab bench kernels
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "reproduce"):
+        from bnlab.train.memory import apply_policy
+        apply_policy()  # reuse freed memory across steps (opt out: BNLAB_MALLOC=default)
     try:
         return args.func(args)
     except BnlabError as err:

@@ -11,6 +11,8 @@ import bnlab.norm as bn
 from bnlab.norm import reference as ref
 from bnlab.norm.functional import batch_norm
 
+pytestmark = pytest.mark.usefixtures("bn_path")  # every test on the fused kernels and the composite path
+
 
 @pytest.mark.parametrize("shape", [(64, 5), (16, 5, 4, 4)])
 def test_d1_normalized_batch_has_zero_mean_and_near_unit_variance(shape):
@@ -211,9 +213,13 @@ def test_property_dtypes_scales_and_empty_batches(n, c, spatial, dtype, log_scal
             return
     assert not warned, [str(w.message) for w in warned]
     tol = _TOL[dt]
+    # The previous statistics were stored in ``dt`` (the oracle keeps float64): their rounding, up to
+    # tol * |previous value|, carries into the update, which can cancel (old -0.099, batch +0.1).
+    old_mean = before["running_mean"].double().abs().max().item()
+    old_var = before["running_var"].double().abs().max().item()
     torch.testing.assert_close(ours.running_mean.double(), oracle.running_mean, rtol=tol,
-                               atol=tol * 10.0**log_scale)
+                               atol=tol * (10.0**log_scale + old_mean))
     torch.testing.assert_close(ours.running_var.double(), oracle.running_var, rtol=tol,
-                               atol=tol * 10.0 ** (2 * log_scale) + 1e-45)
+                               atol=tol * (10.0 ** (2 * log_scale) + old_var) + 1e-45)
     assert ours.num_batches_tracked.item() == 2
     torch.testing.assert_close(y.double(), y_ref, rtol=tol * 4, atol=tol * 20 if dt != torch.float32 else 1e-3)

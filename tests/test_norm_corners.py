@@ -11,6 +11,8 @@ from torch import nn
 import bnlab.norm as bn
 from bnlab.norm.functional import NonFiniteBatchWarning
 
+pytestmark = pytest.mark.usefixtures("bn_path")  # every test on the fused kernels and the composite path
+
 
 def _state(module):
     return {k: v.clone() for k, v in module.state_dict().items()}

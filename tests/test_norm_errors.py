@@ -10,6 +10,8 @@ import bnlab.norm as bn
 from bnlab.errors import ConfigError, ShapeError
 from bnlab.norm.functional import NonFiniteBatchWarning
 
+pytestmark = pytest.mark.usefixtures("bn_path")  # every test on the fused kernels and the composite path
+
 
 def _state(module):
     return {k: v.clone() for k, v in module.state_dict().items()}

@@ -14,6 +14,8 @@ from torch.func import functional_call, hessian, jacrev, vmap
 import bnlab
 import bnlab.norm as bn
 
+pytestmark = pytest.mark.usefixtures("bn_path")  # graph capture of the fused kernels and of the composite path
+
 
 def _conv_model(momentum, second_momentum=None):
     """Conv-BN-ReLU-Conv-BN-Linear-BN1d; the second BN may use another momentum."""

@@ -12,6 +12,8 @@ import bnlab.norm as bn
 from bnlab.norm import reference as ref
 from bnlab.norm.functional import batch_norm
 
+pytestmark = pytest.mark.usefixtures("bn_path")  # every test on the fused kernels and the composite path
+
 SHAPES = {1: [(16, 6), (8, 6, 5)], 2: [(4, 6, 5, 3)], 3: [(2, 6, 3, 2, 4)]}
 CASES = [
     (dims, shape, momentum, affine, track)

@@ -119,7 +119,10 @@ def test_fuse_conv_bn_eval_gives_the_eager_result():
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("momentum,track", [(0.1, True), (None, True), (0.1, False)])
-def test_jit_script_runs_the_same_core(training, momentum, track):
+def test_jit_script_runs_the_same_core(training, momentum, track, bn_path):
+    """TorchScript runs the composite core; eager mode runs the fused kernels where they apply, which
+    round differently (float64 statistics): equal to float32 rounding then, bit-near otherwise."""
+    rtol = 1e-6 if bn_path == "kernels" else 0.0
     torch.manual_seed(0)
     eager = bn.BatchNorm2d(4, momentum=momentum, track_running_stats=track)
     eager(torch.randn(8, 4, 3, 3) * 2 + 1)
@@ -131,7 +134,7 @@ def test_jit_script_runs_the_same_core(training, momentum, track):
         x = torch.randn(8, 4, 3, 3) * (step + 1) + step
         torch.testing.assert_close(scripted(x), eager(x), rtol=0, atol=1e-6)
     for k, v in eager.state_dict().items():
-        torch.testing.assert_close(scripted.state_dict()[k], v, rtol=0, atol=1e-7)
+        torch.testing.assert_close(scripted.state_dict()[k], v, rtol=rtol, atol=1e-7)
     with pytest.raises(Exception, match="more than 1 value per channel"):
         scripted.train()(torch.randn(1, 4, 1, 1))
 

@@ -9,7 +9,12 @@ The core makes no Python decision on tensor *values* (only on shapes, dtypes and
 nothing is read back to the host: it runs unchanged under ``torch.compile(fullgraph=True)``,
 ``torch.export``, ``torch.func.vmap``/``grad``/``jacrev``/``hessian`` and ``torch.jit.script``.
 
-Numerics:
+Two paths: on the CPU (float32/float64/float16/bfloat16, non-empty batches, outside ``torch.func``
+transforms) the work is done by the fused kernels of :mod:`bnlab.norm.kernels` (``torch.library``
+operators; the same semantics and guard, statistics in float64); everywhere else by the composite
+torch path below. ``BNLAB_KERNELS=off`` or ``bnlab.norm.kernels.use_mode("off")`` forces the latter.
+
+Numerics (composite path):
 
 * Statistics are computed in float32 for float16/bfloat16 inputs (in the input dtype otherwise); the
   output has the input's dtype and memory format.
@@ -51,6 +56,7 @@ import torch
 from torch import Tensor
 
 from bnlab.errors import ChannelError, ConfigError, DtypeError, ShapeError
+from bnlab.norm import kernels
 
 __all__ = ["BatchNormOutput", "NonFiniteBatchWarning", "batch_norm", "check_eps", "check_momentum", "reduce_dims"]
 
@@ -161,8 +167,11 @@ def batch_norm(
         raise ConfigError("momentum=None (cumulative average) needs num_batches_tracked; pass the counter tensor")
 
     if not training and running_mean is not None and running_var is not None:
-        return BatchNormOutput(eval_core(x, weight, bias, running_mean, running_var, eps), running_mean,
-                               running_var, num_batches_tracked)
+        if kernels.applies(x, weight, bias, running_mean, running_var):
+            out = torch.ops.bnlab.bn_eval(x, weight, bias, running_mean, running_var, eps)
+        else:
+            out = eval_core(x, weight, bias, running_mean, running_var, eps)
+        return BatchNormOutput(out, running_mean, running_var, num_batches_tracked)
     if values_per_channel(x) == 1:
         fix = ("use a batch size > 1, or training=False with running statistics" if running_mean is not None
                else "use a batch size > 1, or pass running statistics with training=False")
@@ -171,6 +180,8 @@ def batch_norm(
             f"{tuple(x.shape)}: the batch variance of a single value is 0 and BN would output beta; {fix}"
         )
     update = training and running_mean is not None
+    if kernels.applies(x, weight, bias, running_mean, running_var):
+        return _kernel_train(x, weight, bias, running_mean, running_var, num_batches_tracked, update, momentum, eps)
     res = train_core(x, weight, bias, running_mean if update else None, running_var if update else None,
                      num_batches_tracked if update else None, momentum, eps)
     if update:
@@ -178,6 +189,35 @@ def batch_norm(
         return BatchNormOutput(res.out, res.running_mean, res.running_var,
                                res.num_batches_tracked if num_batches_tracked is not None else None)
     return BatchNormOutput(res.out, running_mean, running_var, num_batches_tracked)
+
+
+def _kernel_train(x, weight, bias, running_mean, running_var, num_batches_tracked, update, momentum, eps):
+    """Training mode through the fused kernel (bnlab.norm.kernels): the same semantics and guard."""
+    (out, stats, new_mean, new_var, new_count,
+     accepted) = torch.ops.bnlab.bn_train(x, weight, bias, running_mean if update else None,
+                                          running_var if update else None,
+                                          num_batches_tracked if update else None,
+                                          0.0 if momentum is None else momentum, momentum is None, eps)
+    if not update:
+        return BatchNormOutput(out, running_mean, running_var, num_batches_tracked)
+    if not _traced(accepted):
+        report_kernel_rejection(accepted, stats, x.dtype, running_mean, running_var, num_batches_tracked, momentum)
+    return BatchNormOutput(out, new_mean, new_var, new_count if num_batches_tracked is not None else None)
+
+
+def report_kernel_rejection(accepted: Tensor, stats: Tensor, x_dtype: torch.dtype, running_mean: Tensor,
+                            running_var: Tensor, num_batches_tracked: Tensor | None, momentum: float | None) -> None:
+    """Warn when the kernel's guard kept a batch out of the running statistics (eager mode; the
+    statistics before the update are passed). The kernels run on the CPU only, so reading the flag
+    is a memory read, not a device sync."""
+    if bool(accepted):
+        return
+    f = (1.0 / (float(num_batches_tracked) + 1.0)) if momentum is None else momentum
+    cdtype = compute_dtype(x_dtype)
+    mean, var = stats[0], stats[2]
+    diag = torch.stack((mean.to(cdtype).double(), var.to(cdtype).double(),
+                        torch.lerp(running_mean.double(), mean, f), torch.lerp(running_var.double(), var, f)))
+    _warn(diag, x_dtype, running_mean.dtype, normalized=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,11 +374,12 @@ def report_rejected_batch(res: TrainResult, x_dtype: torch.dtype, buffer_dtype: 
     if res.accepted is None or _traced(res.accepted):
         return
     dtype = res.proposed_mean.dtype
-    stats = torch.stack((res.batch_mean.to(dtype), res.batch_var.to(dtype), res.proposed_mean, res.proposed_var))
     if res.accepted.device.type == "cpu":
         if not bool(res.accepted):
-            _warn(stats, x_dtype, buffer_dtype)
+            _warn(torch.stack((res.batch_mean.to(dtype), res.batch_var.to(dtype), res.proposed_mean,
+                               res.proposed_var)), x_dtype, buffer_dtype)
         return
+    stats = torch.stack((res.batch_mean.to(dtype), res.batch_var.to(dtype), res.proposed_mean, res.proposed_var))
     _flush_pending()
     flag = torch.empty((), dtype=torch.bool, pin_memory=True)
     host = torch.empty(stats.shape, dtype=stats.dtype, pin_memory=True)
@@ -374,8 +415,9 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _warn(stats: Tensor, x_dtype: torch.dtype, buffer_dtype: torch.dtype) -> None:
-    """Name the real cause from the per-channel statistics (no pass over the data)."""
+def _warn(stats: Tensor, x_dtype: torch.dtype, buffer_dtype: torch.dtype, normalized: bool = False) -> None:
+    """Name the real cause from the per-channel statistics (no pass over the data). ``normalized``:
+    the batch's output was computed from float64 statistics (the fused kernels) and is right."""
     mean, var, new_mean, new_var = stats.unbind(0)
     cdtype = compute_dtype(x_dtype)
     keep = "the running statistics and num_batches_tracked keep their previous values"
@@ -385,9 +427,11 @@ def _warn(stats: Tensor, x_dtype: torch.dtype, buffer_dtype: torch.dtype) -> Non
                f"{keep}. Check the input data and the learning rate.")
     elif not torch.isfinite(var).all():
         bad = ~torch.isfinite(var)
+        output = ("the fused kernel normalized this batch with float64 statistics, but" if normalized
+                  else "this batch's output is not normalized and")
         msg = (f"the batch variance of channels {_channels(bad)} overflows {cdtype} although the input is "
-               f"finite (|values| around {mean[bad].abs().max().item():.3g}); this batch's output is not "
-               f"normalized and {keep}. Scale the input down (e.g. standardize the data) or run this layer "
+               f"finite (|values| around {mean[bad].abs().max().item():.3g}); {output} {keep}. Scale the input down (e.g. standardize the data) "
+               f"or run this layer "
                f"in float64 (layer.double() and x.double()).")
     else:
         top = torch.finfo(buffer_dtype).max

@@ -27,11 +27,13 @@ import torch.fx
 from torch import Tensor, nn
 
 from bnlab.errors import ChannelError, ConfigTypeError, ShapeError
+from bnlab.norm import kernels
 from bnlab.norm.functional import (
     batch_norm,
     check_eps,
     check_momentum,
     eval_core,
+    report_kernel_rejection,
     report_rejected_batch,
     train_core,
     values_per_channel,
@@ -125,6 +127,9 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
 @torch.fx.wrap
 def bnlab_batch_norm_forward(module: _BatchNorm, x: Tensor) -> Tensor:
     """Forward of a bnlab BN module: validation, the functional core, in-place buffer update."""
+    out = _kernel_forward(module, x)
+    if out is not None:
+        return out
     module._check_input_dim(x)
     # torch.nn semantics: batch statistics in training, and in eval when no running stats are kept.
     update = module.training and module.track_running_stats
@@ -166,6 +171,36 @@ def bnlab_batch_norm_forward(module: _BatchNorm, x: Tensor) -> Tensor:
             if module.num_batches_tracked is not None:
                 module.num_batches_tracked.copy_(result.num_batches_tracked)
     return result.out
+
+
+def _kernel_forward(module: _BatchNorm, x: Tensor) -> Optional[Tensor]:
+    """The common case in one fused-kernel call (bnlab.norm.kernels): a valid CPU input in training
+    or eval with running statistics. Returns None for everything else, which the general path
+    handles (and explains, for bad input). Small layers are dominated by per-call overhead, so this
+    path reads the module's dicts directly and makes only the checks that pick it."""
+    params, buffers = module._parameters, module._buffers
+    weight, bias, rm, rv = params.get("weight"), params.get("bias"), buffers.get("running_mean"), buffers.get("running_var")
+    eps, momentum = module.eps, module.momentum
+    if (rm is None or rv is None or not isinstance(x, Tensor) or x.dim() not in module._shape_help()[0]
+            or x.shape[1] != module.num_features or not (isinstance(eps, float) and eps > 0)
+            or not (momentum is None or (isinstance(momentum, float) and 0.0 <= momentum <= 1.0))
+            or not kernels.applies(x, weight, bias, rm, rv)):
+        return None
+    if not module.training:
+        return torch.ops.bnlab.bn_eval(x, weight, bias, rm, rv, eps)
+    count = buffers.get("num_batches_tracked")
+    if not module.track_running_stats or x.numel() // x.shape[1] <= 1 or (momentum is None and count is None):
+        return None
+    out, stats, new_mean, new_var, new_count, accepted = torch.ops.bnlab.bn_train(
+        x, weight, bias, rm, rv, count, 0.0 if momentum is None else momentum, momentum is None, eps)
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        report_kernel_rejection(accepted, stats, x.dtype, rm, rv, count, momentum)
+    # The new statistics are not differentiable, so copying them records no autograd history.
+    rm.copy_(new_mean)
+    rv.copy_(new_var)
+    if count is not None:
+        count.copy_(new_count)
+    return out
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):

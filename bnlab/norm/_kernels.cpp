@@ -1,0 +1,757 @@
+// Fused CPU batch-norm kernels for bnlab (see bnlab/norm/kernels.py for the design and the Python side).
+//
+// Layouts: an input (N, C, *spatial) is read either as "planar" (N, C, S) contiguous, where each channel
+// is N contiguous segments of S values, or as "rows" (R = N*S, C) with C contiguous: channels_last
+// (2-D and 3-D images) and (N, C) inputs. Anything else is made contiguous first.
+//
+// Numerics: per-channel statistics by blocks. Each block (at most a few thousand values, so it sits
+// in L1/L2 while it is read twice) is first averaged, then its deviations from that shift are summed
+// (sum and sum of squares, corrected two-pass: M2 = sum d^2 - (sum d)^2 / n) in float64, and blocks
+// are merged with Chan et al.'s pairwise formula. So the data is read from memory once, no naive sum
+// of squares is ever formed, and a constant float32 channel gets a variance of exactly 0.
+// Normalization subtracts the mean before scaling; for float32/half the float64 mean is split into
+// hi + lo floats, ((x - hi) - lo) * a + b, which keeps the accuracy of a float64 subtraction at
+// float32 speed when |mean| >> std.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+template <typename T> struct OpMath { using type = float; };
+template <> struct OpMath<double> { using type = double; };
+
+constexpr int64_t kBlock = 2048;          // values per block in the planar layout
+constexpr int64_t kRowBlockValues = 8192;  // values per row block in the rows layout
+constexpr int64_t kGrainValues = 32768;   // fewer values than this per task: no extra thread
+constexpr int64_t kCacheBytes = 768 * 1024;  // a channel this small is processed while it stays in cache
+
+struct Layout {
+  bool rows;
+  int64_t N, C, S, R;  // R = N * S
+};
+
+// The tensor to read (a dense view in one of the two layouts) and its description.
+Tensor dense_input(const Tensor& x, Layout& L) {
+  L.N = x.size(0);
+  L.C = x.size(1);
+  L.S = (L.N * L.C) ? x.numel() / (L.N * L.C) : 0;
+  L.R = L.N * L.S;
+  if (x.is_contiguous()) {
+    L.rows = (L.S == 1);
+    return x;
+  }
+  if ((x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+      (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d))) {
+    L.rows = true;
+    return x;
+  }
+  L.rows = (L.S == 1);
+  return x.contiguous();
+}
+
+// A fresh output in x's layout. Large outputs are fresh pages from the OS, and first-touch page faults
+// of 4 KiB pages cost more than the arithmetic of BN; asking for transparent huge pages (2 MiB, where
+// the kernel allows them: THP "madvise" or "always") makes that cost a few faults per tensor.
+Tensor empty_out(const Tensor& x) {
+  Tensor y = at::empty_like(x);
+  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
+  const size_t bytes = y.nbytes();
+  if (bytes >= 4 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(y.data_ptr());
+    const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
+    if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);  // a hint; errors ignored
+  }
+  return y;
+}
+
+Tensor like_layout(const Tensor& dense, const Tensor& other) {
+  // other in the memory format of dense (a no-op when it already is)
+  if (dense.is_contiguous()) return other.contiguous();
+  if (dense.dim() == 4) return other.contiguous(at::MemoryFormat::ChannelsLast);
+  return other.contiguous(at::MemoryFormat::ChannelsLast3d);
+}
+
+// (C,) tensor of any floating dtype (or undefined: fill) -> float64 values on the host.
+std::vector<double> channel_values(const c10::optional<Tensor>& t, int64_t C, double fill) {
+  std::vector<double> v(C, fill);
+  if (!t.has_value() || !t->defined()) return v;
+  Tensor c = t->contiguous();
+  TORCH_CHECK(c.numel() == C, "bnlab kernels: per-channel tensor has ", c.numel(), " entries, expected ", C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "bnlab_channel_values", [&] {
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < C; ++i) v[i] = static_cast<double>(p[i]);
+  });
+  return v;
+}
+
+struct Moments {  // count, mean, sum of squared deviations
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double nb, double mb, double m2b) {
+    if (nb == 0) return;
+    if (n == 0) { n = nb; mean = mb; m2 = m2b; return; }
+    double tot = n + nb, delta = mb - mean;
+    mean += delta * (nb / tot);
+    m2 += m2b + delta * delta * (n * nb / tot);
+    n = tot;
+  }
+};
+
+// One block of len values at p with stride 1: corrected two-pass moments.
+template <typename T>
+inline void block_moments(const T* p, int64_t len, double& mean, double& m2) {
+  using O = typename OpMath<T>::type;
+  double s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < len; ++i) s += static_cast<double>(p[i]);
+  const O k = static_cast<O>(s / len);
+  double s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t i = 0; i < len; ++i) {
+    const double d = static_cast<double>(static_cast<O>(p[i]) - k);
+    s1 += d;
+    s2 += d * d;
+  }
+  mean = static_cast<double>(k) + s1 / len;
+  m2 = std::max(s2 - s1 * s1 / len, 0.0);
+}
+
+// Per-channel (mean, biased M2) of x in the given layout; parallel over channels (planar) or row
+// blocks with per-thread partial moments (rows).
+template <typename T>
+void channel_moments(const T* x, const Layout& L, std::vector<Moments>& out) {
+  using O = typename OpMath<T>::type;
+  const int64_t C = L.C;
+  out.assign(C, Moments());
+  if (!L.rows) {
+    const int64_t per_channel = L.N * L.S;
+    const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(per_channel, 1));
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        Moments m;
+        for (int64_t n = 0; n < L.N; ++n) {
+          const T* seg = x + (n * C + c) * L.S;
+          for (int64_t s0 = 0; s0 < L.S; s0 += kBlock) {
+            const int64_t len = std::min(kBlock, L.S - s0);
+            double mb, m2b;
+            block_moments(seg + s0, len, mb, m2b);
+            m.merge(static_cast<double>(len), mb, m2b);
+          }
+        }
+        out[c] = m;
+      }
+    });
+    return;
+  }
+  const int64_t rows_per_block = std::max<int64_t>(1, kRowBlockValues / C);
+  const int64_t nblocks = (L.R + rows_per_block - 1) / rows_per_block;
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / (rows_per_block * C));
+  // Partial moments per chunk of blocks (not per thread id, which need not be below the thread
+  // count), merged in chunk order: deterministic for a given thread count.
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (nblocks + grain - 1) / grain));
+  const int64_t per_chunk = (nblocks + nchunks - 1) / nchunks;
+  std::vector<Moments> partial(static_cast<size_t>(nchunks * C));
+  at::parallel_for(0, nchunks, 1, [&](int64_t t0, int64_t t1) {
+   for (int64_t t = t0; t < t1; ++t) {
+    Moments* mine = partial.data() + t * C;
+    const int64_t b0 = t * per_chunk, b1 = std::min(nblocks, b0 + per_chunk);
+    std::vector<double> sum(C), s1(C), s2(C);
+    for (int64_t b = b0; b < b1; ++b) {
+      // Shifted data per block: the block's first row is the shift, deviations in float64 (exact for
+      // float32/half inputs), one pass; the corrected sum of squares, then Chan's merge.
+      const int64_t r0 = b * rows_per_block, r1 = std::min(L.R, r0 + rows_per_block);
+      const double len = static_cast<double>(r1 - r0);
+      const T* first = x + r0 * C;
+      double* kp = sum.data();
+      for (int64_t c = 0; c < C; ++c) kp[c] = static_cast<double>(first[c]);
+      std::fill(s1.begin(), s1.end(), 0.0);
+      std::fill(s2.begin(), s2.end(), 0.0);
+      for (int64_t r = r0 + 1; r < r1; ++r) {
+        const T* row = x + r * C;
+        double* a = s1.data();
+        double* q = s2.data();
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const double d = static_cast<double>(row[c]) - kp[c];
+          a[c] += d;
+          q[c] += d * d;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        mine[c].merge(len, kp[c] + s1[c] / len, std::max(s2[c] - s1[c] * s1[c] / len, 0.0));
+      }
+    }
+   }
+  });
+  for (int64_t t = 0; t < nchunks; ++t) {
+    for (int64_t c = 0; c < C; ++c) {
+      const Moments& p = partial[static_cast<size_t>(t * C + c)];
+      out[c].merge(p.n, p.mean, p.m2);
+    }
+  }
+}
+
+// y = ((x - hi) - lo) * a + b per channel; hi + lo is the float64 mean split into two O values.
+template <typename T>
+void affine_pass(const T* x, T* y, const Layout& L, const std::vector<double>& mean, const std::vector<double>& a,
+                 const std::vector<double>& b) {
+  using O = typename OpMath<T>::type;
+  const int64_t C = L.C;
+  std::vector<O> hi(C), lo(C), av(C), bv(C);
+  for (int64_t c = 0; c < C; ++c) {
+    hi[c] = static_cast<O>(mean[c]);
+    lo[c] = static_cast<O>(mean[c] - static_cast<double>(hi[c]));
+    av[c] = static_cast<O>(a[c]);
+    bv[c] = static_cast<O>(b[c]);
+  }
+  if (!L.rows) {
+    const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(L.S, 1));
+    at::parallel_for(0, L.N * C, grain, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t c = i % C;
+        const O h = hi[c], l = lo[c], s = av[c], t = bv[c];
+        const T* src = x + i * L.S;
+        T* dst = y + i * L.S;
+#pragma omp simd
+        for (int64_t j = 0; j < L.S; ++j) dst[j] = static_cast<T>(((static_cast<O>(src[j]) - h) - l) * s + t);
+      }
+    });
+    return;
+  }
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / C);
+  at::parallel_for(0, L.R, grain, [&](int64_t r0, int64_t r1) {
+    const O* h = hi.data();
+    const O* l = lo.data();
+    const O* s = av.data();
+    const O* t = bv.data();
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* src = x + r * C;
+      T* dst = y + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<T>(((static_cast<O>(src[c]) - h[c]) - l[c]) * s[c] + t[c]);
+    }
+  });
+}
+
+// Planar layout, one channel at a time (parallel over channels): its moments from memory, then its
+// normalization from the core's cache, so the input is read from memory once.
+template <typename T>
+void train_planar_fused(const T* x, T* y, const Layout& L, const std::vector<double>& w, const std::vector<double>& b,
+                        double eps, std::vector<double>& mean, std::vector<double>& invstd,
+                        std::vector<double>& var_unbiased) {
+  using O = typename OpMath<T>::type;
+  const int64_t C = L.C;
+  const double m = static_cast<double>(L.R);
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(L.R, 1));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      Moments mo;
+      for (int64_t n = 0; n < L.N; ++n) {
+        const T* seg = x + (n * C + c) * L.S;
+        for (int64_t s0 = 0; s0 < L.S; s0 += kBlock) {
+          const int64_t len = std::min(kBlock, L.S - s0);
+          double mb, m2b;
+          block_moments(seg + s0, len, mb, m2b);
+          mo.merge(static_cast<double>(len), mb, m2b);
+        }
+      }
+      mean[c] = mo.mean;
+      invstd[c] = 1.0 / std::sqrt(mo.m2 / m + eps);
+      var_unbiased[c] = mo.m2 / (m - 1.0);
+      const O h = static_cast<O>(mo.mean), l = static_cast<O>(mo.mean - static_cast<double>(h));
+      const O s = static_cast<O>(w[c] * invstd[c]), t = static_cast<O>(b[c]);
+      for (int64_t n = 0; n < L.N; ++n) {
+        const T* src = x + (n * C + c) * L.S;
+        T* dst = y + (n * C + c) * L.S;
+#pragma omp simd
+        for (int64_t j = 0; j < L.S; ++j) dst[j] = static_cast<T>(((static_cast<O>(src[j]) - h) - l) * s + t);
+      }
+    }
+  });
+}
+
+// torch.lerp's form: exact at both ends (f = 1 gives the batch value, as momentum=None's first batch needs).
+inline double lerp(double a, double b, double f) {
+  return f < 0.5 ? a + f * (b - a) : b - (b - a) * (1.0 - f);
+}
+
+at::ScalarType compute_type(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+bool finite_in(double v, at::ScalarType t) {
+  if (t == at::kDouble) return std::isfinite(v);
+  if (t == at::kFloat) return std::isfinite(static_cast<float>(v));
+  if (t == at::kHalf) return std::isfinite(static_cast<float>(static_cast<at::Half>(static_cast<float>(v))));
+  if (t == at::kBFloat16) return std::isfinite(static_cast<float>(static_cast<at::BFloat16>(static_cast<float>(v))));
+  return std::isfinite(v);
+}
+
+Tensor from_values(const std::vector<double>& v, const Tensor& like) {
+  Tensor out = at::empty({static_cast<int64_t>(v.size())}, like.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "bnlab_from_values", [&] {
+    scalar_t* p = out.data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<scalar_t>(v[i]);
+  });
+  return out;
+}
+
+void check_x(const Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), "bnlab kernels run on the CPU; got a tensor on ", x.device());
+  TORCH_CHECK(x.dim() >= 2, "bnlab kernels expect an input (N, C, ...), got ", x.dim(), " dims");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "bnlab kernels expect a floating-point input");
+}
+
+// Training forward: batch statistics, normalize + affine, and the guarded running-statistics update.
+using TrainOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+TrainOut bn_train(
+    const Tensor& x_in, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    const c10::optional<Tensor>& num_batches_tracked, double momentum, bool cumulative, double eps) {
+  check_x(x_in);
+  Layout L;
+  Tensor x = dense_input(x_in, L);
+  TORCH_CHECK(L.R > 1, "bnlab kernels need more than one value per channel");
+  const int64_t C = L.C;
+  std::vector<Moments> mom;
+  Tensor y = empty_out(x);
+  const std::vector<double> w = channel_values(weight, C, 1.0);
+  const std::vector<double> b = channel_values(bias, C, 0.0);
+  std::vector<double> mean(C), invstd(C), var_unbiased(C), a(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_bn_train", [&] {
+    const double m = static_cast<double>(L.R);
+    if (!L.rows && static_cast<int64_t>(sizeof(scalar_t)) * L.R <= kCacheBytes) {
+      // A channel fits in the core's cache: statistics, then normalize it while it is still there.
+      train_planar_fused<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), L, w, b, eps, mean, invstd,
+                                   var_unbiased);
+      return;
+    }
+    channel_moments<scalar_t>(x.const_data_ptr<scalar_t>(), L, mom);
+    for (int64_t c = 0; c < C; ++c) {
+      mean[c] = mom[c].mean;
+      invstd[c] = 1.0 / std::sqrt(mom[c].m2 / m + eps);
+      var_unbiased[c] = mom[c].m2 / (m - 1.0);
+      a[c] = w[c] * invstd[c];
+    }
+    affine_pass<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), L, mean, a, b);
+  });
+  auto dopt = x.options().dtype(at::kDouble);
+  // stats rows: batch mean, 1/sqrt(biased variance + eps), unbiased variance (float64)
+  Tensor stats = at::empty({3, C}, dopt);
+  double* sp = stats.data_ptr<double>();
+  std::copy(mean.begin(), mean.end(), sp);
+  std::copy(invstd.begin(), invstd.end(), sp + C);
+  std::copy(var_unbiased.begin(), var_unbiased.end(), sp + 2 * C);
+  Tensor new_rm, new_rv, new_count, accepted;
+  const bool update = running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
+                      running_var->defined();
+  if (!update) {
+    new_rm = at::empty({0}, dopt);
+    new_rv = at::empty({0}, dopt);
+    new_count = at::empty({0}, x.options().dtype(at::kLong));
+    accepted = at::empty({0}, x.options().dtype(at::kBool));
+    return {y, stats, new_rm, new_rv, new_count, accepted};
+  }
+  const Tensor& rm = *running_mean;
+  const Tensor& rv = *running_var;
+  const bool has_count = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  int64_t count = 0;
+  if (has_count) {
+    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1,
+                "bnlab kernels: num_batches_tracked must be a one-element int64 tensor");
+    count = num_batches_tracked->const_data_ptr<int64_t>()[0];  // CPU memory, no device sync
+  }
+  const double f = cumulative ? 1.0 / static_cast<double>(count + 1) : momentum;
+  std::vector<double> old_m = channel_values(rm, C, 0.0), old_v = channel_values(rv, C, 0.0);
+  std::vector<double> pm(C), pv(C);
+  const at::ScalarType cdt = compute_type(x.scalar_type());
+  bool ok = true;
+  for (int64_t c = 0; c < C; ++c) {
+    // The same guard as the composite core: batch statistics finite in the compute dtype, and the
+    // updated values representable in the buffers' dtype.
+    ok = ok && finite_in(mean[c], cdt) && finite_in(var_unbiased[c], cdt);
+    pm[c] = lerp(old_m[c], mean[c], f);
+    pv[c] = lerp(old_v[c], var_unbiased[c], f);
+    ok = ok && finite_in(pm[c], rm.scalar_type()) && finite_in(pv[c], rv.scalar_type());
+  }
+  new_rm = ok ? from_values(pm, rm) : rm.clone();
+  new_rv = ok ? from_values(pv, rv) : rv.clone();
+  new_count = at::empty(has_count ? num_batches_tracked->sizes() : at::IntArrayRef{0}, x.options().dtype(at::kLong));
+  if (has_count) new_count.data_ptr<int64_t>()[0] = count + (ok ? 1 : 0);
+  accepted = at::empty({}, x.options().dtype(at::kBool));
+  accepted.data_ptr<bool>()[0] = ok;
+  return {y, stats, new_rm, new_rv, new_count, accepted};
+}
+
+template <typename scalar_t>
+void backward_impl(const Tensor& x, const Tensor& dy, Tensor& dx, const Layout& L, bool input_grad,
+                   const std::vector<double>& w, const std::vector<double>& mean, const std::vector<double>& invstd,
+                   std::vector<double>& sdy, std::vector<double>& sdyd) {
+  const int64_t C = L.C;
+    using O = typename OpMath<scalar_t>::type;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = dy.const_data_ptr<scalar_t>();
+    std::vector<O> hi(C), lo(C);
+    for (int64_t c = 0; c < C; ++c) {
+      hi[c] = static_cast<O>(mean[c]);
+      lo[c] = static_cast<O>(mean[c] - static_cast<double>(hi[c]));
+    }
+    const double m = static_cast<double>(L.R);
+    if (!L.rows && input_grad && 2 * static_cast<int64_t>(sizeof(scalar_t)) * L.R <= 2 * kCacheBytes) {
+      // A channel's x and dy fit in the core's cache: reduce, then the elementwise pass from cache.
+      const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(L.R, 1));
+      scalar_t* dp = dx.data_ptr<scalar_t>();
+      at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const O h = hi[c], l = lo[c];
+          double a = 0, q = 0;
+          for (int64_t n = 0; n < L.N; ++n) {
+            const scalar_t* xs = xp + (n * C + c) * L.S;
+            const scalar_t* gs = gp + (n * C + c) * L.S;
+#pragma omp simd reduction(+ : a, q)
+            for (int64_t j = 0; j < L.S; ++j) {
+              const O g = static_cast<O>(gs[j]);
+              a += static_cast<double>(g);
+              q += static_cast<double>(g * ((static_cast<O>(xs[j]) - h) - l));
+            }
+          }
+          sdy[c] = a;
+          sdyd[c] = q;
+          const double sc = w[c] * invstd[c];
+          const O s = static_cast<O>(sc), k = static_cast<O>(-sc * invstd[c] * invstd[c] * q / m),
+                  e = static_cast<O>(-sc * a / m);
+          for (int64_t n = 0; n < L.N; ++n) {
+            const scalar_t* xs = xp + (n * C + c) * L.S;
+            const scalar_t* gs = gp + (n * C + c) * L.S;
+            scalar_t* ds = dp + (n * C + c) * L.S;
+#pragma omp simd
+            for (int64_t j = 0; j < L.S; ++j) {
+              ds[j] = static_cast<scalar_t>(static_cast<O>(gs[j]) * s + ((static_cast<O>(xs[j]) - h) - l) * k + e);
+            }
+          }
+        }
+      });
+      return;
+    }
+    if (!L.rows) {
+      const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(L.N * L.S, 1));
+      at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          const O h = hi[c], l = lo[c];
+          double a = 0, q = 0;
+          for (int64_t n = 0; n < L.N; ++n) {
+            const scalar_t* xs = xp + (n * C + c) * L.S;
+            const scalar_t* gs = gp + (n * C + c) * L.S;
+#pragma omp simd reduction(+ : a, q)
+            for (int64_t j = 0; j < L.S; ++j) {
+              const O g = static_cast<O>(gs[j]);
+              a += static_cast<double>(g);
+              q += static_cast<double>(g * ((static_cast<O>(xs[j]) - h) - l));
+            }
+          }
+          sdy[c] = a;
+          sdyd[c] = q;
+        }
+      });
+    } else {
+      const int64_t rows_per_block = std::max<int64_t>(1, kRowBlockValues / C);
+      const int64_t nblocks = (L.R + rows_per_block - 1) / rows_per_block;
+      const int64_t grain = std::max<int64_t>(1, kGrainValues / (rows_per_block * C));
+      const int64_t nchunks =
+          std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (nblocks + grain - 1) / grain));
+      const int64_t per_chunk = (nblocks + nchunks - 1) / nchunks;
+      std::vector<double> partial(static_cast<size_t>(nchunks * 2 * C), 0.0);
+      at::parallel_for(0, nchunks, 1, [&](int64_t t0, int64_t t1) {
+       for (int64_t t = t0; t < t1; ++t) {
+        double* a = partial.data() + t * 2 * C;
+        double* q = a + C;
+        const int64_t b0 = t * per_chunk, b1 = std::min(nblocks, b0 + per_chunk);
+        const O* h = hi.data();
+        const O* l = lo.data();
+        for (int64_t r = b0 * rows_per_block; r < std::min(L.R, b1 * rows_per_block); ++r) {
+          const scalar_t* xs = xp + r * C;
+          const scalar_t* gs = gp + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const O g = static_cast<O>(gs[c]);
+            a[c] += static_cast<double>(g);
+            q[c] += static_cast<double>(g * ((static_cast<O>(xs[c]) - h[c]) - l[c]));
+          }
+        }
+       }
+      });
+      for (int64_t t = 0; t < nchunks; ++t) {
+        for (int64_t c = 0; c < C; ++c) {
+          sdy[c] += partial[static_cast<size_t>(t * 2 * C + c)];
+          sdyd[c] += partial[static_cast<size_t>(t * 2 * C + C + c)];
+        }
+      }
+    }
+    if (!input_grad) return;
+    std::vector<O> av(C), kv(C), ev(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double s = w[c] * invstd[c];
+      av[c] = static_cast<O>(s);
+      kv[c] = static_cast<O>(-s * invstd[c] * invstd[c] * sdyd[c] / m);
+      ev[c] = static_cast<O>(-s * sdy[c] / m);
+    }
+    scalar_t* dp = dx.data_ptr<scalar_t>();
+    if (!L.rows) {
+      const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(L.S, 1));
+      at::parallel_for(0, L.N * C, grain, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t c = i % C;
+          const O h = hi[c], l = lo[c], s = av[c], k = kv[c], e = ev[c];
+          const scalar_t* xs = xp + i * L.S;
+          const scalar_t* gs = gp + i * L.S;
+          scalar_t* ds = dp + i * L.S;
+#pragma omp simd
+          for (int64_t j = 0; j < L.S; ++j) {
+            ds[j] = static_cast<scalar_t>(static_cast<O>(gs[j]) * s + ((static_cast<O>(xs[j]) - h) - l) * k + e);
+          }
+        }
+      });
+    } else {
+      const int64_t grain = std::max<int64_t>(1, kGrainValues / C);
+      at::parallel_for(0, L.R, grain, [&](int64_t r0, int64_t r1) {
+        const O* h = hi.data();
+        const O* l = lo.data();
+        const O* s = av.data();
+        const O* k = kv.data();
+        const O* e = ev.data();
+        for (int64_t r = r0; r < r1; ++r) {
+          const scalar_t* xs = xp + r * C;
+          const scalar_t* gs = gp + r * C;
+          scalar_t* ds = dp + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            ds[c] = static_cast<scalar_t>(static_cast<O>(gs[c]) * s[c] + ((static_cast<O>(xs[c]) - h[c]) - l[c]) * k[c] + e[c]);
+          }
+        }
+      });
+    }
+}
+
+// Compact backward: two per-channel reductions (sum dy, sum dy * (x - mean)) and one elementwise pass
+// dx = a * dy + k * (x - mean) + e with per-channel a, k, e.
+std::tuple<Tensor, Tensor, Tensor> bn_backward(const Tensor& grad_out, const Tensor& x_in,
+                                               const c10::optional<Tensor>& weight, const Tensor& stats,
+                                               bool input_grad) {
+  check_x(x_in);
+  Layout L;
+  Tensor x = dense_input(x_in, L);
+  Tensor dy = like_layout(x, grad_out).to(x.scalar_type());
+  const int64_t C = L.C;
+  const std::vector<double> w = channel_values(weight, C, 1.0);
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) >= 2 && stats.size(1) == C && stats.scalar_type() == at::kDouble,
+              "bnlab kernels: stats must be the (3, C) float64 tensor of bn_train");
+  const Tensor st = stats.contiguous();
+  const std::vector<double> mean(st.const_data_ptr<double>(), st.const_data_ptr<double>() + C);
+  const std::vector<double> invstd(st.const_data_ptr<double>() + C, st.const_data_ptr<double>() + 2 * C);
+  std::vector<double> sdy(C, 0.0), sdyd(C, 0.0);
+  Tensor dx = input_grad ? empty_out(x) : at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_bn_backward", [&] {
+    backward_impl<scalar_t>(x, dy, dx, L, input_grad, w, mean, invstd, sdy, sdyd);
+  });
+  std::vector<double> gw(C);
+  for (int64_t c = 0; c < C; ++c) gw[c] = sdyd[c] * invstd[c];
+  const Tensor& like = (weight.has_value() && weight->defined()) ? *weight : at::empty({0}, x.options().dtype(compute_type(x.scalar_type())));
+  return {dx, from_values(gw, like), from_values(sdy, like)};
+}
+
+// Eval forward: one fused pass (x - running_mean) * weight / sqrt(running_var + eps) + bias.
+Tensor bn_eval(const Tensor& x_in, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+               const Tensor& running_mean, const Tensor& running_var, double eps) {
+  check_x(x_in);
+  Layout L;
+  Tensor x = dense_input(x_in, L);
+  const int64_t C = L.C;
+  const std::vector<double> w = channel_values(weight, C, 1.0);
+  const std::vector<double> b = channel_values(bias, C, 0.0);
+  const std::vector<double> rm = channel_values(running_mean, C, 0.0), rv = channel_values(running_var, C, 1.0);
+  std::vector<double> a(C);
+  for (int64_t c = 0; c < C; ++c) a[c] = w[c] / std::sqrt(rv[c] + eps);
+  Tensor y = empty_out(x);
+  if (x.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_bn_eval", [&] {
+    affine_pass<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), L, rm, a, b);
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Autograd in C++, so that a call costs no Python frame (small layers are dominated by call overhead).
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+const c10::TypedOperatorHandle<decltype(bn_train)>& train_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnlab::bn_train", "").typed<decltype(bn_train)>();
+  return op;
+}
+const c10::TypedOperatorHandle<decltype(bn_backward)>& backward_op() {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("bnlab::bn_backward", "").typed<decltype(bn_backward)>();
+  return op;
+}
+const c10::TypedOperatorHandle<decltype(bn_eval)>& eval_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnlab::bn_eval", "").typed<decltype(bn_eval)>();
+  return op;
+}
+
+std::vector<int64_t> reduce_dims(int64_t dim) {
+  std::vector<int64_t> d{0};
+  for (int64_t i = 2; i < dim; ++i) d.push_back(i);
+  return d;
+}
+
+std::vector<int64_t> channel_shape(int64_t dim) {
+  std::vector<int64_t> s(dim, 1);
+  s[1] = -1;
+  return s;
+}
+
+class TrainFn : public torch::autograd::Function<TrainFn> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& weight,
+                               const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
+                               const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& count,
+                               double momentum, bool cumulative, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto out = train_op().call(x, weight, bias, running_mean, running_var, count, momentum, cumulative, eps);
+    const Tensor w = weight.has_value() ? *weight : Tensor();
+    ctx->save_for_backward({x, w, std::get<1>(out)});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    variable_list result{std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out),
+                         std::get<5>(out)};
+    ctx->mark_non_differentiable({result[1], result[2], result[3], result[4], result[5]});
+    return result;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor& x = saved[0];
+    const Tensor& w = saved[1];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    Tensor dy = grads[0];
+    variable_list result(9);
+    if (!dy.defined()) return result;
+    // needs_input_grad counts only the tensor arguments that were given (an absent weight has no edge)
+    const bool need_x = ctx->needs_input_grad(0), need_w = w.defined() && ctx->needs_input_grad(1);
+    const bool need_b = has_bias && ctx->needs_input_grad(w.defined() ? 2 : 1);
+    Tensor gx, gw, gb;
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: the textbook formula in differentiable torch ops (any order).
+      const auto dims = reduce_dims(x.dim());
+      const auto shape = channel_shape(x.dim());
+      const at::ScalarType ct = compute_type(x.scalar_type());
+      Tensor xc = x.to(ct), g = dy.to(ct);
+      Tensor mu = xc.mean(dims, true);
+      Tensor xmu = xc - mu;
+      Tensor invstd = (xmu * xmu).mean(dims, true).add(eps).rsqrt();
+      Tensor xhat = xmu * invstd;
+      Tensor scale = w.defined() ? invstd * w.to(ct).reshape(shape) : invstd;
+      if (need_x) gx = (scale * (g - g.mean(dims, true) - xhat * (g * xhat).mean(dims, true))).to(x.scalar_type());
+      if (need_w) gw = (g * xhat).sum(dims).to(w.scalar_type());
+      if (need_b) gb = g.sum(dims).to(w.defined() ? w.scalar_type() : ct);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto out = backward_op().call(dy, x, w.defined() ? c10::optional<Tensor>(w) : c10::nullopt, saved[2], need_x);
+      if (need_x) gx = std::get<0>(out);
+      if (need_w) gw = std::get<1>(out);
+      if (need_b) gb = std::get<2>(out);
+    }
+    result[0] = gx;
+    result[1] = gw;
+    result[2] = gb;
+    return result;
+  }
+};
+
+TrainOut bn_train_autograd(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                           const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+                           const c10::optional<Tensor>& count, double momentum, bool cumulative, double eps) {
+  auto r = TrainFn::apply(x, weight, bias, running_mean, running_var, count, momentum, cumulative, eps);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
+class EvalFn : public torch::autograd::Function<EvalFn> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& weight,
+                        const c10::optional<Tensor>& bias, const Tensor& running_mean, const Tensor& running_var,
+                        double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, weight.has_value() ? *weight : Tensor(), running_mean, running_var});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return eval_op().call(x, weight, bias, running_mean, running_var, eps);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // The eval map is affine per channel; torch ops, so this is differentiable again.
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1], &rm = saved[2], &rv = saved[3];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    variable_list result(6);
+    if (!grads[0].defined()) return result;
+    const at::ScalarType ct = compute_type(x.scalar_type());
+    const auto dims = reduce_dims(x.dim());
+    const auto shape = channel_shape(x.dim());
+    Tensor g = grads[0].to(ct);
+    Tensor invstd = (rv.to(ct) + eps).rsqrt();
+    Tensor scale = w.defined() ? invstd * w.to(ct) : invstd;
+    if (ctx->needs_input_grad(0)) result[0] = (g * scale.reshape(shape)).to(x.scalar_type());
+    if (w.defined() && ctx->needs_input_grad(1))
+      result[1] = ((g * (x.to(ct) - rm.to(ct).reshape(shape))).sum(dims) * invstd).to(w.scalar_type());
+    if (has_bias && ctx->needs_input_grad(w.defined() ? 2 : 1))
+      result[2] = g.sum(dims).to(w.defined() ? w.scalar_type() : ct);
+    return result;
+  }
+};
+
+Tensor bn_eval_autograd(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                        const Tensor& running_mean, const Tensor& running_var, double eps) {
+  return EvalFn::apply(x, weight, bias, running_mean, running_var, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bnlab, m) {
+  m.def("bn_train(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+        "Tensor? num_batches_tracked, float momentum, bool cumulative, float eps) -> "
+        "(Tensor out, Tensor stats, Tensor new_running_mean, Tensor new_running_var, "
+        "Tensor new_num_batches_tracked, Tensor accepted)");
+  m.def("bn_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor stats, bool input_grad) -> "
+        "(Tensor, Tensor, Tensor)");
+  m.def("bn_eval(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
+  m.impl("bn_train", &bn_train);
+  m.impl("bn_backward", &bn_backward);
+  m.impl("bn_eval", &bn_eval);
+}
+
+TORCH_LIBRARY_IMPL(bnlab, Autograd, m) {
+  m.impl("bn_train", &bn_train_autograd);
+  m.impl("bn_eval", &bn_eval_autograd);
+  // Used inside bn_train's backward without grad mode; double backward differentiates the formula
+  // above instead, so differentiating this operator is an error that names it.
+  m.impl("bn_backward", torch::autograd::autogradNotImplementedFallback());
+}

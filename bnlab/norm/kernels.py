@@ -1,0 +1,230 @@
+"""Fused CPU batch-norm kernels, registered as ``torch.library`` custom operators.
+
+BN is memory-bound: on a CPU the statistics, the normalization and the backward each need only one
+or two passes over the data, but a composite of torch ops (shift, torch's kernel, casts) streams the
+tensor several times and allocates fresh input-sized buffers whose first touch (page faults) costs
+more than the arithmetic. The kernels here do each step in the fewest passes:
+
+* training forward (``bnlab::bn_train``): one read for the per-channel statistics (blocks of a few
+  thousand values averaged, then their deviations summed in float64, blocks merged with Chan et
+  al.'s pairwise formula: stable for |mean| >> std, never a naive sum of squares, exactly 0 for a
+  constant channel), one read+write for normalize+affine (the mean subtracted first, as hi + lo
+  floats for float32/half so the subtraction keeps float64 accuracy), and the running-statistics
+  update with the composite core's guard (batch statistics finite in the compute dtype, updated
+  values representable in the buffers' dtype, else nothing changes), computed in float64 and
+  rounded once to the buffers' dtype;
+* backward (``bnlab::bn_backward``): two per-channel reductions (sum dy, sum dy*(x - mean)) in one
+  read, then one elementwise pass ``dx = a*dy + k*(x - mean) + e``; saved for it: the input ``x``
+  (the one input-sized tensor) plus per-channel float64 mean and 1/std;
+* eval forward (``bnlab::bn_eval``): one pass ``(x - running_mean) * scale + bias``.
+
+They cover CPU tensors of float32/float64 and float16/bfloat16 (float32 arithmetic, float64
+statistics) in NCHW, channels_last (2-D and 3-D images), (N, C) and (N, C, L) layouts, parallel over
+channels or row blocks with ``at::parallel_for`` (so ``torch.set_num_threads`` applies).
+
+Why C++ (``torch.utils.cpp_extension``) and not numba: the kernels take torch tensors of every dtype
+(numba has no bfloat16 and no torch tensors), parallelize on torch's own thread pool (numba keeps a
+second one, which oversubscribes the cores next to torch's), and are called through the dispatcher
+without a Python frame, which matters for small layers. The price is a compile at first use (about
+20 s of CPU time), cached on disk under ``$TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``), so later processes load the library in milliseconds; ``python -m
+bnlab.norm.kernels`` builds it ahead of time. Without a C++ compiler bnlab uses the composite path.
+
+Graph capture: each operator has a fake (meta) implementation (``torch.library.register_fake``)
+and ``bnlab::bn_train``/``bnlab::bn_eval`` an autograd formula registered at the Autograd dispatch
+key in C++ (a ``torch::autograd::Function``: a Python formula through
+``torch.library.register_autograd`` costs tens of microseconds per call, more than a whole small BN
+layer), so ``torch.compile(fullgraph=True)`` and ``torch.export`` capture the kernels as single
+nodes and ``torch.library.opcheck`` validates the registrations. The composite torch path of
+``bnlab.norm.functional`` (torch's ops, differentiable to any order) serves everything the kernels
+do not: other devices, ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ``hessian``),
+TorchScript and empty batches; double backward through a kernel's output (``create_graph=True``)
+differentiates the textbook backward formula written in torch ops.
+
+Switch: ``BNLAB_KERNELS=auto`` (default: kernels where they apply), ``off`` (always the composite
+path) or ``on`` (like auto, but a failed build raises instead of falling back), read at import; in
+code ``bnlab.norm.kernels.set_mode("off")`` or ``with bnlab.norm.kernels.use_mode("off"): ...``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["MODES", "available", "build", "mode", "set_mode", "use_mode", "applies"]
+
+MODES = ("auto", "on", "off")
+_SOURCE = Path(__file__).with_name("_kernels.cpp")
+_CFLAGS = ["-O3", "-fopenmp", "-march=native"]
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _env_mode() -> str:
+    value = os.environ.get("BNLAB_KERNELS", "auto").strip().lower() or "auto"
+    aliases = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
+    value = aliases.get(value, value)
+    if value not in MODES:
+        warnings.warn(f"BNLAB_KERNELS={value!r} is not one of {', '.join(MODES)}; using 'auto'", RuntimeWarning)
+        return "auto"
+    return value
+
+
+_mode = _env_mode()
+_state: dict = {"loaded": False, "error": None}
+_lock = threading.Lock()
+
+
+def mode() -> str:
+    """The current switch: 'auto', 'on' or 'off'."""
+    return _mode
+
+
+def set_mode(value: str) -> str:
+    """Set the switch ('auto', 'on', 'off') for this process; returns the previous value.
+
+    Raises ValueError for another value."""
+    global _mode
+    if value not in MODES:
+        raise ValueError(f"kernel mode must be one of {', '.join(MODES)}, got {value!r}")
+    previous, _mode = _mode, value
+    return previous
+
+
+@contextlib.contextmanager
+def use_mode(value: str) -> Iterator[None]:
+    """``with use_mode("off"): ...`` runs the block with the given switch, then restores it."""
+    previous = set_mode(value)
+    try:
+        yield
+    finally:
+        set_mode(previous)
+
+
+def _build_name() -> str:
+    """Extension name: a hash of the source, flags, torch version and CPU (``-march=native``)."""
+    h = hashlib.sha1(_SOURCE.read_bytes())
+    h.update(" ".join(_CFLAGS).encode())
+    h.update(torch.__version__.encode())
+    h.update(platform.machine().encode())
+    try:
+        flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    h.update(flags.encode())
+    return f"bnlab_kernels_{h.hexdigest()[:12]}"
+
+
+def build(verbose: bool = False) -> None:
+    """Compile (or load from the on-disk cache) the C++ kernels and register their Python parts.
+
+    Raises RuntimeError naming the cause when the build fails (e.g. no C++ compiler or ninja)."""
+    with _lock:
+        if _state["loaded"]:
+            return
+        if _state["error"] is not None:
+            raise RuntimeError(_state["error"])
+        try:
+            from torch.utils import cpp_extension
+
+            cpp_extension.load(name=_build_name(), sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
+            _register_python_parts()
+        except Exception as exc:  # noqa: BLE001 - any build failure means: use the composite path
+            _state["error"] = (f"bnlab's fused BN kernels could not be built ({type(exc).__name__}: "
+                               f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); they need "
+                               f"a C++ compiler (g++) and ninja. bnlab uses its composite torch path instead; "
+                               f"set BNLAB_KERNELS=off to skip the attempt")
+            raise RuntimeError(_state["error"]) from exc
+        _state["loaded"] = True
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """True when the kernels are built and loaded (building them on first call, unless mode is 'off').
+
+    In 'auto' mode a failed build warns once and returns False; in 'on' mode it raises."""
+    if _mode == "off":
+        return False
+    if _state["loaded"]:
+        return True
+    if _state["error"] is not None and _mode == "auto":
+        return False
+    try:
+        build()
+    except RuntimeError as exc:
+        if _mode == "on":
+            raise
+        warnings.warn(str(exc), RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def applies(x: Tensor, *others: Optional[Tensor]) -> bool:
+    """Whether the kernels serve this call: CPU tensors of a supported dtype, a non-empty input, no
+    torch.func transform active, and kernels switched on and built. A decision on metadata only."""
+    if _mode == "off" or x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() == 0:
+        return False
+    for t in others:
+        if t is not None and (t.device.type != "cpu" or not t.is_floating_point()):
+            return False
+    if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
+        return False  # vmap/grad/jacrev/hessian: the composite path, differentiable to any order
+    return available()
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake implementations (shapes, dtypes and layouts only) and the autograd formula.
+
+
+def _out_like(x: Tensor) -> Tensor:
+    if x.is_contiguous() or x.dim() not in (4, 5):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    if x.is_contiguous(memory_format=fmt):
+        return torch.empty_like(x, memory_format=fmt)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _fake_train(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps):
+    out = (_out_like(x), x.new_empty((3, x.shape[1]), dtype=torch.float64))
+    if running_mean is None or running_var is None:
+        return out + (x.new_empty((0,), dtype=torch.float64), x.new_empty((0,), dtype=torch.float64),
+                      x.new_empty((0,), dtype=torch.int64), x.new_empty((0,), dtype=torch.bool))
+    count = (torch.empty_like(num_batches_tracked) if num_batches_tracked is not None
+             else x.new_empty((0,), dtype=torch.int64))
+    return out + (torch.empty_like(running_mean), torch.empty_like(running_var), count,
+                  x.new_empty((), dtype=torch.bool))
+
+
+def _fake_backward(grad_out, x, weight, stats, input_grad):
+    c = x.shape[1]
+    dx = _out_like(x) if input_grad else x.new_empty((0,))
+    dtype = weight.dtype if weight is not None else (torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+    return dx, x.new_empty((c,), dtype=dtype), x.new_empty((c,), dtype=dtype)
+
+
+def _fake_eval(x, weight, bias, running_mean, running_var, eps):
+    return _out_like(x)
+
+
+def _register_python_parts() -> None:
+    # The autograd formulas are registered in C++ (Autograd key), so a call costs no Python frame.
+    torch.library.register_fake("bnlab::bn_train", _fake_train)
+    torch.library.register_fake("bnlab::bn_backward", _fake_backward)
+    torch.library.register_fake("bnlab::bn_eval", _fake_eval)
+
+
+if __name__ == "__main__":
+    import time
+
+    t0 = time.perf_counter()
+    build(verbose=True)
+    print(f"bnlab kernels ready ({_build_name()}) in {time.perf_counter() - t0:.1f} s")
