@@ -432,9 +432,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             ds = load_dataset(name, args.data_dir, fallback=False)
             found = f"found: {ds.x_train.shape[0]} train / {ds.x_test.shape[0]} test images in {ds.source}"
         except BnlabError as err:
-            first = str(err).splitlines()[0].rstrip(":. ")
-            first = first.replace(" Searched, in order", "")
-            found = f"missing: {first} in any folder below."
+            # "<Title> not found. Searched, in order:" -> "<Title> is in none of the folders below."
+            title = str(err).splitlines()[0].split(" not found", 1)[0].rstrip(":. ")
+            found = f"missing: {title} is in none of the folders below."
             if name in ("mnist", "cifar10"):
                 found += (" Runs that ask for it use fashion_mnist instead and say so (set data_fallback=false "
                           "to make that an error).")

@@ -193,7 +193,9 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, fragments):
 @pytest.mark.parametrize("command", ["run ioffe_mnist", "reproduce ioffe", "report"])
 def test_profile_typo_is_a_one_line_error(command, capsys, tmp_path):
     code, out, err = bnlab(capsys, *command.split(), "--profile", "quik")
-    assert_one_clear_error(code, err, "unknown profile 'quik' (did you mean 'quick'?)", "smoke, quick, paper")
+    from bnlab.experiments import PROFILES
+
+    assert_one_clear_error(code, err, "unknown profile 'quik' (did you mean 'quick'?)", ", ".join(PROFILES))
     assert "usage:" not in err and err.count("\n") == 1 and out == ""
 
 
@@ -238,6 +240,9 @@ def test_unknown_key_suggests_the_closest(capsys, tmp_path):
     assert_one_clear_error(code, err, "did you mean 'batch_size'?")
     code, _, err = bnlab(capsys, "run", "ioffe_mnist", "--show-config", "--set", "lrr=1")
     assert_one_clear_error(code, err, "did you mean 'lr'?")
+    code, _, err = bnlab(capsys, "run", "ioffe_mnsit", *SMOKE, "--out", str(tmp_path))
+    assert_one_clear_error(code, err, "unknown experiment 'ioffe_mnsit' (did you mean 'ioffe_mnist'?)")
+    assert not list(tmp_path.iterdir())
 
 
 def test_unknown_experiment(capsys):

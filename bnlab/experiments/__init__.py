@@ -7,6 +7,7 @@ appending its module name to ``_MODULES``.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 
 from bnlab.errors import ConfigError
@@ -62,7 +63,9 @@ def experiment_names() -> list[str]:
 def get_experiment(name: str) -> Experiment:
     _load()
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown experiment {name!r}; known experiments: {', '.join(_REGISTRY)} "
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown experiment {name!r}{hint}; known experiments: {', '.join(_REGISTRY)} "
                           "(see `bnlab list`)")
     return _REGISTRY[name]
 
