@@ -230,7 +230,7 @@ def test_report_renders_in_chromium(quick_and_smoke_out, tmp_path):
     srcs = _img_srcs(dom)
     assert len(srcs) == n_figures >= 1 and all(_assert_svg(s) for s in srcs)
     # the dataset actually used: at the top, and in every experiment's title
-    used = "scikit-learn digits (8×8) (binarized at 0.5)"
+    used = "scikit-learn 8x8 digits, grey levels"  # binarization applies to real MNIST only
     top = re.search(r'<p class="data-used">(.*?)</p>', dom, re.S)
     assert top and used in _visible_text(top.group(1)), top
     titles = [_visible_text(t) for t in re.findall(r"<section id=\"exp-[^\"]*\">\s*<h2>(.*?)</h2>", dom, re.S)]
@@ -372,7 +372,7 @@ def test_dataset_fallback_is_a_stated_deviation(mnist_out, tmp_path):
         env_path.write_text(json.dumps(env))
     report = collect(out)
     text = build_report(out).read_text(encoding="utf-8")
-    used = "Fashion-MNIST (MNIST not installed: fallback; binarized at 0.5)"
+    used = "Fashion-MNIST, grey levels (MNIST not installed)"  # binarization applies to real MNIST only
     assert "Dataset fallback" in text and "MNIST not found; Fashion-MNIST (same format) used instead" in text
     assert re.search(r'<p class="data-used"><strong>Data used:</strong>\s*' + re.escape(used), text)
     assert f"data: {used}</span></h2>" in text  # the experiment's title
@@ -500,7 +500,7 @@ def test_settings_list_what_matters_and_keep_the_full_config(mnist_out):
 
     cfgs = [r.config for r in collect(mnist_out).sections[0].results.runs]
     fields = settings_fields(cfgs)
-    for key in ("dataset", "model", "norm", "steps", "batch_size", "lr", "binarize", "init_std", "activation"):
+    for key in ("dataset", "model", "norm", "steps", "batch_size", "lr", "binarize", "init", "activation"):
         assert key in fields, key
     for key in ("lr_decay", "lr_decay_steps", "lr_min", "regression_n", "checkpoint_every", "eval_batch_size",
                 "nesterov", "channels_last", "probe_points", "width", "depth"):

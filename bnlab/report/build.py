@@ -36,35 +36,17 @@ from bnlab.train.results import ExperimentResults, RunResult, load_run
 
 PROFILE_ORDER = ("paper", "robust", "quick", "smoke")  # the largest scale first: it is the one that counts
 _FIGURE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml"}
-_DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10",
-                  "digits": "scikit-learn digits (8×8)", "gaussian_regression": "synthetic Gaussian regression"}
-
-
-def dataset_name(name: Any) -> str:
-    """A dataset's name as people write it: "fashion_mnist" -> "Fashion-MNIST"."""
-    return _DATASET_NAMES.get(str(name), str(name)) if name else "unknown"
-
-
-def dataset_text(record: dict[str, Any] | None, binarized: bool = False) -> str:
-    """What a run really trained on, from its env.json ``dataset`` record (used / requested /
-    note): "Fashion-MNIST (MNIST not installed: fallback; binarized at 0.5)"."""
-    record = record or {}
-    if not record.get("used"):
-        return "unknown (the run recorded no dataset)"
-    parts = []
-    if record.get("requested") and record["requested"] != record["used"]:
-        parts.append(f"{dataset_name(record['requested'])} not installed: fallback")
-    if binarized:
-        parts.append("binarized at 0.5")
-    return dataset_name(record["used"]) + (f" ({'; '.join(parts)})" if parts else "")
 
 
 def run_dataset_text(run: RunResult) -> str:
+    """What a run really trained on (from its env.json): one wording everywhere, shared with the
+    experiments' verdict rows (``bnlab.experiments.base.dataset_text``)."""
+    from bnlab.experiments.base import dataset_text
+
     try:
-        record = run.dataset
+        return dataset_text([run])
     except BnlabError:  # an unreadable env.json: say so rather than guess
         return "unknown (env.json cannot be read)"
-    return dataset_text(record, bool(getattr(run.config, "binarize", False)))
 
 __all__ = ["FigureEntry", "Report", "Section", "build_report", "collect", "summary_text",
            "write_report"]
