@@ -72,12 +72,12 @@ CLAIMS = {
         "D.8a", "BN is ahead of the baseline early in training",
         "BN ≈0.96 at the first plotted point; the baseline needs 10-20k steps to get there (Fig. 1a, MNIST)",
         f"paired difference BN - baseline of test accuracy (2000-image subset) at {EARLY_FRACTION:.0%} of "
-        "training (fraction correct); a diverged run counts as chance (0.1)"),
+        "training (fraction correct); a diverged run counts as chance (0.1)", diverged_value=CHANCE),
     "D.8b": Claim(
         "D.8b", "BN ends with a higher test accuracy than the baseline",
         "final ≈0.98-0.99 with BN vs ≈0.96-0.97 without (Fig. 1a, MNIST, 50k steps)",
         "paired difference BN - baseline of the final full-test accuracy (10,000 images; fraction); a "
-        "diverged run counts as chance (0.1)"),
+        "diverged run counts as chance (0.1)", diverged_value=CHANCE),
     "D.9a": Claim(
         "D.9a", "the median of the sigmoid input drifts less with BN",
         "baseline median swings (≈+0.8 -> -0.2 -> +1.0 early); BN median stays ≈0 (Fig. 1b,c)",
@@ -184,15 +184,16 @@ def _seed(seed: int, bn, base, values: dict[str, float | None]) -> Seed:
     return Seed(seed, values, {"bn": bn.status if bn else "missing", "baseline": base.status if base else "missing"})
 
 
-def verdict_setting(results: ExperimentResults) -> list[dict[str, Any]]:
-    """The five Fig. 1 rows for the runs of one setting."""
+def verdict_setting(results: ExperimentResults, declared: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """The five Fig. 1 rows for the runs of one setting; ``declared``: the seeds the profile declares
+    (each one without a finished pair of runs is listed as "missing" and makes the rows UNDECIDED)."""
     bn_runs, base_runs = _pairs(results)
     dataset = dataset_text(bn_runs + base_runs)
     if not bn_runs or not base_runs:
         reason = "needs finished runs of both variants 'bn' and 'baseline'"
         return [undecided(c, reason, dataset=dataset) for c in CLAIMS.values()]
     bn_by, base_by = {r.seed: r for r in bn_runs}, {r.seed: r for r in base_runs}
-    seeds = sorted(set(bn_by) | set(base_by))
+    seeds = sorted(set(bn_by) | set(base_by) | set(declared or ()))
     steps = bn_runs[0].config.steps
     early = early_step(bn_runs[0].config)
     rows = []
@@ -242,8 +243,8 @@ def verdict(results: ExperimentResults) -> list[dict[str, Any]]:
     if EXPERIMENT.primary_setting not in by:
         return [undecided(c, f"no runs of the primary setting ({EXPERIMENT.primary_setting})")
                 for c in CLAIMS.values()]
-    rows = {s: verdict_setting(r) for s, r in by.items()}
-    return merge_settings(rows, EXPERIMENT.primary_setting)
+    rows = {s: verdict_setting(r, EXPERIMENT.declared_seeds(r, s)) for s, r in by.items()}
+    return merge_settings(rows, EXPERIMENT.primary_setting, EXPERIMENT.declared_settings(results))
 
 
 # --- figures -----------------------------------------------------------------------------------------
