@@ -518,8 +518,8 @@ EXPERIMENT = Experiment(
          "D.10a-c", "none (from stored curves)"),
         ("steps to reach the Baseline max (Fig. 3, column 2; D.10a-c)",
          "table: first evaluation step at which the variant's seed-mean curve reaches the Baseline max; verdict: "
-         "per seed, the first evaluation step at which that seed's curve reaches it, compared with the step at "
-         "which the Baseline's seed-mean curve first does; 'never' if not within the run",
+         "per seed s, the first evaluation step at which that seed's curve reaches it, compared with the step at "
+         "which the Baseline's own seed-s run first does (paired by seed); 'never' if not within the run",
          "none (from stored curves)"),
         ("final accuracy (Fig. 3, column 3; D.10d-i)",
          "fraction of the full test set classified correctly after the last step, eval mode; mean ± sample sd "
