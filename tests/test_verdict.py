@@ -9,7 +9,7 @@ import pytest
 
 from bnlab.experiments.verdict import (Claim, Seed, decimals_for, fmt_mean_sd, merge_settings,
                                        paired_difference, proportion_interval, robust_headline, seed_count,
-                                       t_interval, undecided)
+                                       t_interval, undecided, with_declared)
 
 SCHEMA_KEYS = {"claim_id", "claim", "paper", "ours", "dataset", "outcome", "rule", "statistic", "estimate",
                "ci", "ci_level", "ci_method", "no_ci_reason", "per_seed", "n_seeds", "n_diverged",
@@ -79,27 +79,68 @@ def test_a_diverged_seed_is_counted_and_shown_never_dropped():
     assert r["n_seeds"] == 4 and r["n_diverged"] == 1 and r["n_collapsed"] == 0
     assert [p["seed"] for p in r["per_seed"]] == [0, 1, 2, 3]
     assert r["per_seed"][2]["status"]["a"] == "diverged" and r["per_seed"][2]["diff"] is None
-    assert "1 seed(s) without a value" in r["ours"] and "n=3" in r["ours"]
-    assert r["outcome"] == "PASS"  # decided on the 3 seeds that have a difference
+    # revised after review (2026-11-29): a seed that dropped out is not a random omission; without a
+    # value declared for it the row is UNDECIDED and names it (before: PASS on the 3 others)
+    assert r["outcome"] == "UNDECIDED" and r["ci"] is None
+    assert "seed 2 (a: diverged)" in r["ours"] and "seed 2 (a: diverged)" in r["no_ci_reason"]
+    assert r["estimate"] == pytest.approx(np.mean([0.10, 0.105, 0.11]))
+
+
+def test_a_diverged_seed_takes_the_value_the_claim_declares():
+    seeds = pairs([0.90, 0.91, None, 0.92], [0.80, 0.805, 0.80, 0.81],
+                  status={2: {"a": "diverged", "b": "done"}})
+    chance = Claim("T.5", "a beats b", "", "accuracy", diverged_value=0.1)
+    r = paired_difference(chance, seeds, "a", "b", dataset="s")
+    assert r["per_seed"][2]["diff"] == pytest.approx(0.1 - 0.80) and r["n_diverged"] == 1
+    assert r["outcome"] == "TIE" and "n=4" in r["ours"]  # the chance seed widens the interval across 0
+    assert "counts as 0.1" in r["rule"]
+    # a declared seed that was never run has no value even so: UNDECIDED
+    seeds = with_declared(pairs([0.90, 0.91, 0.92], [0.80, 0.805, 0.81]), (0, 1, 2, 3, 4), ("a", "b"))
+    r = paired_difference(chance, seeds, "a", "b", dataset="s")
+    assert r["outcome"] == "UNDECIDED" and r["n_seeds"] == 5
+    assert [p["status"]["a"] for p in r["per_seed"]] == ["done"] * 3 + ["missing"] * 2
+
+
+def test_zero_spread_gives_no_interval_and_no_pass():
+    # identical differences: the t interval degenerates to [m, m]; before the fix this PASSed
+    r = paired_difference(GAP, pairs([0.9, 0.9, 0.9], [0.8, 0.8, 0.8]), "a", "b", dataset="s")
+    assert r["outcome"] == "UNDECIDED" and r["ci"] is None and "sd = 0" in r["no_ci_reason"]
+    assert r["estimate"] == pytest.approx(0.1)
 
 
 def test_a_collapsed_seed_counts_as_its_outcome_in_a_count_claim():
     st = lambda s: {"run": s}  # noqa: E731
     seeds = [Seed(0, {"acc": 0.10}, st("collapsed"), outcome=True), Seed(1, {"acc": 0.1}, st("diverged"), outcome=True),
-             Seed(2, {"acc": 0.78}, st("done"), outcome=False)]
+             Seed(2, {"acc": 0.78}, st("done"), outcome=False), Seed(3, {"acc": 0.1}, st("collapsed"), outcome=True),
+             Seed(4, {"acc": 0.1}, st("collapsed"), outcome=True)]
     r = seed_count(COUNT, seeds, dataset="s")
-    assert r["outcome"] == "PASS" and r["n_collapsed"] == 1 and r["n_diverged"] == 1
-    assert r["estimate"] == pytest.approx(2 / 3) and r["ci"][0] < 2 / 3 < r["ci"][1]
+    assert r["outcome"] == "PASS" and r["n_collapsed"] == 3 and r["n_diverged"] == 1
+    assert r["estimate"] == pytest.approx(4 / 5) and r["ci"][0] < 4 / 5 < r["ci"][1]
+    assert "descriptive" in r["rule"]
 
 
 @pytest.mark.parametrize("outcomes, expected", [
-    ([True, True, False], "PASS"), ([True, False, False], "FAIL"),  # 3 seeds: 2/3 decides, no tie
+    # fewer than 5 declared seeds cannot decide (with 3, 2/3 can never TIE): revised after review
+    ([True, True, True], "UNDECIDED"), ([True, False, False], "UNDECIDED"), ([True] * 4, "UNDECIDED"),
     ([True] * 4 + [False], "PASS"), ([True] * 3 + [False] * 2, "TIE"), ([True] + [False] * 4, "FAIL"),
-    ([True, True, None], "PASS"), ([True, None, None], "UNDECIDED"), ([True], "UNDECIDED"),
+    ([True] * 4 + [None], "PASS"), ([True] * 3 + [None] * 2, "UNDECIDED"), ([False] * 3 + [None] * 2, "UNDECIDED"),
+    ([False] * 4 + [None], "FAIL"), ([True], "UNDECIDED"),
 ])
 def test_seed_count_rule(outcomes, expected):
     seeds = [Seed(i, {}, {"run": "done" if o is not None else "incomplete"}, outcome=o) for i, o in enumerate(outcomes)]
-    assert seed_count(COUNT, seeds, dataset="s")["outcome"] == expected
+    r = seed_count(COUNT, seeds, dataset="s")
+    assert r["outcome"] == expected
+    if len(outcomes) < 5:
+        assert "needs ≥ 5 seeds" in r["ours"]
+
+
+def test_declared_seeds_that_never_ran_make_a_count_row_undecided():
+    # 5 declared, 3 ran and all say yes: the 2 missing ones could still make it a TIE (3/5)
+    seeds = with_declared([Seed(i, {"acc": 0.8}, {"run": "done"}, outcome=True) for i in range(3)],
+                          (0, 1, 2, 3, 4), ["run"])
+    r = seed_count(COUNT, seeds, dataset="s")
+    assert r["outcome"] == "UNDECIDED" and r["n_seeds"] == 5
+    assert [p["status"]["run"] for p in r["per_seed"]] == ["done"] * 3 + ["missing"] * 2
 
 
 def test_robust_headline_passes_only_when_every_setting_passes():
@@ -117,6 +158,16 @@ def test_robust_headline_passes_only_when_every_setting_passes():
     assert robust_headline({"p": a}, "p")["robustness"] is None
     rows = merge_settings({"p": [a, undecided(COUNT, "no runs")], "q": [b]}, "p")
     assert [r["claim_id"] for r in rows] == ["T.1", "T.3"] and rows[0]["robustness"]["of"] == 2
+
+
+def test_robust_headline_counts_declared_settings_that_were_not_run():
+    a = paired_difference(GAP, pairs([0.9, 0.91, 0.92], [0.8, 0.805, 0.81]), "a", "b", dataset="s")
+    head = robust_headline({"p": a, "q": a}, "p", declared=["p", "q", "r"])
+    assert head["outcome"] == "UNDECIDED" and head["robustness"]["label"] == "fragile: 2/3"
+    assert head["robustness"]["settings"][2] == {**head["robustness"]["settings"][2], "setting": "r",
+                                                  "outcome": "UNDECIDED", "ours": "not run"}
+    rows = merge_settings({"p": [a]}, "p", declared=["p", "q"])
+    assert rows[0]["outcome"] == "UNDECIDED" and rows[0]["robustness"]["of"] == 2
 
 
 def test_numbers_are_rounded_by_their_spread():

@@ -195,6 +195,25 @@ class Experiment:
         return total
 
 
+    def profile_of(self, results: ExperimentResults) -> str | None:
+        """The profile the stored runs were made under (``RunResult.profile``): "robust" if any run
+        is, else the one profile they share; None when they name none or several."""
+        names = {r.profile for r in results.runs if r.profile}
+        if ROBUST in names:
+            return ROBUST
+        return next(iter(names)) if len(names) == 1 else None
+
+    def declared_seeds(self, results: ExperimentResults, setting: str | None = None) -> tuple[int, ...] | None:
+        """The seeds the runs' profile declares for ``setting`` (what a verdict must account for:
+        a declared seed without a finished run is "missing"); None when the profile is unknown."""
+        profile = self.profile_of(results)
+        return None if profile is None else self.default_seeds(profile, setting)
+
+    def declared_settings(self, results: ExperimentResults) -> list[str] | None:
+        """The robustness settings the runs' profile declares (all at "robust"); None if unknown."""
+        profile = self.profile_of(results)
+        return None if profile is None else self.setting_names(profile)
+
     def split_by_setting(self, results: ExperimentResults) -> dict[str, ExperimentResults]:
         """setting -> its runs, in the declared setting order (runs that name no setting, e.g. runs
         made before settings existed, belong to the primary one)."""

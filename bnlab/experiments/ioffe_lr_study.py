@@ -25,8 +25,9 @@ Choices and deviations:
   SGD momentum 0.9 (the paper's momentum value is not given), mini-batch 32 (the paper's), L2 5e-4,
   learning rate decayed exponentially to 1/10 over the run (1/10 every sixth of the run for BN-x*).
 * Scale: quick trains 2000 steps on a fixed 10,000-image subset of the training set (6.4 epochs),
-  so that the Baseline's accuracy levels off within the run and its maximum is a maximum; the
-  verdict reports how much the Baseline still gained over the last quarter of its run. The table's
+  so that the Baseline's accuracy gets near its plateau within the run; it does not fully level off
+  (the quick runs still gained +0.014 over their last quarter), so the "Baseline max" is the best
+  it reached, not its limit; the verdict reports that last-quarter gain. The table's
   "steps" are ours, not millions; the 6x faster decay is relative to that length.
 * The Baseline learning rate ``BASE_LR`` is the no-BN network's own rate, as the paper's Inception
   baseline was already tuned, chosen by a rule fixed before the sweep: on the Baseline's exact
@@ -48,8 +49,8 @@ from typing import Any
 import numpy as np
 
 from bnlab.experiments.base import Experiment, ExperimentResults, dataset_text
-from bnlab.experiments.verdict import (Claim, Seed, fmt_mean_sd, merge_settings, row, seed_count,
-                                       undecided)
+from bnlab.experiments.verdict import (MISSING, Claim, Seed, fmt_mean_sd, merge_settings, row, seed_count,
+                                       undecided, with_declared)
 from bnlab.train.config import TrainConfig
 
 BASE_LR = 0.1  # chosen by the sweep in docs/claims.md (rule fixed before it ran)
@@ -109,18 +110,22 @@ SETTINGS: dict[str, Any] = {
     "decay to x0.5 (not x0.1)": {"lr_decay": 0.5},  # the decay constant is not given either
 }
 
+SOONER = ("per seed s: does this variant's seed-s run reach the Baseline max before the Baseline's own seed-s run "
+          "does (a run that never reaches it within the run is not sooner; a Baseline seed that never reaches it "
+          "is beaten by any run that does)")
+
 CLAIMS = {
     "D.10a": Claim("D.10a", "BN-Baseline reaches the Baseline's maximum accuracy in fewer steps",
                    "13.3M vs 31.0M steps to 72.2 % (Fig. 3)",
-                   "per seed: does the run reach the Baseline max before the Baseline's seed-mean curve does",
+                   SOONER,
                    kind="seed_count"),
     "D.10b": Claim("D.10b", "BN-x5 reaches the Baseline's maximum accuracy in fewer steps",
                    "2.1M vs 31.0M steps (14x fewer; Fig. 3)",
-                   "per seed: does the run reach the Baseline max before the Baseline's seed-mean curve does",
+                   SOONER,
                    kind="seed_count"),
     "D.10c": Claim("D.10c", "BN-x30 reaches the Baseline's maximum accuracy in fewer steps",
                    "2.7M vs 31.0M steps (Fig. 3)",
-                   "per seed: does the run reach the Baseline max before the Baseline's seed-mean curve does",
+                   SOONER,
                    kind="seed_count"),
     "D.10d": Claim("D.10d", "BN-x5 (5x the Baseline's rate) trains", "73.0 % vs the Baseline's 72.2 % (Fig. 3)",
                    "per seed: does the run train (not diverged, not collapsed, final full-test accuracy no more "
@@ -140,30 +145,46 @@ CLAIMS = {
                    "per seed: does BN-x5-Sigmoid train (as D.10d)", kind="seed_count"),
     "D.10i": Claim("D.10i", "the largest rate that trains with BN is at least 5x the largest without",
                    "BN trains at 30x the Baseline's rate; without BN 5x already fails (Sec. 4.2.2)",
-                   "largest tested rate (multiple of BASE_LR) that trains, with BN (BN-Baseline, BN-x5, BN-x30) "
-                   "and without (Baseline, Baseline-x5); a rate trains when at least 2/3 of its seeds train",
+                   "derived from the same per-seed trains/fails as D.10d-f (not an independent test): largest "
+                   "tested rate (multiple of BASE_LR) that trains, with BN (BN-Baseline, BN-x5, BN-x30) and without "
+                   "(Baseline, Baseline-x5); a rate trains when at least 2/3 of its declared seeds train",
                    kind="decided",
                    rule="PASS if the largest rate that trains with BN is >= 5x the largest without; FAIL if it is "
                         "below 5x even allowing for untested rates; UNDECIDED when a rate at the top of the tested "
-                        "range still trains and the ratio could go either way"),
+                        "range still trains and the ratio could go either way, or when missing seeds could "
+                        "change a rate's trains/fails. Derived from D.10d and D.10f: not independent of them"),
 }
 
 
 def _curves(runs) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, acc (runs, T)) on the longest run's eval steps; a diverged run's curve is chance
+    (CHANCE) from its last finite evaluation on: it has no usable predictions there."""
     series = [r.series("eval", "acc") for r in runs]
-    n = min(len(s[0]) for s in series)
-    return series[0][0][:n], np.stack([s[1][:n] for s in series])
+    steps = max((s[0] for s in series), key=len)
+    out = np.full((len(series), len(steps)), np.nan)
+    for i, (r, (st, acc)) in enumerate(zip(runs, series)):
+        n = min(len(st), len(steps))
+        out[i, :n] = acc[:n]
+        if r.status == "diverged":
+            bad = ~np.isfinite(out[i])
+            bad[n:] = True
+            out[i, bad] = CHANCE
+    return steps, out
 
 
 def baseline_max(results: ExperimentResults) -> dict[str, Any] | None:
     """The one "Baseline max": the maximum of the Baseline's seed-mean eval-subset curve, the step at
     which that curve first reaches it, and its gain over the last quarter of the run (how far from
-    levelling off it still is). None without a finished Baseline run."""
+    levelling off it still is). None without a finished Baseline run.
+
+    No finished Baseline seed is dropped: a collapsed seed enters with its own curve, a diverged one
+    with chance accuracy (0.1) from its divergence on (revised after review on 2026-11-29; the earlier
+    version left diverged seeds out, which raises the target). ``n_diverged``/``n_collapsed`` say how
+    many such seeds the target contains."""
     runs = [r for r in results.by_variant().get("Baseline", []) if r.status != "incomplete"]
-    curves = [r for r in runs if r.status != "diverged"]
-    if not curves:
+    if not runs:
         return None
-    steps, acc = _curves(curves)
+    steps, acc = _curves(runs)
     mean = acc.mean(0)
     i = int(np.nanargmax(mean))
     q = steps >= 0.75 * steps[-1]
@@ -172,7 +193,8 @@ def baseline_max(results: ExperimentResults) -> dict[str, Any] | None:
     finals = [final_accuracy(r) for r in runs]
     return {"target": float(mean[i]), "step": int(steps[i]), "last_quarter_gain": gain,
             "final_mean": float(np.mean([f for f in finals if f is not None])), "finals": finals,
-            "seeds": len(runs)}
+            "seeds": len(runs), "n_diverged": sum(r.status == "diverged" for r in runs),
+            "n_collapsed": sum(r.status == "collapsed" for r in runs)}
 
 
 def final_accuracy(run) -> float | None:
@@ -238,7 +260,37 @@ def fig3_table(results: ExperimentResults) -> dict[str, list[dict[str, Any]]]:
     return {f"Ioffe Fig. 3: steps to reach the Baseline max ({target}) and final accuracy": rows}
 
 
-def verdict_setting(results: ExperimentResults) -> list[dict[str, Any]]:
+def sooner_by_seed(runs, base_runs, target: float, declared=None) -> list[Seed]:
+    """D.10a-c per seed: the variant's seed-s run against the Baseline's seed-s run, same target.
+
+    outcome True when the variant reaches ``target`` and the Baseline seed either does so later or
+    never; a variant run that never reaches it (or diverged) is not sooner; a seed missing in either
+    arm has no answer (status "missing"). Pairing by seed makes the placebo (the Baseline against
+    itself) come out "not sooner" on every seed; comparing each seed with the Baseline's seed-mean
+    curve did not (a single noisy curve crosses a mean's maximum earlier than the mean does).
+    """
+    by_v, by_b = {r.seed: r for r in runs}, {r.seed: r for r in base_runs}
+    out = []
+    for s in sorted(set(by_v) | set(by_b) | set(declared or ())):
+        v, b = by_v.get(s), by_b.get(s)
+        st = {"run": v.status if v else MISSING, "baseline": b.status if b else MISSING}
+        if v is None or b is None:
+            out.append(Seed(s, {"steps_to_baseline_max": None, "baseline_steps": None}, st,
+                            note="declared, no finished run in " + ("both arms" if v is b else
+                                                                     "this variant" if v is None else "the Baseline")))
+            continue
+        vs = None if v.status == "diverged" else first_reach(v, target)
+        bs = None if b.status == "diverged" else first_reach(b, target)
+        note = "; ".join(x for x, y in (("never reached within the run", vs), ("Baseline seed never reached it", bs))
+                         if y is None)
+        out.append(Seed(s, {"steps_to_baseline_max": vs, "baseline_steps": bs}, st,
+                        outcome=vs is not None and (bs is None or vs < bs), note=note))
+    return out
+
+
+def verdict_setting(results: ExperimentResults, declared: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """The D.10 rows for the runs of one setting; ``declared``: the seeds its profile declares (a
+    declared seed without a finished run is listed as "missing" and counts as an open answer)."""
     groups = {v: [r for r in rs if r.status != "incomplete"] for v, rs in results.by_variant().items()}
     dataset = dataset_text([r for rs in groups.values() for r in rs])
     bmax = baseline_max(results)
@@ -260,14 +312,9 @@ def verdict_setting(results: ExperimentResults) -> list[dict[str, Any]]:
         if not runs:
             rows.append(undecided(CLAIMS[cid], f"no finished {variant} runs", dataset=dataset))
             continue
-        seeds = []
-        for r in runs:
-            s = None if r.status == "diverged" else first_reach(r, target)
-            seeds.append(Seed(r.seed, {"steps_to_baseline_max": s, "baseline_steps": base_steps},
-                              status(r), outcome=s is not None and s < base_steps,
-                              note="" if s is not None else "never reached within the run"))
+        seeds = sooner_by_seed(runs, groups.get("Baseline", []), target, declared)
         rows.append(seed_count(CLAIMS[cid], seeds, dataset=dataset,
-                               describe=f"{variant} sooner than the Baseline (step {base_steps})",
+                               describe=f"{variant} seeds sooner than the same Baseline seed (target {target:.3f})",
                                extra={**extra_base, "plateau": plateau}))
     for cid, variant, want_train in (("D.10d", "BN-x5", True), ("D.10e", "BN-x30", True),
                                      ("D.10f", "Baseline-x5", False), ("D.10h", "BN-x5-Sigmoid", True)):
@@ -275,31 +322,42 @@ def verdict_setting(results: ExperimentResults) -> list[dict[str, Any]]:
         if not runs:
             rows.append(undecided(CLAIMS[cid], f"no finished {variant} runs", dataset=dataset))
             continue
-        seeds = [Seed(r.seed, {"final_acc": final_accuracy(r), "baseline_final_mean": base_final}, status(r),
-                      outcome=trains(r, base_final) is want_train) for r in runs]
+        seeds = with_declared([Seed(r.seed, {"final_acc": final_accuracy(r), "baseline_final_mean": base_final},
+                                    status(r), outcome=trains(r, base_final) is want_train) for r in runs],
+                              declared, ["run"])
         word = "train" if want_train else "fail"
         rows.append(seed_count(CLAIMS[cid], seeds, dataset=dataset,
                                describe=f"{variant} seeds that {word} (final "
-                                        f"{fmt_mean_sd([x.values['final_acc'] for x in seeds])} vs Baseline "
+                                        f"{fmt_mean_sd([x.values.get('final_acc') for x in seeds])} vs Baseline "
                                         f"{base_final:.3f})", extra=extra_base))
         if cid == "D.10f":
             runs_s = groups.get("Baseline-Sigmoid", [])
             if not runs_s:
                 rows.append(undecided(CLAIMS["D.10g"], "no finished Baseline-Sigmoid runs", dataset=dataset))
             else:
-                seeds = [Seed(r.seed, {"final_acc": final_accuracy(r)}, status(r),
-                              outcome=r.status in ("collapsed", "diverged")) for r in runs_s]
+                seeds = with_declared([Seed(r.seed, {"final_acc": final_accuracy(r)}, status(r),
+                                            outcome=r.status in ("collapsed", "diverged")) for r in runs_s],
+                                      declared, ["run"])
                 rows.append(seed_count(CLAIMS["D.10g"], seeds, dataset=dataset,
                                        describe=f"Baseline-Sigmoid seeds at chance (final "
-                                                f"{fmt_mean_sd([x.values['final_acc'] for x in seeds])})"))
-    rows.append(lr_limit_row(groups, base_final, dataset))
+                                                f"{fmt_mean_sd([x.values.get('final_acc') for x in seeds])})"))
+    rows.append(lr_limit_row(groups, base_final, dataset, declared))
     order = list(CLAIMS)
     return sorted(rows, key=lambda r: order.index(r["claim_id"]))
 
 
-def rate_trains(runs, base_final: float) -> bool:
-    """A rate trains when at least 2/3 of its seeds train."""
-    return sum(trains(r, base_final) for r in runs) >= math.ceil(2 / 3 * len(runs) - 1e-9)
+def rate_trains(runs, base_final: float, n_declared: int | None = None) -> bool | None:
+    """A rate trains when at least 2/3 of its declared seeds train; None when the seeds declared but
+    not run could still decide it either way."""
+    n = max(len(runs), n_declared or 0)
+    need = math.ceil(2 / 3 * n - 1e-9)
+    ok = sum(trains(r, base_final) for r in runs)
+    open_ = n - len(runs)
+    if ok >= need:
+        return True
+    if ok + open_ >= need:
+        return None
+    return False
 
 
 def lr_limit(rates: dict[float, bool]) -> tuple[float | None, bool]:
@@ -333,10 +391,11 @@ def decide_lr_limit(with_bn: dict[float, bool], without: dict[float, bool]) -> t
                     f"{LIMIT_RATIO:g}")
 
 
-def lr_limit_row(groups: dict[str, list[Any]], base_final: float, dataset: str) -> dict[str, Any]:
+def lr_limit_row(groups: dict[str, list[Any]], base_final: float, dataset: str,
+                 declared: tuple[int, ...] | None = None) -> dict[str, Any]:
     claim = CLAIMS["D.10i"]
     base_lr = groups["Baseline"][0].config.lr if groups.get("Baseline") else BASE_LR
-    arms: dict[str, dict[float, bool]] = {"with BN": {}, "without BN": {}}
+    arms: dict[str, dict[float, bool | None]] = {"with BN": {}, "without BN": {}}
     seeds: list[Seed] = []
     for arm, variants in (("with BN", WITH_BN), ("without BN", WITHOUT_BN)):
         for v in variants:
@@ -344,14 +403,28 @@ def lr_limit_row(groups: dict[str, list[Any]], base_final: float, dataset: str) 
             if not runs:
                 continue
             mult = round(runs[0].config.lr / base_lr, 6)
-            arms[arm][mult] = rate_trains(runs, base_final)
+            arms[arm][mult] = rate_trains(runs, base_final, len(declared) if declared else None)
             for r in runs:
                 seeds.append(Seed(r.seed, {"variant": v, "rate_x": mult, "final_acc": final_accuracy(r)},
                                   {"run": r.status}, outcome=trains(r, base_final)))
     if not arms["with BN"] or not arms["without BN"]:
         return undecided(claim, "needs runs with and without BN", dataset=dataset, seeds=seeds)
-    outcome, why = decide_lr_limit(arms["with BN"], arms["without BN"])
-    text = "; ".join(f"{arm}: " + ", ".join(f"{m:g}x {'trains' if t else 'fails'}" for m, t in sorted(d.items()))
+    open_ = [(arm, m) for arm, d in arms.items() for m, t in d.items() if t is None]
+    if open_:
+        # Decide with every open rate trains and with every open rate fails: only an answer both agree
+        # on stands; otherwise the missing seeds could change it.
+        both = {tuple(decide_lr_limit(*[{m: (fill if t is None else t) for m, t in arms[a].items()}
+                                        for a in ("with BN", "without BN")])) for fill in (True, False)}
+        outs = {o for o, _ in both}
+        if len(outs) == 1:
+            outcome, why = next(iter(both))
+        else:
+            outcome, why = "UNDECIDED", (f"missing seeds leave {', '.join(f'{m:g}x {a}' for a, m in open_)} open, "
+                                         "and they could change the outcome")
+    else:
+        outcome, why = decide_lr_limit(arms["with BN"], arms["without BN"])
+    word = {True: "trains", False: "fails", None: "open (seeds missing)"}
+    text = "; ".join(f"{arm}: " + ", ".join(f"{m:g}x {word[t]}" for m, t in sorted(d.items()))
                      for arm, d in arms.items())
     return row(claim, ours=f"{why} ({text})", dataset=dataset, outcome=outcome,
                no_ci_reason="a comparison of rate limits on a grid of tested rates, not a statistic over seeds",
@@ -363,7 +436,8 @@ def verdict(results: ExperimentResults) -> list[dict[str, Any]]:
     if EXPERIMENT.primary_setting not in by:
         return [undecided(c, f"no runs of the primary setting ({EXPERIMENT.primary_setting})")
                 for c in CLAIMS.values()]
-    return merge_settings({s: verdict_setting(r) for s, r in by.items()}, EXPERIMENT.primary_setting)
+    return merge_settings({s: verdict_setting(r, EXPERIMENT.declared_seeds(r, s)) for s, r in by.items()},
+                          EXPERIMENT.primary_setting, EXPERIMENT.declared_settings(results))
 
 
 def plots(results: ExperimentResults, out_dir: Path) -> list[Path]:
@@ -444,8 +518,8 @@ EXPERIMENT = Experiment(
          "D.10a-c", "none (from stored curves)"),
         ("steps to reach the Baseline max (Fig. 3, column 2; D.10a-c)",
          "table: first evaluation step at which the variant's seed-mean curve reaches the Baseline max; verdict: "
-         "per seed, the first evaluation step at which that seed's curve reaches it, compared with the step at "
-         "which the Baseline's seed-mean curve first does; 'never' if not within the run",
+         "per seed s, the first evaluation step at which that seed's curve reaches it, compared with the step at "
+         "which the Baseline's own seed-s run first does (paired by seed); 'never' if not within the run",
          "none (from stored curves)"),
         ("final accuracy (Fig. 3, column 3; D.10d-i)",
          "fraction of the full test set classified correctly after the last step, eval mode; mean ± sample sd "

@@ -8,20 +8,26 @@ run exists, extracts per-seed numbers from its stored runs, and calls one of the
   (same data order, same init draw). Estimate = mean difference; 95 % CI = Student t interval on the
   n paired differences (``scipy.stats.t``, df = n - 1, standard error = sd(ddof=1)/sqrt(n)).
   PASS if the whole CI lies beyond the threshold in the claimed direction, FAIL if it lies wholly on
-  the other side, TIE if it straddles the threshold. Fewer than 2 usable seeds: UNDECIDED.
+  the other side, TIE if it straddles the threshold (not decided either way). UNDECIDED with fewer
+  than 2 seeds, with zero spread (the interval [m, m] measures nothing), or when a declared seed has
+  no value in an arm (never run, unfinished, or diverged/collapsed without a ``Claim.diverged_value``).
 * ``seed_count``: per seed, a yes/no outcome (e.g. "this run failed to train"). Estimate = fraction
   of seeds with "yes"; CI = Clopper-Pearson exact 95 % interval of that fraction
   (``scipy.stats.binomtest``). PASS if at least ``fraction`` of the seeds say yes, FAIL if at least
-  ``fraction`` say no, TIE in between (possible from 4 seeds on with 2/3). Seeds that give no answer
-  (unfinished) are counted in n_seeds and make the row UNDECIDED if they could change the outcome.
+  ``fraction`` say no, TIE in between. Fewer than ``Claim.min_seeds`` (5) declared seeds: UNDECIDED
+  (with 3, 2/3 can never TIE). Seeds that give no answer (declared but missing, unfinished) are
+  counted in n_seeds and make the row UNDECIDED if they could change the outcome. The interval is
+  descriptive; the decision is the count.
 * ``decided``: a rule that is not a statistic over seeds (e.g. a comparison of learning-rate limits
   over a grid); the experiment computes the outcome and states why there is no CI.
 
-Every row lists every seed with its value(s) and its run status; diverged and collapsed runs are
-counted (``n_diverged``/``n_collapsed``), never dropped. "±" in a row's text is one sample standard
+Every row lists every DECLARED seed (``with_declared``: the experiment's seeds for the runs' profile
+and setting, ``RunResult.profile``) with its value(s) and its run status ("missing" when it has no
+finished run); diverged and collapsed runs are counted (``n_diverged``/``n_collapsed``), never dropped. "±" in a row's text is one sample standard
 deviation over seeds (ddof = 1). ``robust_headline`` merges one row per robustness setting into the
-headline row: PASS only if the claim passes in every setting, FAIL only if it fails in every one,
-otherwise UNDECIDED ("fragile: k/n").
+headline row over every DECLARED setting (one not run counts as UNDECIDED "not run"): PASS only if
+the claim passes in every setting, FAIL only if it fails in every one, otherwise UNDECIDED
+("fragile: k/n"). Rules revised after review on 2026-11-29: see docs/claims.md.
 
 Pure numbers in, JSON-ready dicts out (the row schema shared with the report and the CLI); nothing
 here reads files or trains.
@@ -41,6 +47,8 @@ CI_LEVEL = 0.95
 T_METHOD = "Student t interval on the paired per-seed differences (scipy.stats.t, df = n-1, sd with ddof=1)"
 CP_METHOD = "Clopper-Pearson exact interval of the fraction of seeds (scipy.stats.binomtest)"
 PM_MEANING = "± is one sample standard deviation over seeds (ddof = 1)"
+MIN_COUNT_SEEDS = 5  # seed_count claims need at least 5 declared seeds (revised after review, 2026-11-29)
+MISSING = "missing"  # status of a declared seed that has no finished run
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,11 @@ class Claim:
     fraction: float = 2 / 3
     ci_level: float = CI_LEVEL
     rule: str = ""
+    # paired_difference: the value a diverged/collapsed run stands for (e.g. chance accuracy); None =
+    # such a run has no value and makes the row UNDECIDED (revised after review on 2026-11-29).
+    diverged_value: float | None = None
+    # seed_count: fewest declared seeds that can decide a per-seed-outcome claim (2/3 of 3 cannot TIE).
+    min_seeds: int = MIN_COUNT_SEEDS
 
     def __post_init__(self) -> None:
         if self.kind not in ("paired_difference", "seed_count", "decided"):
@@ -85,12 +98,18 @@ class Claim:
         if self.kind == "paired_difference":
             side, other = ("above", "below") if self.direction > 0 else ("below", "above")
             thr = _num(self.threshold)
+            dv = ("a declared seed without a value (missing, unfinished, diverged, collapsed)" if
+                  self.diverged_value is None else
+                  f"a declared seed not run or unfinished (a diverged/collapsed run counts as {self.diverged_value:g})")
             return (f"PASS if the {lvl} CI of the paired difference lies {side} {thr}; FAIL if it lies "
-                    f"{other} {thr}; TIE if it contains {thr}; UNDECIDED with fewer than 2 usable seeds")
+                    f"{other} {thr}; TIE if the CI straddles {thr} (not decided either way); UNDECIDED with "
+                    f"fewer than 2 seeds, zero spread (degenerate interval) or {dv}")
         if self.kind == "seed_count":
-            return (f"PASS if at least {_frac(self.fraction)} of the seeds say yes; FAIL if at least "
-                    f"{_frac(self.fraction)} say no; TIE otherwise; UNDECIDED with fewer than 2 seeds "
-                    "or when unfinished seeds could change the outcome")
+            return (f"PASS if at least {_frac(self.fraction)} of the declared seeds say yes; FAIL if at least "
+                    f"{_frac(self.fraction)} say no; TIE otherwise (neither side has {_frac(self.fraction)}: not "
+                    f"decided either way); UNDECIDED with fewer than {self.min_seeds} declared seeds or when "
+                    "missing/unfinished seeds could change the outcome. The Clopper-Pearson interval is "
+                    "descriptive only; it does not enter the decision")
         return "decided by the rule stated with the claim"
 
 
@@ -103,6 +122,19 @@ class Seed:
     status: Mapping[str, str] = field(default_factory=dict)
     outcome: bool | None = None  # seed_count: the per-seed yes/no (None = no answer)
     note: str = ""
+
+
+def with_declared(seeds: Sequence[Seed], declared: Sequence[int] | None, arms: Sequence[str]) -> list[Seed]:
+    """``seeds`` plus one ``Seed`` per declared seed that has none (values None, status "missing").
+
+    A declared seed that was never run or did not finish must stay visible: it is what makes a row
+    UNDECIDED when it could change the outcome. Sorted by seed. ``declared`` None: ``seeds`` as given.
+    """
+    have = {sd.seed for sd in seeds}
+    out = list(seeds) + [Seed(int(s), {a: None for a in arms}, {a: MISSING for a in arms},
+                              note="declared, no finished run")
+                         for s in (declared or ()) if int(s) not in have]
+    return sorted(out, key=lambda sd: sd.seed)
 
 
 # --- formatting ------------------------------------------------------------------------------------
@@ -179,7 +211,7 @@ def t_interval(diffs: Sequence[float], level: float = CI_LEVEL) -> tuple[float, 
     if n < 2:
         return mean, None
     sem = float(d.std(ddof=1)) / math.sqrt(n)
-    if sem == 0.0:
+    if sem <= 1e-12 * max(1.0, abs(mean)):  # zero up to float rounding (0.872 - 0.852 per seed)
         return mean, (mean, mean)
     lo, hi = stats.t.interval(level, df=n - 1, loc=mean, scale=sem)
     return mean, (float(lo), float(hi))
@@ -288,26 +320,52 @@ def paired_difference(claim: Claim, seeds: Sequence[Seed], a: str, b: str, *, da
     if claim.kind != "paired_difference":
         raise ValueError(f"claim {claim.id} is a {claim.kind} claim, not paired_difference")
     diffs: dict[int, float] = {}
+    lacking: list[str] = []  # "seed 3 (BN-x5: diverged)" for every declared seed without a value
     for sd in seeds:
-        va, vb = sd.values.get(a), sd.values.get(b)
-        if va is not None and vb is not None and math.isfinite(va) and math.isfinite(vb):
-            diffs[sd.seed] = float(va) - float(vb)
+        vals = {}
+        for arm in (a, b):
+            v = sd.values.get(arm)
+            st = sd.status.get(arm, "")
+            if (v is None or not math.isfinite(v)) and st in ("diverged", "collapsed") \
+                    and claim.diverged_value is not None:
+                v = claim.diverged_value  # the claim declares what such a run stands for
+            vals[arm] = v
+        if all(v is not None and math.isfinite(v) for v in vals.values()):
+            diffs[sd.seed] = float(vals[a]) - float(vals[b])
+        else:
+            why = ", ".join(f"{arm}: {sd.status.get(arm) or 'no value'}" for arm in (a, b)
+                            if vals[arm] is None or not math.isfinite(vals[arm]))
+            lacking.append(f"seed {sd.seed} ({why})")
     n = len(diffs)
-    missing = len(seeds) - n
     means = {arm: [sd.values.get(arm) for sd in seeds] for arm in (a, b)}
     arms_text = f"{a} {fmt_mean_sd(means[a])} vs {b} {fmt_mean_sd(means[b])}"
-    lack = f"; {missing} seed(s) without a value" if missing else ""
+    lack = f"; without a value: {', '.join(lacking)}" if lacking else ""
     prefix = f"{describe}: " if describe else ""
     if n == 0:
         return row(claim, ours=f"{prefix}no seed has both values{lack}", dataset=dataset,
                    outcome="UNDECIDED", no_ci_reason="no seed has a value in both arms", seeds=seeds,
                    diffs=diffs, extra=extra)
     est, ci = t_interval(list(diffs.values()), claim.ci_level)
+    if lacking:
+        # A seed that dropped out (never run, unfinished, diverged without a declared value) is not a
+        # random omission: deciding on the others would bias the verdict. Report, do not decide.
+        reason = (f"{len(lacking)} declared seed(s) without a value ({', '.join(lacking)}); the claim declares "
+                  "no value for them")
+        return row(claim, ours=f"{prefix}{fmt(est, signed=True)} from {n} of {len(seeds)} seeds ({arms_text})"
+                   f"{lack}", dataset=dataset, outcome="UNDECIDED", estimate=est, no_ci_reason=reason,
+                   seeds=seeds, diffs=diffs, extra=extra)
     if ci is None:
         return row(claim, ours=f"{prefix}{fmt(est, signed=True)} from 1 seed ({arms_text}){lack}",
                    dataset=dataset, outcome="UNDECIDED", estimate=est,
                    no_ci_reason="1 seed: no interval can be formed (needs >= 2)", seeds=seeds,
                    diffs=diffs, extra=extra)
+    if ci[0] == ci[1]:
+        # sd = 0: the t interval is the point [m, m], which would PASS on any nonzero mean. Zero spread
+        # over seeds means the seeds are not independent draws (or the statistic is saturated).
+        return row(claim, ours=f"{prefix}{fmt(est, signed=True)} with zero spread over {n} seeds ({arms_text})",
+                   dataset=dataset, outcome="UNDECIDED", estimate=est,
+                   no_ci_reason=f"the {n} paired differences are identical (sd = 0): the interval is "
+                                "degenerate and measures no uncertainty", seeds=seeds, diffs=diffs, extra=extra)
     outcome = decide_interval(ci, claim.threshold, claim.direction)
     ours = f"{prefix}{fmt_ci(est, ci)} ({arms_text}; n={n}){lack}"
     return row(claim, ours=ours, dataset=dataset, outcome=outcome, estimate=est, ci=ci,
@@ -326,10 +384,13 @@ def seed_count(claim: Claim, seeds: Sequence[Seed], *, dataset: str, describe: s
     need = math.ceil(claim.fraction * n - 1e-9) if n else 0
     prefix = f"{describe}: " if describe else ""
     ours = f"{prefix}{yes}/{n} seeds yes" + (f", {unknown} without an answer" if unknown else "")
-    if n < 2:
-        return row(claim, ours=ours, dataset=dataset, outcome="UNDECIDED",
-                   estimate=yes / n if n else None, no_ci_reason=f"{n} seed(s): needs at least 2",
-                   seeds=seeds, extra=extra)
+    if n < max(2, claim.min_seeds):
+        answered = yes + no
+        ci = proportion_interval(yes, answered, claim.ci_level) if answered else None
+        return row(claim, ours=ours + f"; needs ≥ {claim.min_seeds} seeds (declared {n})", dataset=dataset,
+                   outcome="UNDECIDED", estimate=yes / answered if answered else None, ci=ci,
+                   ci_method=CP_METHOD if ci else None,
+                   no_ci_reason=f"{n} declared seed(s): needs ≥ {claim.min_seeds}", seeds=seeds, extra=extra)
     if yes >= need:
         outcome = "PASS"
     elif no >= need:
@@ -378,20 +439,28 @@ def robust_outcome(outcomes: Sequence[str]) -> str:
     return "UNDECIDED"
 
 
-def robust_headline(by_setting: Mapping[str, dict[str, Any]], primary: str) -> dict[str, Any]:
+def robust_headline(by_setting: Mapping[str, dict[str, Any]], primary: str,
+                    declared: Sequence[str] | None = None) -> dict[str, Any]:
     """Merge one row per robustness setting (same claim) into the headline row.
 
     The headline keeps the primary setting's numbers, per-seed values and CI, replaces ``outcome``
-    by the robust outcome and fills ``robustness``. With only the primary setting present the row
-    is returned unchanged (``robustness`` None).
+    by the robust outcome and fills ``robustness``. ``declared``: every setting the profile declares;
+    one without a row counts as UNDECIDED ("not run"), so "holds in k/k" is never over a subset.
+    With only the primary setting declared (or present, when ``declared`` is None) the row is
+    returned unchanged (``robustness`` None).
     """
     if primary not in by_setting:
         raise ValueError(f"primary setting {primary!r} is not among {list(by_setting)}")
     head = dict(by_setting[primary])
-    if len(by_setting) == 1:
+    names = list(declared) if declared else list(by_setting)
+    names += [s for s in by_setting if s not in names]
+    if len(names) == 1:
         return head
+    not_run = {"outcome": "UNDECIDED", "estimate": None, "ci": None, "n_seeds": 0, "ours": "not run",
+               "n_diverged": 0, "n_collapsed": 0}
     settings = []
-    for name, r in by_setting.items():
+    for name in names:
+        r = by_setting.get(name, not_run)
         settings.append({"setting": name, "outcome": r["outcome"], "estimate": r.get("estimate"),
                          "ci": r.get("ci"), "n_seeds": r.get("n_seeds"), "ours": r.get("ours"),
                          "n_diverged": r.get("n_diverged", 0), "n_collapsed": r.get("n_collapsed", 0)})
@@ -409,13 +478,16 @@ def robust_headline(by_setting: Mapping[str, dict[str, Any]], primary: str) -> d
     return head
 
 
-def merge_settings(rows_by_setting: Mapping[str, list[dict[str, Any]]], primary: str) -> list[dict[str, Any]]:
-    """Per setting a list of rows (same claim ids, any order) -> headline rows in the primary's order."""
+def merge_settings(rows_by_setting: Mapping[str, list[dict[str, Any]]], primary: str,
+                   declared: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Per setting a list of rows (same claim ids, any order) -> headline rows in the primary's order.
+
+    ``declared``: the settings the profile declares (see ``robust_headline``)."""
     if primary not in rows_by_setting:
         raise ValueError(f"primary setting {primary!r} has no rows; settings: {list(rows_by_setting)}")
     out = []
     for r in rows_by_setting[primary]:
         cid = r["claim_id"]
         per = {s: next((x for x in rows if x["claim_id"] == cid), None) for s, rows in rows_by_setting.items()}
-        out.append(robust_headline({s: x for s, x in per.items() if x is not None}, primary))
+        out.append(robust_headline({s: x for s, x in per.items() if x is not None}, primary, declared))
     return out
