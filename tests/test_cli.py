@@ -193,7 +193,7 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, fragments):
 @pytest.mark.parametrize("command", ["run ioffe_mnist", "reproduce ioffe", "report"])
 def test_profile_typo_is_a_one_line_error(command, capsys, tmp_path):
     code, out, err = bnlab(capsys, *command.split(), "--profile", "quik")
-    assert_one_clear_error(code, err, "unknown profile 'quik' (did you mean 'quick'?)", "smoke, quick, paper")
+    assert_one_clear_error(code, err, "unknown profile 'quik' (did you mean 'quick'?)", "smoke, quick, robust, paper")
     assert "usage:" not in err and err.count("\n") == 1 and out == ""
 
 

@@ -1,26 +1,228 @@
-"""The Ioffe reproductions: probes do not change training, verdict statistics are what they claim."""
+"""The Ioffe reproductions: probes do not change training; the verdicts, computed from synthetic stored
+runs whose right outcome is known, return it (pass, fail, tie, diverged and collapsed seeds, settings)."""
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from bnlab.experiments.ioffe_lr_study import EXPERIMENT as LR_STUDY
-from bnlab.experiments.ioffe_lr_study import fig3_table, table
+from bnlab.experiments.ioffe_lr_study import decide_lr_limit, fig3_table, table
+from bnlab.experiments.ioffe_lr_study import verdict as lr_verdict
 from bnlab.experiments.ioffe_mnist import EXPERIMENT as MNIST
-from bnlab.experiments.ioffe_mnist import drift_statistics, verdict
+from bnlab.experiments.ioffe_mnist import drift_after, drift_whole_run, relative_step_change
+from bnlab.experiments.ioffe_mnist import verdict as mnist_verdict
+from bnlab.train.config import config_hash, config_to_dict
 from bnlab.train.results import load_results
+from bnlab.train.rundir import run_dir_path
 from bnlab.train.runner import run_experiment
 
-SMOKE_DIGITS: dict = {}  # the smoke profile already uses the bundled digits
+SCHEMA_KEYS = {"claim_id", "claim", "paper", "ours", "dataset", "outcome", "rule", "statistic", "estimate",
+               "ci", "ci_level", "ci_method", "no_ci_reason", "per_seed", "n_seeds", "n_diverged",
+               "n_collapsed", "robustness", "passed"}
+FASHION = {"requested": "mnist", "used": "fashion_mnist", "binarized": False}
+
+
+def fake_run(out: Path, exp, variant: str, seed: int, *, steps, acc, final, status="done", pct=None,
+             setting=None, profile="quick", dataset=FASHION, cfg_overrides=None):
+    """Write a run directory as the training loop would: config.json, env.json, metrics.jsonl, done."""
+    cfg = exp.config(variant, "robust" if setting else profile, cfg_overrides, setting=setting)
+    rd = run_dir_path(out, exp.name, variant, config_hash(cfg), seed)
+    rd.mkdir(parents=True)
+    meta = {"experiment": exp.name, "variant": variant, "seed": seed, "profile": profile,
+            "setting": setting or exp.primary_setting, "config_hash": config_hash(cfg),
+            "config": config_to_dict(cfg)}
+    (rd / "config.json").write_text(json.dumps(meta))
+    (rd / "env.json").write_text(json.dumps({"dataset": dataset}))
+    lines = [{"step": int(s), "split": "eval", "acc": float(a)} for s, a in zip(steps, acc)]
+    if status != "diverged":
+        lines.append({"step": int(steps[-1]), "split": "test", "acc": float(final)})
+    (rd / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if pct is not None:
+        buf = io.BytesIO()
+        np.savez(buf, **{"probe/sigmoid_input/steps": np.asarray(steps), "probe/sigmoid_input/percentiles": pct})
+        (rd / "arrays.npz").write_bytes(buf.getvalue())
+    (rd / "done").write_text(json.dumps({"status": status, "diverged_step": int(steps[-1]) if status == "diverged" else None}))
+    return rd
+
+
+STEPS = np.arange(0, 50_001, 500)
+
+
+def curve(start, end, k=6.0, noise=0.0, rng=None):
+    x = STEPS / STEPS[-1]
+    c = end - (end - start) * np.exp(-k * x)
+    return c + (rng.normal(0, noise, c.shape) if rng is not None else 0)
+
+
+def percentiles(rng, drifting: bool):
+    """(T, 3, 10): the baseline's median wanders by about 2; BN's stays at 0 with a slowly growing spread."""
+    T = len(STEPS)
+    if drifting:
+        med = np.cumsum(rng.normal(0, 0.3, (T, 10)), axis=0)
+        spread = 1.0 + np.abs(np.cumsum(rng.normal(0, 0.2, (T, 10)), axis=0))
+    else:
+        med = rng.normal(0, 0.01, (T, 10))
+        spread = np.linspace(2.6, 2.7, T)[:, None] + rng.normal(0, 0.005, (T, 10))
+    return np.stack([med - spread / 2, med, med + spread / 2], axis=1).astype(np.float32)
+
+
+def mnist_runs(tmp_path, *, final_gap, seeds=(0, 1, 2), diverged_bn=(), setting=None, profile="quick"):
+    rng = np.random.default_rng(0)
+    for s in seeds:
+        base_final = 0.85 + 0.002 * s
+        fake_run(tmp_path, MNIST, "baseline", s, steps=STEPS, acc=curve(0.2, base_final, rng=rng, noise=0.002),
+                 final=base_final, pct=percentiles(rng, True), setting=setting, profile=profile)
+        status = "diverged" if s in diverged_bn else "done"
+        steps = STEPS if status == "done" else STEPS[:10]
+        acc = curve(0.8, base_final + final_gap[s] if isinstance(final_gap, dict) else base_final + final_gap,
+                    k=40.0, rng=rng, noise=0.002)[: len(steps)]
+        fake_run(tmp_path, MNIST, "bn", s, steps=steps, acc=acc,
+                 final=base_final + (final_gap[s] if isinstance(final_gap, dict) else final_gap), status=status,
+                 pct=percentiles(rng, False)[: len(steps)], setting=setting, profile=profile)
+    return load_results(tmp_path, "ioffe_mnist")
+
+
+def by_id(rows):
+    return {r["claim_id"]: r for r in rows}
+
+
+def test_fig1_verdict_clear_pass_on_synthetic_runs(tmp_path):
+    rows = by_id(mnist_verdict(mnist_runs(tmp_path, final_gap=0.02)))
+    assert list(rows) == ["D.8a", "D.8b", "D.9a", "D.9b", "D.9c"]
+    for cid in rows:
+        assert rows[cid]["outcome"] == "PASS", (cid, rows[cid]["ours"])
+        assert set(rows[cid]) >= SCHEMA_KEYS and rows[cid]["n_seeds"] == 3 and rows[cid]["ci"] is not None
+        assert [p["seed"] for p in rows[cid]["per_seed"]] == [0, 1, 2]
+        assert rows[cid]["dataset"] == "Fashion-MNIST, grey levels (MNIST not installed)"
+    assert rows["D.8a"]["early_step"] == 1000 and "gap at step 1000" in rows["D.8a"]["ours"]
+    assert "after the first 10%" in rows["D.9a"]["secondary"]
+
+
+def test_fig1_final_accuracy_tie_and_fail(tmp_path):
+    rows = by_id(mnist_verdict(mnist_runs(tmp_path / "tie", final_gap={0: 0.004, 1: -0.003, 2: 0.0005})))
+    assert rows["D.8b"]["outcome"] == "TIE" and rows["D.8a"]["outcome"] == "PASS"
+    rows = by_id(mnist_verdict(mnist_runs(tmp_path / "fail", final_gap=-0.03)))
+    assert rows["D.8b"]["outcome"] == "FAIL"
+
+
+def test_fig1_diverged_seed_counts_as_chance_and_is_shown(tmp_path):
+    rows = by_id(mnist_verdict(mnist_runs(tmp_path, final_gap=0.02, diverged_bn=(1,))))
+    r = rows["D.8b"]
+    assert r["n_diverged"] == 1 and r["n_seeds"] == 3
+    seed1 = r["per_seed"][1]
+    assert seed1["status"]["bn"] == "diverged" and seed1["values"]["bn"] == pytest.approx(0.1)
+    assert r["outcome"] == "TIE"  # one seed at chance makes the gap's interval wide: cannot tell
+
+
+def test_fig1_one_seed_is_undecided(tmp_path):
+    rows = mnist_verdict(mnist_runs(tmp_path, final_gap=0.02, seeds=(0,)))
+    assert all(r["outcome"] == "UNDECIDED" and r["ci"] is None and r["no_ci_reason"] for r in rows)
+
+
+def test_fig1_robust_settings_give_the_headline(tmp_path):
+    mnist_runs(tmp_path, final_gap=0.02)
+    other = [s for s in MNIST.settings if s != MNIST.primary_setting][0]
+    results = mnist_runs(tmp_path, final_gap=-0.03, setting=other, profile="robust")
+    rows = by_id(mnist_verdict(results))
+    rob = rows["D.8b"]["robustness"]
+    assert rob["of"] == 2 and rob["holds"] == 1 and rob["label"] == "fragile: 1/2"
+    assert [s["setting"] for s in rob["settings"]] == [MNIST.primary_setting, other]
+    assert rows["D.8b"]["outcome"] == "UNDECIDED" and rows["D.8a"]["outcome"] == "PASS"
+
+
+def test_drift_statistics_see_the_early_transient_and_the_secondary_does_not():
+    steps = np.arange(0, 1001, 100)
+    pct = np.zeros((len(steps), 3, 4))
+    pct[:, 2, :] = 2.0  # spread 2, constant
+    pct[0, 1, :] = 3.0  # an early transient of the median at step 0 only
+    med, spread = drift_whole_run(pct)
+    assert med == pytest.approx(3.0) and spread == pytest.approx(0.0)
+    assert drift_after(steps, pct) == (pytest.approx(0.0), pytest.approx(0.0))
+    # relative step change: the median jumps by 3 once (then 0) over 10 intervals: mean |Δ| over the
+    # three percentiles and the intervals = 3 / 3 / 10, divided by the spread 2
+    assert relative_step_change(pct) == pytest.approx(3.0 / 3 / 10 / 2.0)
+    per_unit = np.abs(np.diff(pct, axis=0)).mean(axis=(0, 1)) / (pct[:, 2] - pct[:, 0]).mean(axis=0)
+    assert relative_step_change(pct) == pytest.approx(per_unit.mean())
+
+
+LR_STEPS = np.arange(0, 2001, 100)
+
+
+def lr_runs(tmp_path, outcome: dict[str, list[tuple[str, float]]], reach: dict[str, int]):
+    """One run per (variant, seed): (status, final accuracy); the eval curve rises to the final
+    accuracy and first reaches the Baseline's level at step ``reach[variant]``."""
+    for variant, seeds in outcome.items():
+        for s, (status, final) in enumerate(seeds):
+            acc = np.where(LR_STEPS >= reach.get(variant, 10**9), final, np.minimum(final, 0.70) * LR_STEPS / 2000)
+            if variant == "Baseline":
+                acc = 0.80 * np.minimum(1.0, LR_STEPS / 1800)  # max 0.80, first reached at step 1800
+            fake_run(tmp_path, LR_STUDY, variant, s, steps=LR_STEPS, acc=acc, final=final, status=status)
+    return load_results(tmp_path, "ioffe_lr_study")
+
+
+GOOD = [("done", 0.82)] * 5
+
+
+def test_lr_study_verdict_on_synthetic_runs(tmp_path):
+    results = lr_runs(tmp_path, {
+        "Baseline": [("done", 0.80)] * 5, "BN-Baseline": GOOD, "BN-x5": GOOD, "BN-x30": GOOD,
+        "BN-x5-Sigmoid": [("done", 0.78)] * 5,
+        "Baseline-x5": [("collapsed", 0.10), ("collapsed", 0.11), ("diverged", 0.0), ("done", 0.79), ("done", 0.70)],
+        "Baseline-Sigmoid": [("collapsed", 0.1)] * 5,
+    }, reach={"BN-Baseline": 900, "BN-x5": 300, "BN-x30": 400})
+    rows = by_id(lr_verdict(results))
+    assert list(rows) == ["D.10a", "D.10b", "D.10c", "D.10d", "D.10e", "D.10f", "D.10g", "D.10h", "D.10i"]
+    assert all(set(r) >= SCHEMA_KEYS for r in rows.values())
+    assert {c: r["outcome"] for c, r in rows.items()} == {c: "PASS" for c in rows}, {c: r["ours"] for c, r in rows.items()}
+    f = rows["D.10f"]
+    assert f["n_collapsed"] == 2 and f["n_diverged"] == 1 and f["estimate"] == pytest.approx(4 / 5)
+    assert [p["outcome"] for p in f["per_seed"]] == [True, True, True, False, True]  # 0.70 < 0.80 - 0.05
+    assert rows["D.10a"]["baseline_max"] == pytest.approx(0.80) and rows["D.10a"]["baseline_max_step"] == 1800
+    assert rows["D.10i"]["ci"] is None and rows["D.10i"]["no_ci_reason"]
+    (title, fig3), = fig3_table(results).items()
+    assert "0.800 at step 1800" in title and [r["variant"] for r in fig3] == list(LR_STUDY.variants)
+    assert fig3[-2]["collapsed"] == 2 and fig3[-2]["diverged"] == 1
+
+
+def test_lr_study_fails_and_ties(tmp_path):
+    results = lr_runs(tmp_path, {
+        "Baseline": [("done", 0.80)] * 5, "BN-Baseline": [("done", 0.80)] * 5,
+        "BN-x5": [("done", 0.82)] * 2 + [("collapsed", 0.1)] * 3, "BN-x30": [("diverged", 0.0)] * 5,
+        "Baseline-x5": [("done", 0.80)] * 5,
+    }, reach={"BN-Baseline": 1900, "BN-x5": 300})
+    rows = by_id(lr_verdict(results))
+    assert rows["D.10a"]["outcome"] == "FAIL"  # reaches it later than the Baseline's step 1800
+    assert rows["D.10d"]["outcome"] == "TIE"  # 2 of 5 train, 3 collapse: neither side has 2/3
+    assert rows["D.10e"]["outcome"] == "FAIL" and rows["D.10e"]["n_diverged"] == 5
+    assert rows["D.10f"]["outcome"] == "FAIL"  # every Baseline-x5 seed trains
+    assert rows["D.10g"]["outcome"] == "UNDECIDED" and "no finished Baseline-Sigmoid" in rows["D.10g"]["ours"]
+    # with BN only 1x trains (5x: 2/5 seeds), without BN 5x trains: the BN limit is bracketed below 5x
+    # the no-BN one, whatever lies above the tested rates
+    assert rows["D.10i"]["outcome"] == "FAIL"
+
+
+@pytest.mark.parametrize("with_bn, without, expected", [
+    ({1: True, 5: True, 30: True}, {1: True, 5: False}, "PASS"),  # >= 30 vs < 5
+    ({1: True, 5: True, 30: False}, {1: True, 5: False}, "PASS"),  # 5 vs 1: ratio 5
+    ({1: True, 5: False, 30: False}, {1: True, 5: False}, "FAIL"),  # 1 vs 1
+    ({1: True, 5: True, 30: True}, {1: True, 5: True}, "UNDECIDED"),  # no-BN limit unknown above 5
+    ({1: True, 5: True, 30: False}, {1: True, 5: True}, "FAIL"),  # BN limit 5 <= no-BN's >= 5
+    ({1: False, 5: False, 30: False}, {1: True, 5: False}, "FAIL"),
+])
+def test_lr_limit_rule(with_bn, without, expected):
+    assert decide_lr_limit(with_bn, without)[0] == expected
 
 
 def test_percentile_probe_leaves_the_training_trajectory_bit_identical(tmp_path):
     without = dataclasses.replace(MNIST, probes=())
     for exp, out in ((MNIST, tmp_path / "with"), (without, tmp_path / "without")):
-        run_experiment(exp, "smoke", out=out, seeds=[0], variants=["bn"], overrides=SMOKE_DIGITS, quiet=True,
-                       echo=lambda *_: None)
+        run_experiment(exp, "smoke", out=out, seeds=[0], variants=["bn"], quiet=True, echo=lambda *_: None)
     with_runs = load_results(tmp_path / "with", "ioffe_mnist").runs
     without_runs = load_results(tmp_path / "without", "ioffe_mnist").runs
     a, b = with_runs[0].model_state(), without_runs[0].model_state()
@@ -31,27 +233,34 @@ def test_percentile_probe_leaves_the_training_trajectory_bit_identical(tmp_path)
     assert pct.shape[1:] == (3, 10) and np.all(pct[:, 0] <= pct[:, 1]) and np.all(pct[:, 1] <= pct[:, 2])
 
 
-def test_drift_statistic_is_max_minus_min_after_the_first_tenth():
-    steps = np.arange(0, 1001, 100)
-    traces = np.zeros((2, len(steps), 3, 4))  # (seeds, T, percentiles, units)
-    traces[:, :, 1, :] = np.linspace(0, 5, len(steps))[None, :, None]  # median drifts by 5 overall
-    traces[:, 0, 1, :] = 100.0  # an early transient inside the skipped first 10 % is ignored
-    traces[:, :, 2, :] = 2.0  # spread 85-15 constant = 2
-    d = drift_statistics(steps, traces)
-    assert np.isclose(d["median"], 5.0 - 0.5) and np.isclose(d["spread"], 0.0)
-
-
-def test_ioffe_smoke_runs_give_verdict_rows_and_fig3_table(tmp_path):
-    run_experiment(MNIST, "smoke", out=tmp_path, overrides=SMOKE_DIGITS, quiet=True, echo=lambda *_: None)
-    rows = verdict(load_results(tmp_path, "ioffe_mnist"))
-    assert [r["claim"][:4] for r in rows] == ["D.8a", "D.8b", "D.8c", "D.9a", "D.9b"]
-    assert all(set(r) >= {"claim", "paper", "ours", "seeds", "passed", "why"} for r in rows)
+def test_lr_study_smoke_runs_give_schema_rows_and_fig3_table(tmp_path):
     run_experiment(LR_STUDY, "smoke", out=tmp_path, overrides={"dataset": "digits"}, quiet=True,
                    echo=lambda *_: None)
-    fig3 = table(load_results(tmp_path, "ioffe_lr_study"))
-    assert [r["variant"] for r in fig3] == list(LR_STUDY.variants)
-    (title, rows), = fig3_table(load_results(tmp_path, "ioffe_lr_study")).items()
-    assert "Fig. 3" in title and [r["variant"] for r in rows] == list(LR_STUDY.variants)
-    assert rows[0]["paper: steps to 72.2%"] == "31.0e6" and rows[0]["steps to Baseline max"] is not None
+    results = load_results(tmp_path, "ioffe_lr_study")
+    rows = lr_verdict(results)
+    assert all(set(r) >= SCHEMA_KEYS for r in rows)
+    assert all(r["outcome"] == "UNDECIDED" for r in rows if r["claim_id"] != "D.10i"), "1 seed decides nothing"
+    fig3 = table(results)
     lrs = {r["variant"]: r["lr"] for r in fig3}
     assert np.isclose(lrs["BN-x30"], 30 * lrs["Baseline"]) and np.isclose(lrs["BN-x5"], 5 * lrs["Baseline"])
+
+
+def test_robust_profile_plans_every_setting_with_its_seeds(tmp_path):
+    from bnlab.train.runner import plan_runs
+
+    quick = plan_runs(MNIST, "quick", out=tmp_path)
+    robust = plan_runs(MNIST, "robust", out=tmp_path)
+    assert {p.spec.setting for p in quick} == {MNIST.primary_setting}
+    assert [s for s in dict.fromkeys(p.spec.setting for p in robust)] == list(MNIST.settings)
+    per = {s: sum(p.spec.setting == s for p in robust) for s in MNIST.settings}
+    assert per[MNIST.primary_setting] == 2 * len(MNIST.default_seeds("quick"))
+    assert all(n == 2 * len(MNIST.robust_seeds) for s, n in per.items() if s != MNIST.primary_setting)
+    # the primary setting of robust is exactly quick's protocol: the same run directories
+    assert {p.spec.run_dir for p in quick} <= {p.spec.run_dir for p in robust}
+    n01 = [p.spec.cfg for p in robust if p.spec.setting.startswith("init N(0,1),")]
+    assert n01 and all(c.init_std == 1.0 for c in n01)
+    lr = plan_runs(LR_STUDY, "robust", out=tmp_path)
+    half = {p.spec.variant: p.spec.cfg.lr for p in lr if p.spec.setting == "every rate x0.5"}
+    full = {p.spec.variant: p.spec.cfg.lr for p in lr if p.spec.setting == LR_STUDY.primary_setting}
+    assert all(np.isclose(half[v], full[v] / 2) for v in full)
+    assert LR_STUDY.estimate_cost("robust") / 60 / 2 + MNIST.estimate_cost("robust") / 60 / 2 < 45

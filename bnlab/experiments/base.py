@@ -2,12 +2,22 @@
 
 How a run's config is resolved (later wins):
 
-    base -> profiles[profile] -> variants[variant] -> variant_profiles[profile][variant] -> --set
+    base -> profiles[profile] -> variants[variant] -> variant_profiles[profile][variant]
+         -> settings[setting] -> --set
 
 ``profiles`` scale every variant (steps, eval cadence, data subset); ``variants`` are the arms of the
 comparison (norm, lr, activation); ``variant_profiles`` is for the rare variant that needs its own
 setting at one profile. Overrides are plain dicts of field -> value (values may be strings, parsed by
 field type), checked when the experiment is defined, so a typo fails at import with the valid keys.
+
+Robustness over the paper's unknowns: ``settings`` is a small grid of the choices a paper leaves open
+(init, learning rate, ...), setting name -> overrides (a dict for every variant, or a function
+``(variant, config) -> dict`` when the change depends on the variant, e.g. "every learning rate x2").
+The first setting is the primary one (no overrides: the protocol as declared). Every profile runs the
+primary setting only, except ``robust``: the quick scale (``profiles["robust"]`` if given, else
+``profiles["quick"]``) over every setting, with ``robust_seeds`` for the non-primary ones. Each run
+stores its setting in config.json, so a verdict decides each claim per setting and reports in how
+many settings it holds (bnlab/experiments/verdict.py).
 """
 
 from __future__ import annotations
@@ -26,9 +36,14 @@ from bnlab.train.probes import Probe, ProbeContext  # re-exported: experiments i
 from bnlab.train.results import ExperimentResults, RunResult  # re-exported
 from bnlab.train.task import Task
 
-PROFILES = ("smoke", "quick", "paper")
+PROFILES = ("smoke", "quick", "robust", "paper")
+ROBUST = "robust"
 _NAME = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.-]*")
-DEFAULT_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "quick": (0, 1, 2), "paper": (0, 1, 2)}
+DEFAULT_SEEDS: dict[str, tuple[int, ...]] = {"smoke": (0,), "quick": (0, 1, 2), "robust": (0, 1, 2),
+                                             "paper": (0, 1, 2)}
+PRIMARY = "primary"  # the name of the setting with no overrides when an experiment declares no grid
+
+SettingOverrides = Mapping[str, Any] | Callable[[str, TrainConfig], Mapping[str, Any]]
 
 Verdict = Callable[[ExperimentResults], list[dict[str, Any]]]
 # title -> rows (dicts with the same keys, in column order): a paper's table, e.g. Ioffe Fig. 3
@@ -43,9 +58,11 @@ __all__ = ["DEFAULT_SEEDS", "PROFILES", "Experiment", "ExperimentResults", "Prob
 class Experiment:
     """A named, runnable figure or table.
 
-    verdict(results) -> rows, each a dict with at least: claim, paper, ours, seeds, passed (bool or
-    None when it cannot be decided), why. plots(results, out_dir) -> paths of the files written.
-    Both read stored runs only (``ExperimentResults``), never train.
+    verdict(results) -> rows in the verdict row schema (bnlab/experiments/verdict.py: claim_id, claim,
+    paper, ours, dataset, outcome, rule, statistic, estimate, ci, per_seed, robustness, ...); the
+    results may hold runs of several robustness settings (``RunResult.setting``).
+    plots(results, out_dir) -> paths of the files written. Both read stored runs only
+    (``ExperimentResults``), never train.
     """
 
     name: str
@@ -63,7 +80,11 @@ class Experiment:
     # verdict derives from the runs; the report lists them with the probes' own definitions.
     definitions: tuple[tuple[str, str, str], ...] = ()
     notes: str = ""  # documented choices and deviations from the paper (shown in the report)
-    paper: str = ""  # e.g. "Ioffe & Szegedy 2015, Fig. 1 (papers.md A.7)"
+    paper: str = ""  # e.g. "Ioffe & Szegedy 2015, Sec. 4.1, Fig. 1"
+    # The robustness grid over the paper's unknowns: setting name -> overrides; the first is primary.
+    settings: Mapping[str, SettingOverrides] = field(default_factory=dict)
+    robust_seeds: Sequence[int] | None = None  # seeds of the non-primary settings (None: the profile's)
+    dataset_note: str = ""  # how the data is prepared (e.g. binarization), shown next to the dataset
     # Optional replacements for bnlab.models.build_model / the dataset loader (custom nets, tests).
     build_model: Callable[[TrainConfig, Task], nn.Module] | None = None
     build_task: Callable[[TrainConfig, str | None], Task] | None = None
@@ -84,31 +105,78 @@ class Experiment:
                 if variant not in self.variants:
                     raise ConfigError(f"experiment {self.name!r}: variant_profiles[{profile!r}] names "
                                       f"unknown variant {variant!r}; variants: {', '.join(self.variants)}")
+        for setting in self.settings:  # shown in tables and stored in config.json: one printable line
+            if not setting.strip() or not setting.isprintable():
+                raise ConfigError(f"experiment {self.name!r}: setting name {setting!r} must be one "
+                                  "non-empty printable line, e.g. 'init=N(0,1)'")
+        if self.settings and dict(_resolve_setting(next(iter(self.settings.values())), "", self.base)):
+            raise ConfigError(f"experiment {self.name!r}: the first setting is the primary one and must "
+                              "have no overrides (the protocol as declared)")
         names = [p.name for p in self.probes]
         if len(set(names)) != len(names):
             raise ConfigError(f"experiment {self.name!r}: probe names must be unique, got {names}")
-        # Resolve every (profile, variant) now: a typo in a key or value fails at import time.
+        # Resolve every (profile, variant, setting) now: a typo in a key or value fails at import time.
         for profile in PROFILES:
-            self.configs(profile)
+            for setting in self.setting_names(profile):
+                self.configs(profile, setting=setting)
+        if len(self.settings) > 1:  # two settings with the same configs would share run directories
+            seen: dict[tuple, str] = {}
+            for setting in self.settings:
+                key = tuple(sorted(self.configs(ROBUST, setting=setting).items()))
+                key = tuple((v, repr(c)) for v, c in key)
+                if key in seen:
+                    raise ConfigError(f"experiment {self.name!r}: settings {seen[key]!r} and {setting!r} "
+                                      "give the same configs; drop one")
+                seen[key] = setting
 
     # --- configs ----------------------------------------------------------------------------------------
-    def config(self, variant: str, profile: str = "quick", overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    @property
+    def primary_setting(self) -> str:
+        return next(iter(self.settings)) if self.settings else PRIMARY
+
+    def setting_names(self, profile: str) -> list[str]:
+        """The robustness settings a profile runs: all of them at ``robust``, else the primary one."""
+        if profile == ROBUST and self.settings:
+            return list(self.settings)
+        return [self.primary_setting]
+
+    def _scale(self, profile: str) -> str:
+        """The profile whose scale (steps, cadence) ``profile`` uses: robust runs at quick's scale."""
+        if profile == ROBUST and ROBUST not in self.profiles:
+            return "quick"
+        return profile
+
+    def config(self, variant: str, profile: str = "quick", overrides: Mapping[str, Any] | None = None,
+               setting: str | None = None) -> TrainConfig:
         if variant not in self.variants:
             raise ConfigError(f"experiment {self.name!r} has no variant {variant!r}; "
                               f"variants: {', '.join(self.variants)}")
         if profile not in PROFILES:
             raise ConfigError(f"unknown profile {profile!r}; choose one of: {', '.join(PROFILES)}")
-        cfg = apply_overrides(self.base, self.profiles.get(profile, {}))
+        scale = self._scale(profile)
+        cfg = apply_overrides(self.base, self.profiles.get(scale, {}))
         cfg = apply_overrides(cfg, self.variants[variant])
-        cfg = apply_overrides(cfg, self.variant_profiles.get(profile, {}).get(variant, {}))
+        vp = self.variant_profiles.get(profile, self.variant_profiles.get(scale, {}))
+        cfg = apply_overrides(cfg, vp.get(variant, {}))
+        if setting is not None and setting != self.primary_setting:
+            if setting not in self.settings:
+                raise ConfigError(f"experiment {self.name!r} has no setting {setting!r}; settings: "
+                                  f"{', '.join(self.settings) or '(none)'}")
+            cfg = apply_overrides(cfg, _resolve_setting(self.settings[setting], variant, cfg))
         return apply_overrides(cfg, overrides or {})
 
-    def configs(self, profile: str = "quick", overrides: Mapping[str, Any] | None = None) -> dict[str, TrainConfig]:
+    def configs(self, profile: str = "quick", overrides: Mapping[str, Any] | None = None,
+                setting: str | None = None) -> dict[str, TrainConfig]:
         """variant -> resolved config, in the declared variant order."""
-        return {v: self.config(v, profile, overrides) for v in self.variants}
+        return {v: self.config(v, profile, overrides, setting) for v in self.variants}
 
-    def default_seeds(self, profile: str) -> tuple[int, ...]:
-        return tuple(self.seeds.get(profile, DEFAULT_SEEDS.get(profile, (0,))))
+    def default_seeds(self, profile: str, setting: str | None = None) -> tuple[int, ...]:
+        """The seeds of ``profile``; at ``robust``, the non-primary settings use ``robust_seeds``."""
+        if (profile == ROBUST and setting not in (None, self.primary_setting)
+                and self.robust_seeds is not None):
+            return tuple(self.robust_seeds)
+        key = profile if profile in self.seeds or profile != ROBUST else "quick"
+        return tuple(self.seeds.get(key, DEFAULT_SEEDS.get(key, (0,))))
 
     # --- cost ---------------------------------------------------------------------------------------------
     def run_cost(self, cfg: TrainConfig, start_step: int = 0) -> float:
@@ -118,6 +186,46 @@ class Experiment:
 
     def estimate_cost(self, profile: str = "quick", seeds: Sequence[int] | None = None,
                       overrides: Mapping[str, Any] | None = None) -> float:
-        """Estimated serial seconds for every variant x seed of ``profile``."""
-        n_seeds = len(self.default_seeds(profile) if seeds is None else seeds)
-        return sum(self.run_cost(cfg) * n_seeds for cfg in self.configs(profile, overrides).values())
+        """Estimated serial seconds for every setting x variant x seed of ``profile``."""
+        total = 0.0
+        for setting in self.setting_names(profile):
+            n_seeds = len(self.default_seeds(profile, setting) if seeds is None else seeds)
+            total += sum(self.run_cost(cfg) * n_seeds
+                         for cfg in self.configs(profile, overrides, setting).values())
+        return total
+
+
+    def split_by_setting(self, results: ExperimentResults) -> dict[str, ExperimentResults]:
+        """setting -> its runs, in the declared setting order (runs that name no setting, e.g. runs
+        made before settings existed, belong to the primary one)."""
+        groups: dict[str, list[RunResult]] = {}
+        for r in results.runs:
+            groups.setdefault(r.setting or self.primary_setting, []).append(r)
+        order = list(self.settings) or [self.primary_setting]
+        names = [s for s in order if s in groups] + [s for s in groups if s not in order]
+        return {s: ExperimentResults(results.experiment, groups[s], results.out_dir) for s in names}
+
+
+DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10",
+                 "digits": "scikit-learn 8x8 digits", "gaussian_regression": "Gaussian regression (synthetic)"}
+
+
+def dataset_text(runs: Sequence[RunResult]) -> str:
+    """The data the runs really used, for titles and verdict rows, e.g.
+    "Fashion-MNIST, grey levels (MNIST not installed)" or "MNIST, binarized at 0.5"."""
+    out = set()
+    for r in runs:
+        d = r.dataset
+        used = d.get("used", "?")
+        text = DATASET_NAMES.get(used, used)
+        if r.config.binarize:
+            text += ", binarized at 0.5" if d.get("binarized") else ", grey levels"
+        req = d.get("requested")
+        if req and req != used:
+            text += f" ({DATASET_NAMES.get(req, req)} not installed)"
+        out.add(text)
+    return " / ".join(sorted(out)) or "unknown"
+
+
+def _resolve_setting(spec: SettingOverrides, variant: str, cfg: TrainConfig) -> Mapping[str, Any]:
+    return spec(variant, cfg) if callable(spec) else spec

@@ -330,16 +330,16 @@ def _choose_configs(s: Section) -> None:
     averaged together: the config the experiment declares for this profile when it has finished runs,
     else the config with the most finished runs. Runs of other configs (``--set`` overrides) stay in
     the settings and runs tables and are named in a note."""
-    by_variant: dict[str, dict[str, list[RunResult]]] = {}
-    for r in s.results.finished().runs:
-        by_variant.setdefault(r.variant, {}).setdefault(r.config_hash, []).append(r)
-    for variant, by_hash in by_variant.items():
+    by_variant: dict[tuple[str, str], dict[str, list[RunResult]]] = {}
+    for r in s.results.finished().runs:  # robustness settings are kept apart, never merged
+        by_variant.setdefault((r.setting, r.variant), {}).setdefault(r.config_hash, []).append(r)
+    for (setting, variant), by_hash in by_variant.items():
         if len(by_hash) < 2:
             continue
         declared = None
         if s.experiment is not None:
             try:
-                declared = config_hash(s.experiment.config(variant, s.profile))
+                declared = config_hash(s.experiment.config(variant, s.profile, setting=setting or None))
             except Exception:  # variant or profile no longer declared
                 declared = None
         keep = declared if declared in by_hash else max(by_hash, key=lambda h: (len(by_hash[h]), h))

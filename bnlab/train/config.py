@@ -35,7 +35,7 @@ class TrainConfig:
     # --- data -------------------------------------------------------------------------------------
     dataset: str = "digits"  # mnist | fashion_mnist | cifar10 | digits | gaussian_regression
     data_fallback: bool = True  # MNIST/CIFAR absent -> Fashion-MNIST (stated in env.json and report)
-    binarize: bool = False  # Ioffe's binary MNIST pixels: x > 0.5 (papers.md A.7, threshold ours)
+    binarize: bool = False  # Ioffe's binary MNIST pixels: x > 0.5 (threshold ours); real MNIST only
     train_subset: int | None = None  # use a fixed random subset of N training examples (data_seed)
     data_seed: int = 0  # fixes subsets, the eval subset, the probe batch, synthetic data (not the seed)
     regression_n: int = 1000  # gaussian_regression: samples (Santurkar DLN, papers.md B.2)

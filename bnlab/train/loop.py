@@ -11,7 +11,9 @@ holds for a fixed number of torch threads (parallel reductions round differently
 count), so a resumed run continues with the thread count its checkpoint recorded.
 
 A non-finite training loss ends the run as a *result*: ``{"event": "diverged"}`` is logged at that
-step and ``done`` says ``"status": "diverged"``; nothing raises.
+step and ``done`` says ``"status": "diverged"``; nothing raises. A classification run that finishes
+with a finite loss but predicts at chance level is ``"collapsed"`` (see ``collapse_check``): it is a
+finished run with its final numbers, and verdicts count it as a failure to train, next to diverged.
 """
 
 from __future__ import annotations
@@ -33,12 +35,21 @@ from bnlab.errors import ConfigError
 from bnlab.train.config import TrainConfig, config_hash, config_to_dict
 from bnlab.train.env import environment
 from bnlab.train.probes import ArrayStore, Probe, ProbeContext, _Guard, call_probe, probe_generator
-from bnlab.train.rundir import (ARRAYS, CHECKPOINT, CONFIG, ENV, MODEL, RunDir, RunLock, atomic_torch_save,
-                                atomic_write_bytes, read_json)
+from bnlab.train.rundir import (ARRAYS, CHECKPOINT, CONFIG, ENV, METRICS, MODEL, RunDir, RunLock,
+                                atomic_torch_save, atomic_write_bytes, read_json, read_metrics)
 from bnlab.train.schedule import lr_at
 from bnlab.train.task import Task, build_network, build_task, loss_function, per_example_loss_sum
 
 CHECKPOINT_FORMAT = 1
+
+# "Collapsed": the run ended with a finite loss but its final full-test accuracy is within
+# COLLAPSE_MARGIN of chance (1/classes). Judged only for runs of at least COLLAPSE_MIN_STEPS updates
+# (a 12-step smoke run near chance has not collapsed, it has barely started). The mean training loss
+# over the last COLLAPSE_WINDOW of the run is stored next to ln(classes) as a second, diagnostic view
+# (a net stuck at chance sits at ln(classes); a confidently wrong one above it).
+COLLAPSE_MARGIN = 0.05
+COLLAPSE_MIN_STEPS = 100
+COLLAPSE_WINDOW = 0.1
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,7 @@ class RunSpec:
     # Optional replacements for the model/data builders (custom models in an experiment, tests).
     build_model: Callable[[TrainConfig, Task], nn.Module] | None = None
     build_task: Callable[[TrainConfig, str | None], Task] | None = None
+    setting: str = ""  # the experiment's robustness setting this run belongs to (stored in config.json)
 
     @property
     def label(self) -> str:
@@ -77,13 +89,14 @@ class RunOutcome:
     run_dir: Path
     variant: str
     seed: int
-    status: str  # "done" | "diverged" | "skipped" (was done) | "locked"
+    status: str  # "done" | "diverged" | "collapsed" | "skipped" (was done) | "locked"
     steps: int = 0
     diverged_step: int | None = None
     test: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     resumed_from: int | None = None
     message: str = ""
+    collapse: dict[str, Any] = field(default_factory=dict)
 
 
 def train_run(spec: RunSpec, options: RunOptions = RunOptions(),
@@ -124,7 +137,27 @@ def _skipped(spec: RunSpec, rd: RunDir) -> RunOutcome:
     info = rd.read_done()
     return RunOutcome(rd.path, spec.variant, spec.seed, "skipped", steps=info.get("steps", 0),
                       diverged_step=info.get("diverged_step"), test=info.get("test") or {},
-                      message=f"already {info.get('status', 'done')}")
+                      message=f"already {info.get('status', 'done')}", collapse=info.get("collapse") or {})
+
+
+def collapse_check(test_acc: float | None, num_classes: int, steps: int,
+                   train_losses: list[float]) -> dict[str, Any]:
+    """Whether a finished classification run collapsed to chance, with the numbers behind it.
+
+    collapsed <=> steps >= COLLAPSE_MIN_STEPS and test_acc <= 1/num_classes + COLLAPSE_MARGIN.
+    ``train_losses``: the logged training losses of the last COLLAPSE_WINDOW of the run (diagnostic).
+    Returns {"collapsed": bool, "rule": str, "test_acc", "chance", "train_loss_window", "ln_classes"}.
+    """
+    chance = 1.0 / num_classes
+    window = float(np.mean(train_losses)) if train_losses else None
+    judged = test_acc is not None and steps >= COLLAPSE_MIN_STEPS
+    return {
+        "collapsed": bool(judged and test_acc <= chance + COLLAPSE_MARGIN),
+        "rule": (f"final full-test accuracy <= chance (1/{num_classes}) + {COLLAPSE_MARGIN:g}, judged for "
+                 f"runs of >= {COLLAPSE_MIN_STEPS} steps"),
+        "test_acc": test_acc, "chance": chance, "train_loss_window": window,
+        "ln_classes": math.log(num_classes),
+    }
 
 
 def _seed_everything(seed: int) -> None:
@@ -232,7 +265,8 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
         for stale in (ARRAYS, MODEL):  # from an older attempt that never checkpointed
             rd.remove(stale)
         meta = {"experiment": spec.experiment, "variant": spec.variant, "seed": seed,
-                "profile": spec.profile, "config_hash": h, "config": config_to_dict(cfg)}
+                "profile": spec.profile, "setting": spec.setting, "config_hash": h,
+                "config": config_to_dict(cfg)}
         rd.write_json(CONFIG, meta)
     env = environment()
     env["dataset"] = task.describe()
@@ -323,17 +357,26 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
 
     # --- the end ------------------------------------------------------------------------------------
     test: dict[str, Any] = {}
+    collapse: dict[str, Any] = {}
     if status == "done":
         test = evaluate(model, cfg, task.x_test, task.y_test, task.is_classification)
         log({"step": cfg.steps, "split": "test", **test})
+        if task.is_classification:
+            first = cfg.steps - max(1, int(round(COLLAPSE_WINDOW * cfg.steps)))
+            records = _train_records(rd)
+            window = [r["loss"] for r in records if r["step"] >= first] or [r["loss"] for r in records[-1:]]
+            collapse = collapse_check(test.get("acc"), task.num_classes, cfg.steps, window)
+            if collapse["collapsed"]:
+                status = "collapsed"
     rd.sync_metrics()
     if tb is not None:
         tb.close()
     _save_arrays(rd, store)
     atomic_torch_save(rd.file(MODEL), model.state_dict())
     seconds = time.perf_counter() - t_start
-    done = {"status": status, "steps": cfg.steps if status == "done" else diverged_step,
+    done = {"status": status, "steps": diverged_step if status == "diverged" else cfg.steps,
             "diverged_step": diverged_step, "diverged_loss": diverged_value, "test": test,
+            "collapse": collapse or None,
             "seconds_last_attempt": round(seconds, 3), "resumed_from": resumed_from,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     rd.write_done(done)
@@ -341,4 +384,11 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
     if progress is not None:
         progress(cfg.steps)
     return RunOutcome(rd.path, spec.variant, spec.seed, status, steps=done["steps"],
-                      diverged_step=diverged_step, test=test, seconds=seconds, resumed_from=resumed_from)
+                      diverged_step=diverged_step, test=test, seconds=seconds, resumed_from=resumed_from,
+                      collapse=collapse)
+
+
+def _train_records(rd: RunDir) -> list[dict[str, Any]]:
+    """The training-loss records written so far (finite losses only)."""
+    return [r for r in read_metrics(rd.file(METRICS))
+            if r.get("split") == "train" and isinstance(r.get("loss"), (int, float))]

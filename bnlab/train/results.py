@@ -33,9 +33,10 @@ class RunResult:
     config_hash: str
     config: TrainConfig
     run_dir: Path
-    status: str  # "done" | "diverged" | "incomplete"
+    status: str  # "done" | "diverged" | "collapsed" (finite loss, chance-level accuracy) | "incomplete"
     diverged_step: int | None = None
     done_info: dict[str, Any] = field(default_factory=dict)
+    setting: str = ""  # robustness setting the run belongs to ("" = the experiment's primary setting)
 
     @functools.cached_property
     def env(self) -> dict[str, Any]:
@@ -117,11 +118,18 @@ class ExperimentResults:
     def variants(self) -> list[str]:
         return list(self.by_variant())
 
+    def by_setting(self) -> dict[str, "ExperimentResults"]:
+        """robustness setting -> its runs ("" = the primary setting), settings in the order first seen."""
+        out: dict[str, list[RunResult]] = {}
+        for r in self.runs:
+            out.setdefault(r.setting, []).append(r)
+        return {s: ExperimentResults(self.experiment, rs, self.out_dir) for s, rs in out.items()}
+
     def get(self, variant: str, seed: int | None = None) -> list[RunResult]:
         return [r for r in self.runs if r.variant == variant and (seed is None or r.seed == seed)]
 
     def finished(self) -> "ExperimentResults":
-        """Only runs that ended (done or diverged)."""
+        """Only runs that ended (done, diverged or collapsed)."""
         return ExperimentResults(self.experiment, [r for r in self.runs if r.status != "incomplete"],
                                  self.out_dir)
 
@@ -153,7 +161,7 @@ def load_run(run_dir: Path) -> RunResult | None:
         experiment=meta["experiment"], variant=meta["variant"], seed=int(meta["seed"]),
         profile=meta.get("profile", ""), config_hash=meta.get("config_hash", ""),
         config=config_from_dict(meta["config"]), run_dir=run_dir, status=status,
-        diverged_step=done.get("diverged_step"), done_info=done,
+        diverged_step=done.get("diverged_step"), done_info=done, setting=meta.get("setting", ""),
     )
 
 

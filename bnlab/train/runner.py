@@ -96,23 +96,36 @@ def parse_shard(text: str) -> tuple[int, int]:
 def plan_runs(exp: Any, profile: str, *, out: Path | str = "runs", seeds: Sequence[int] | None = None,
               overrides: Mapping[str, Any] | None = None, variants: Sequence[str] | None = None,
               shard: tuple[int, int] | None = None) -> list[PlannedRun]:
-    """Every (variant, seed) run of ``exp`` at ``profile`` with its state and estimated cost."""
-    configs = exp.configs(profile, overrides)
-    if variants:
-        unknown = [v for v in variants if v not in configs]
-        if unknown:
-            raise ConfigError(f"experiment {exp.name!r} has no variant(s) {', '.join(unknown)}; "
-                              f"variants: {', '.join(configs)}")
-        configs = {v: c for v, c in configs.items() if v in variants}
-    seeds = exp.default_seeds(profile) if seeds is None else tuple(seeds)
+    """Every (setting, variant, seed) run of ``exp`` at ``profile`` with its state and estimated cost.
+
+    Only the ``robust`` profile has more than one setting (the experiment's robustness grid); each
+    run's setting is stored in its config.json so verdicts can group by it.
+    """
+    settings = exp.setting_names(profile) if hasattr(exp, "setting_names") else [""]
     planned = []
-    for variant, cfg in configs.items():
-        h = config_hash(cfg)
-        for seed in seeds:
-            run_dir = run_dir_path(out, exp.name, variant, h, seed)
-            spec = RunSpec(exp.name, variant, seed, profile, cfg, run_dir, tuple(exp.probes),
-                           exp.build_model, exp.build_task)
-            planned.append(PlannedRun(spec, "new"))
+    for setting in settings:
+        configs = exp.configs(profile, overrides, setting) if setting else exp.configs(profile, overrides)
+        if variants:
+            unknown = [v for v in variants if v not in configs]
+            if unknown:
+                raise ConfigError(f"experiment {exp.name!r} has no variant(s) {', '.join(unknown)}; "
+                                  f"variants: {', '.join(configs)}")
+            configs = {v: c for v, c in configs.items() if v in variants}
+        if seeds is not None:
+            run_seeds = tuple(seeds)
+        elif setting:
+            run_seeds = exp.default_seeds(profile, setting)
+        else:
+            run_seeds = exp.default_seeds(profile)
+        for variant, cfg in configs.items():
+            h = config_hash(cfg)
+            for seed in run_seeds:
+                run_dir = run_dir_path(out, exp.name, variant, h, seed)
+                if any(p.spec.run_dir == run_dir for p in planned):
+                    continue  # a setting that leaves this variant unchanged shares its runs
+                spec = RunSpec(exp.name, variant, seed, profile, cfg, run_dir, tuple(exp.probes),
+                               exp.build_model, exp.build_task, setting=setting)
+                planned.append(PlannedRun(spec, "new"))
     if shard is not None:
         i, n = shard
         planned = planned[i::n]
@@ -216,6 +229,8 @@ _ROW = "{variant:<18} {seed:>4} {steps:>7} {state:<10} {result}"
 def _outcome_row(o: RunOutcome, steps: int) -> str:
     if o.status == "diverged":
         result = f"diverged at step {o.diverged_step}"
+    elif o.status == "collapsed":
+        result = f"collapsed: test acc {o.test.get('acc', float('nan')):.4f}"
     elif o.status == "locked":
         result = "locked by another process"
     elif o.test.get("acc") is not None:
@@ -224,7 +239,7 @@ def _outcome_row(o: RunOutcome, steps: int) -> str:
         result = f"test loss {o.test['loss']:.4g}"
     else:
         result = ""
-    if o.status in ("done", "diverged"):
+    if o.status in ("done", "diverged", "collapsed"):
         result += f" in {format_seconds(o.seconds)}"
     if o.resumed_from:
         result += f" (resumed from the checkpoint at step {o.resumed_from})"
@@ -369,6 +384,7 @@ def _summary(result: ExperimentRun, echo: Callable[[str], None]) -> None:
         counts[o.status] = counts.get(o.status, 0) + 1
     skipped = sum(p.state == "done" for p in result.planned) + counts.get("skipped", 0)
     parts = [f"{counts.get('done', 0)} done", f"{counts.get('diverged', 0)} diverged",
+             f"{counts.get('collapsed', 0)} collapsed",
              f"{skipped} skipped (already done)"]
     if counts.get("locked"):
         parts.append(f"{counts['locked']} locked by another process")
@@ -377,3 +393,6 @@ def _summary(result: ExperimentRun, echo: Callable[[str], None]) -> None:
         if o.status == "diverged":
             echo(f"  {o.variant}/seed{o.seed} diverged at step {o.diverged_step} (loss became non-finite); "
                  "recorded as a result in " + str(o.run_dir))
+        elif o.status == "collapsed":
+            echo(f"  {o.variant}/seed{o.seed} collapsed: finite loss but test accuracy "
+                 f"{o.test.get('acc', float('nan')):.4f} at chance level; recorded as a result in {o.run_dir}")

@@ -1,0 +1,77 @@
+"""Run outcomes beyond NaN: a finished run at chance level is recorded as "collapsed" (with the numbers
+behind it), counted by the runner, and read back by the results API; settings are stored per run."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from bnlab.experiments.base import Experiment
+from bnlab.train.config import TrainConfig
+from bnlab.train.loop import COLLAPSE_MARGIN, COLLAPSE_MIN_STEPS, collapse_check
+from bnlab.train.results import load_results
+from bnlab.train.runner import run_experiment
+
+# lr 0 and weights ~1e-6: every hidden unit sits at sigmoid(0) for every input, so the logits are the
+# same for all images and the net predicts one class everywhere: accuracy = that class's frequency.
+FROZEN = TrainConfig(dataset="digits", model="ioffe_mlp", widths=(8,), norm="none", init="gaussian",
+                     init_std=1e-6, lr=0.0, batch_size=32, steps=COLLAPSE_MIN_STEPS, eval_every=50,
+                     eval_subset=100, log_every=10, checkpoint_every=50, probe_schedule="none")
+
+
+def test_collapse_rule_is_accuracy_within_the_margin_of_chance_after_enough_steps():
+    c = collapse_check(0.1 + COLLAPSE_MARGIN, 10, 100, [2.30, 2.31])
+    assert c["collapsed"] and c["chance"] == 0.1 and math.isclose(c["ln_classes"], math.log(10))
+    assert c["train_loss_window"] == pytest.approx(2.305)
+    assert not collapse_check(0.1 + COLLAPSE_MARGIN + 1e-6, 10, 100, [])["collapsed"]
+    assert not collapse_check(0.1, 10, COLLAPSE_MIN_STEPS - 1, [])["collapsed"], "too early to tell"
+    assert not collapse_check(None, 10, 100, [])["collapsed"]
+    assert collapse_check(0.52, 2, 100, [])["collapsed"] and not collapse_check(0.56, 2, 100, [])["collapsed"]
+
+
+def test_a_run_at_chance_is_recorded_as_collapsed_and_counted(tmp_path):
+    exp = Experiment(name="frozen", description="a net that cannot learn", base=FROZEN,
+                     variants={"frozen": {}, "short": {"steps": COLLAPSE_MIN_STEPS - 1}})
+    lines = []
+    run = run_experiment(exp, "smoke", out=tmp_path, quiet=True, threads=1, echo=lines.append)
+    statuses = {o.variant: o.status for o in run.outcomes}
+    assert statuses == {"frozen": "collapsed", "short": "done"}
+    summary = next(line for line in lines if line.startswith("frozen:"))
+    assert "1 collapsed" in summary and "1 done" in summary
+    assert any("collapsed: finite loss but test accuracy" in line for line in lines)
+    results = load_results(tmp_path, "frozen")
+    frozen = results.get("frozen")[0]
+    assert frozen.status == "collapsed" and frozen.final("acc") <= 0.1 + COLLAPSE_MARGIN
+    done = json.loads((frozen.run_dir / "done").read_text())
+    assert done["status"] == "collapsed" and done["steps"] == COLLAPSE_MIN_STEPS
+    assert done["collapse"]["collapsed"] and done["collapse"]["test_acc"] == frozen.final("acc")
+    assert done["collapse"]["train_loss_window"] == pytest.approx(math.log(10), abs=0.01)
+    assert [r.variant for r in results.finished().runs] == ["frozen", "short"]
+    # a second invocation skips the collapsed run: it is finished, not failed
+    again = run_experiment(exp, "smoke", out=tmp_path, quiet=True, threads=1, echo=lambda *_: None)
+    assert all(p.state == "done" for p in again.planned)
+
+
+def test_runs_store_their_robustness_setting(tmp_path):
+    exp = Experiment(name="grid", description="a grid", base=FROZEN.__class__(**{**FROZEN.__dict__, "steps": 4}),
+                     variants={"a": {}}, settings={"as declared": {}, "lr 0.1": {"lr": 0.1}},
+                     robust_seeds=(0,))
+    run_experiment(exp, "robust", out=tmp_path, seeds=None, quiet=True, threads=1, echo=lambda *_: None)
+    results = load_results(tmp_path, "grid")
+    # the primary setting with the profile's seeds (0-2), the other with robust_seeds
+    assert sorted((r.setting, r.config.lr, r.seed) for r in results.runs) == [
+        ("as declared", 0.0, 0), ("as declared", 0.0, 1), ("as declared", 0.0, 2), ("lr 0.1", 0.1, 0)]
+    assert list(exp.split_by_setting(results)) == ["as declared", "lr 0.1"]
+    assert len(load_results(tmp_path, "grid", profile="robust").runs) == 4
+
+
+def test_bad_settings_are_refused_when_the_experiment_is_defined():
+    from bnlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="primary"):
+        Experiment(name="g", description="", base=FROZEN, settings={"first": {"lr": 0.1}})
+    with pytest.raises(ConfigError, match="same configs"):
+        Experiment(name="g", description="", base=FROZEN, settings={"p": {}, "again": {"lr": 0.0}})
+    with pytest.raises(ConfigError, match="lrr"):
+        Experiment(name="g", description="", base=FROZEN, settings={"p": {}, "typo": {"lrr": 0.1}})
