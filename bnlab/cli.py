@@ -299,7 +299,11 @@ def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> Non
 # --- bnlab reproduce / report -------------------------------------------------------------------------
 
 # Named groups of experiments; "all" is every registered experiment.
-GROUPS: dict[str, tuple[str, ...]] = {"ioffe": ("ioffe_mnist", "ioffe_lr_study")}
+GROUPS: dict[str, tuple[str, ...]] = {
+    "ioffe": ("ioffe_mnist", "ioffe_lr_study"),
+    # Santurkar et al. 2018: the deep linear network today (the VGG experiments of issue 13 join it)
+    "santurkar": ("santurkar_dln",),
+}
 
 
 def expand_targets(targets: Sequence[str]) -> list[str]:

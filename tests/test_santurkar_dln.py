@@ -190,3 +190,16 @@ def test_experiments_with_declared_figures_do_not_import_the_report():
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not any(m.startswith("bnlab.report") for m in imported), (exp.name, imported)
+
+
+def test_santurkar_group_and_quick_scale():
+    from bnlab.cli import expand_targets
+
+    assert expand_targets(["santurkar"]) == ["santurkar_dln"]
+    assert expand_targets(["ioffe", "santurkar"])[-1] == "santurkar_dln"
+    exp = dln.EXPERIMENT
+    cfg = exp.config("bn", "quick")  # the quick profile is the paper's protocol
+    assert (cfg.depth, cfg.regression_dim, cfg.regression_n, cfg.batch_size, cfg.steps) == (25, 10, 1000, 1000, 10_000)
+    assert (cfg.lr, cfg.loss, cfg.loss_reduction, cfg.dtype, cfg.momentum) == (1e-6, "mse", "sum", "float64", 0.0)
+    assert exp.config("bn_lr1e-7", "quick").lr == 1e-7
+    assert exp.estimate_cost("smoke") < 60
