@@ -195,7 +195,7 @@ def write_verdict_and_plots(exp: Any, run_dirs: Sequence[Path], out: Path, profi
     from bnlab.report.verdicts import apply_profile_policy
     from bnlab.train.results import ExperimentResults
 
-    if exp.verdict is None and exp.plots is None:
+    if exp.verdict is None and exp.plots is None and not getattr(exp, "figures", ()):
         return None
     results = ExperimentResults.from_run_dirs(run_dirs, exp.name)
     unfinished = [r for r in results.runs if r.status == "incomplete"]
@@ -222,6 +222,11 @@ def write_verdict_and_plots(exp: Any, run_dirs: Sequence[Path], out: Path, profi
     if getattr(exp, "tables", None) is not None:
         for title, table_rows in exp.tables(results).items():
             print_table(title, table_rows)
+    if getattr(exp, "figures", ()):  # figures declared as data
+        from bnlab.report.figures import draw_figures
+
+        for p in draw_figures(exp.figures, results, out / exp.name / "figures"):
+            print(f"figure: {p}")
     if exp.plots is not None:
         from bnlab.report.plots import use_agg
 
@@ -299,7 +304,11 @@ def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> Non
 # --- bnlab reproduce / report -------------------------------------------------------------------------
 
 # Named groups of experiments; "all" is every registered experiment.
-GROUPS: dict[str, tuple[str, ...]] = {"ioffe": ("ioffe_mnist", "ioffe_lr_study")}
+GROUPS: dict[str, tuple[str, ...]] = {
+    "ioffe": ("ioffe_mnist", "ioffe_lr_study"),
+    # Santurkar et al. 2018: the deep linear network today (the VGG experiments of issue 13 join it)
+    "santurkar": ("santurkar_dln",),
+}
 
 
 def expand_targets(targets: Sequence[str]) -> list[str]:

@@ -42,5 +42,5 @@ def test_smoke_profile_runs(name, tmp_path, capsys):
             assert row["ci"] is not None or row["no_ci_reason"], "a row without a CI says why"
             assert row["passed"] == {"PASS": True, "FAIL": False}.get(row["outcome"])
             assert len(row["per_seed"]) == row["n_seeds"] and row["dataset"]
-    if exp.plots is not None:
+    if exp.plots is not None or exp.figures:
         assert list((tmp_path / name / "figures").iterdir())

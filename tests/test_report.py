@@ -277,11 +277,12 @@ def test_report_marks_diverged_and_incomplete_runs(mixed_out):
     assert {r.status for r in section.results.runs} == {"done", "diverged", "incomplete"}
     assert len(section.diverged) == 2 and len(section.incomplete) == 1
     # overridden-config runs are not averaged into the verdict
-    assert all(r.config.lr == 1.0 for r in section.finished.runs)
+    declared = get_experiment("ioffe_mnist").config("bn", "smoke").lr  # the experiment's own rate
+    assert all(r.config.lr == declared for r in section.finished.runs)
     text = build_report(mixed_out).read_text(encoding="utf-8")
     assert "Diverged runs" in text and "diverged at step 1" in text
     assert "Incomplete runs" in text and "seed 7: reached step" in text
-    assert "lr=1e+38 (declared 1)" in text
+    assert f"lr=1e+38 (declared {declared:g})" in text
     assert _img_srcs(text)
 
 
@@ -632,3 +633,29 @@ def test_mean_spread_reads_run_results(mnist_out):
     assert spread.n_seeds == len(SMOKE_SEEDS) and np.isfinite(spread.mean).all()
     probe = mean_spread(ax, runs, label="p50", probe="sigmoid_input", key="p50_unit0")
     assert probe.steps.size >= 2
+
+
+def test_santurkar_section_renders_in_chromium(tmp_path):
+    """The DLN section: its figures (declared as data) as SVG, definitions with pass costs, the claim
+    rows with links to docs/claims.md, deviations (notes), and no console error or external request."""
+    from bnlab.report.build import write_report
+
+    exp = get_experiment("santurkar_dln")
+    run_experiment(exp, "smoke", out=tmp_path / "runs", quiet=True, echo=_quiet, threads=1)
+    report_data = collect(tmp_path / "runs", [exp], tmp_path / "report.html", profile="smoke")
+    report = write_report(report_data)
+    dom, console, external = _load(report, tmp_path)
+    assert console == [] and external == [], (console, external)
+    section = re.search(r'<section id="exp-santurkar_dln-smoke">(.*?)</section>', dom, re.S)
+    assert section, "no Santurkar DLN section"
+    body = section.group(1)
+    srcs = _img_srcs(body)
+    assert len(srcs) == len(exp.figures) and all(_assert_svg(s) for s in srcs)
+    text = _visible_text(body)
+    for caption_part in ("Fig. 3b", "Fig. 10", "Fig. 11", "Fig. 5b", "Factor-10"):
+        assert caption_part in text, caption_part
+    assert "6 forward+backward passes per probe" in text and "effective β" in text
+    assert "factor-10" in text.lower() and "BN/ℓp placement" in text  # the notes: choices and deviations
+    for cid in ("D.14a", "D.15c", "D.17a"):
+        assert cid in _visible_text(dom)
+    assert 'id="claims-d14a"' in dom and 'href="#claims-d14a"' in dom  # the row links to its rule

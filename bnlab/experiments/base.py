@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 from torch import nn
 
 from bnlab.errors import ConfigError
+from bnlab.experiments.figures import FigureSpec
 from bnlab.train.config import TrainConfig, apply_overrides
 from bnlab.train.cost import run_seconds
 from bnlab.train.probes import Probe, ProbeContext  # re-exported: experiments import them from here
@@ -74,7 +75,8 @@ class Experiment:
     seeds: Mapping[str, Sequence[int]] = field(default_factory=lambda: dict(DEFAULT_SEEDS))
     probes: tuple[Probe, ...] = ()
     verdict: Verdict | None = None
-    plots: Plots | None = None
+    plots: Plots | None = None  # older form: a function that draws; prefer ``figures``
+    figures: tuple[FigureSpec, ...] = ()  # figures as data (bnlab/experiments/figures.py), drawn by the report
     tables: Tables | None = None
     # (quantity, exact definition with the paper's equation/figure, cost in passes) for what the
     # verdict derives from the runs; the report lists them with the probes' own definitions.
@@ -112,6 +114,11 @@ class Experiment:
         if self.settings and dict(_resolve_setting(next(iter(self.settings.values())), "", self.base)):
             raise ConfigError(f"experiment {self.name!r}: the first setting is the primary one and must "
                               "have no overrides (the protocol as declared)")
+        for spec in self.figures:
+            unknown = spec.variants() - set(self.variants)
+            if unknown:
+                raise ConfigError(f"experiment {self.name!r}: figure {spec.name!r} names unknown variants "
+                                  f"{sorted(unknown)}; variants: {', '.join(self.variants)}")
         names = [p.name for p in self.probes]
         if len(set(names)) != len(names):
             raise ConfigError(f"experiment {self.name!r}: probe names must be unique, got {names}")

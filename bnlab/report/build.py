@@ -275,7 +275,15 @@ def _run_plots(section: Section, out_dir: Path, several_profiles: bool) -> None:
 
     exp = section.experiment
     fn = getattr(exp, "plots", None) if exp is not None else None
-    if fn is None:
+    specs = tuple(getattr(exp, "figures", ()) or ()) if exp is not None else ()
+    if specs:  # figures declared as data (bnlab/experiments/figures.py), then any plots function
+        from bnlab.report.figures import draw_figures
+
+        own = fn
+
+        def fn(results, out):  # noqa: E306 - a closure over the declared specs
+            return draw_figures(specs, results, out) + (list(own(results, out) or []) if own else [])
+    elif fn is None:
         fn = default_plots
     figdir = out_dir / section.name / "figures"
     if several_profiles:

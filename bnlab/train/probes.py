@@ -13,6 +13,7 @@ training trajectory (tests check the trajectory is bit-identical with and withou
 from __future__ import annotations
 
 import copy
+import functools
 import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -204,6 +205,38 @@ def _stated_passes(instrument: str, opts: Mapping[str, Any]) -> float:
     return 1.0 + n * DOUBLE_BACKWARD_PASSES
 
 
+def _run_instrument(instrument: str, batch: str, bn_mode: str, opts: Mapping[str, Any],
+                    ctx: ProbeContext) -> dict[str, Any]:
+    """One call of an instrument probe (see ``instrument_probe``)."""
+    from bnlab.measure import along_gradient, hessian_eigenvalues, hessian_trace, ics
+
+    xb, yb = ctx.batch if batch == "train" else ctx.probe_batch
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=ctx.generator))
+    common = dict(bn_mode=bn_mode)
+    arrays: dict[str, Any] = {}
+    if instrument == "ics":
+        update = ctx.optimizer if ctx.optimizer is not None else ctx.lr
+        if ctx.optimizer is not None:  # the loop sets the step's lr after the probes; the guard restores it
+            for group in ctx.optimizer.param_groups:
+                group["lr"] = ctx.lr
+        res = ics(ctx.model, ctx.loss_fn, (xb, yb), opts["layers"], update=update, param=opts["param"],
+                  seed=seed, **common)
+    elif instrument == "along_gradient":
+        etas = opts.get("etas") or [m * ctx.lr for m in opts["multipliers"]]
+        res = along_gradient(ctx.model, ctx.loss_fn, (xb, yb), etas, params=opts.get("params"), seed=seed,
+                             **common)
+        arrays = res.arrays()
+    elif instrument == "hessian_eigenvalues":
+        res = hessian_eigenvalues(ctx.model, ctx.loss_fn, (xb, yb), k=opts["k"], max_iter=opts["max_iter"],
+                                  tol=opts["tol"], which=opts["which"], params=opts.get("params"),
+                                  seed=seed, **common)
+    else:
+        res = hessian_trace(ctx.model, ctx.loss_fn, (xb, yb), samples=opts["samples"],
+                            params=opts.get("params"), seed=seed, **common)
+    return {**res.summary(), "cost_passes": res.cost.passes, **arrays}
+
+
+
 def instrument_probe(instrument: str, *, name: str | None = None, batch: str = "train", bn_mode: str = "batch",
                      schedule: str | None = None, every: int | None = None, points: int | None = None,
                      **options: Any) -> Probe:
@@ -218,8 +251,6 @@ def instrument_probe(instrument: str, *, name: str | None = None, batch: str = "
     along_gradient to arrays.npz; ``Probe.cost`` is the stated passes per call, which the cost
     estimate printed before a run includes.
     """
-    from bnlab.measure import along_gradient, hessian_eigenvalues, hessian_trace, ics
-
     if instrument not in INSTRUMENTS:
         raise ConfigError(f"unknown instrument {instrument!r}; choose one of {', '.join(INSTRUMENTS)}")
     if batch not in ("train", "probe"):
@@ -234,31 +265,8 @@ def instrument_probe(instrument: str, *, name: str | None = None, batch: str = "
         raise ConfigError("instrument 'ics' needs layers=[module names] (the layers i of Def. 2.1)")
     opts = {**_INSTRUMENT_DEFAULTS[instrument], **options}
 
-    def fn(ctx: ProbeContext) -> dict[str, Any]:
-        xb, yb = ctx.batch if batch == "train" else ctx.probe_batch
-        seed = int(torch.randint(0, 2**31 - 1, (), generator=ctx.generator))
-        common = dict(bn_mode=bn_mode)
-        arrays: dict[str, Any] = {}
-        if instrument == "ics":
-            update = ctx.optimizer if ctx.optimizer is not None else ctx.lr
-            if ctx.optimizer is not None:  # the loop sets the step's lr after the probes; the guard restores it
-                for group in ctx.optimizer.param_groups:
-                    group["lr"] = ctx.lr
-            res = ics(ctx.model, ctx.loss_fn, (xb, yb), opts["layers"], update=update, param=opts["param"],
-                      seed=seed, **common)
-        elif instrument == "along_gradient":
-            etas = opts.get("etas") or [m * ctx.lr for m in opts["multipliers"]]
-            res = along_gradient(ctx.model, ctx.loss_fn, (xb, yb), etas, params=opts.get("params"), seed=seed,
-                                 **common)
-            arrays = res.arrays()
-        elif instrument == "hessian_eigenvalues":
-            res = hessian_eigenvalues(ctx.model, ctx.loss_fn, (xb, yb), k=opts["k"], max_iter=opts["max_iter"],
-                                      tol=opts["tol"], which=opts["which"], params=opts.get("params"),
-                                      seed=seed, **common)
-        else:
-            res = hessian_trace(ctx.model, ctx.loss_fn, (xb, yb), samples=opts["samples"],
-                                params=opts.get("params"), seed=seed, **common)
-        return {**res.summary(), "cost_passes": res.cost.passes, **arrays}
+    # a partial of a module-level function, not a closure: experiments are pickled to worker processes
+    fn = functools.partial(_run_instrument, instrument, batch, bn_mode, opts)
 
     return Probe(name or instrument, fn, schedule=schedule, every=every, points=points,
                  cost=_stated_passes(instrument, opts))
