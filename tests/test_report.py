@@ -659,3 +659,15 @@ def test_santurkar_section_renders_in_chromium(tmp_path):
     for cid in ("D.14a", "D.15c", "D.17a"):
         assert cid in _visible_text(dom)
     assert 'id="claims-d14a"' in dom and 'href="#claims-d14a"' in dom  # the row links to its rule
+
+
+def test_every_internal_link_of_the_embedded_claims_document_has_its_target():
+    """docs/claims.md links "[D.8a](#D.8a)"; embedded in the report, every such link must land."""
+    from pathlib import Path
+
+    from bnlab.report.markdown import render_claims
+
+    html = str(render_claims((Path(__file__).parent.parent / "docs" / "claims.md").read_text(encoding="utf-8")).html)
+    hrefs = set(re.findall(r'href="#([^"]+)"', html))
+    ids = set(re.findall(r'id="([^"]+)"', html))
+    assert hrefs and hrefs <= ids, sorted(hrefs - ids)

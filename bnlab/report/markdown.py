@@ -126,6 +126,15 @@ def render_claims(text: str) -> ClaimsDoc:
                 if anchor not in anchors:
                     anchors.add(anchor)
                     tok.attrSet("id", ANCHOR_PREFIX + anchor)
+    # Links inside the document ("[D.8a](#D.8a)") point at the prefixed ids of this embedded copy.
+    for tok in tokens:
+        for child in tok.children or []:
+            href = str(child.attrGet("href") or "") if child.type == "link_open" else ""
+            if href.startswith("#"):
+                target = href[1:].lower()
+                if target not in anchors and claim_anchor(target) in anchors:
+                    target = claim_anchor(target)
+                child.attrSet("href", "#" + ANCHOR_PREFIX + target)
     html = md.renderer.render(tokens, md.options, {})
     # A marker alone in a paragraph becomes an empty anchor span.
     html = re.sub(r"<p>\s*((?:BNLABANCHOR[A-Za-z0-9_.-]+BNLABEND\s*)+)</p>",
