@@ -31,7 +31,7 @@ def test_reproduce_twice_trains_once_and_rewrites_the_same_report(tmp_path, caps
         assert all(r["outcome"] == "UNDECIDED" for r in rows)  # smoke runs decide nothing
         # the verdict table: one block per claim with its outcome, the claim, ours
         for r in rows:
-            assert f"[UNDECIDED] {name}: {r['claim']}" in first
+            assert f"[UNDECIDED] {name}: {r['claim_id']} {r['claim']}" in first
             assert f"ours:  {r['ours']}" in first
     # figures: one place per experiment and profile, whichever command drew them
     figures = sorted(str(p.relative_to(root)) for p in root.rglob("*.svg"))
