@@ -34,6 +34,7 @@ from bnlab.norm.functional import (
     check_momentum,
     eval_core,
     report_kernel_rejection,
+    _traced,
     report_rejected_batch,
     train_core,
     values_per_channel,
@@ -193,7 +194,7 @@ def _kernel_forward(module: _BatchNorm, x: Tensor) -> Optional[Tensor]:
         return None
     out, stats, new_mean, new_var, new_count, accepted = torch.ops.bnlab.bn_train(
         x, weight, bias, rm, rv, count, 0.0 if momentum is None else momentum, momentum is None, eps)
-    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+    if not _traced(accepted):  # same rule as the functional path: never read a fake/traced flag
         report_kernel_rejection(accepted, stats, x.dtype, rm, rv, count, momentum)
     # The new statistics are not differentiable, so copying them records no autograd history.
     rm.copy_(new_mean)
