@@ -15,15 +15,12 @@ from torch import nn
 import bnlab.norm as bn
 from bnlab.norm import kernels
 from bnlab.norm.functional import batch_norm
+from conftest import require_kernels  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def kernels_on():
-    try:
-        with kernels.use_mode("on"):
-            kernels.available()
-    except RuntimeError as exc:  # no C++ compiler here: the composite path is tested elsewhere
-        pytest.skip(str(exc))
+    require_kernels()
     with kernels.use_mode("on"):
         yield
 
