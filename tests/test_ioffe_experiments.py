@@ -270,6 +270,11 @@ def test_robust_profile_plans_every_setting_with_its_seeds(tmp_path):
     half = {p.spec.variant: p.spec.cfg.lr for p in lr if p.spec.setting == "every rate x0.5"}
     full = {p.spec.variant: p.spec.cfg.lr for p in lr if p.spec.setting == LR_STUDY.primary_setting}
     assert all(np.isclose(half[v], full[v] / 2) for v in full)
+    # every D.10 claim is decided per seed and needs min_seeds: a setting with fewer could never decide
+    from bnlab.experiments.ioffe_lr_study import CLAIMS
+
+    need = max(c.min_seeds for c in CLAIMS.values() if c.kind == "seed_count")
+    assert all(len(LR_STUDY.default_seeds("robust", s)) >= need for s in LR_STUDY.setting_names("robust"))
     assert LR_STUDY.estimate_cost("robust") / 60 / 2 + MNIST.estimate_cost("robust") / 60 / 2 < 45
 
 

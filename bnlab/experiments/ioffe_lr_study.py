@@ -103,11 +103,14 @@ def _halve_rates(variant: str, cfg: TrainConfig) -> dict[str, Any]:
 
 
 # The robustness grid: choices the paper leaves open. The primary setting is the protocol above.
+# Every setting runs the quick profile's 5 seeds: each D.10 claim is decided per seed and needs 5, so
+# a setting with fewer seeds could only ever say UNDECIDED. One setting of 35 runs costs about 20
+# minutes on 2 cores, so the grid holds the unknown that moves these claims most, the Baseline's
+# rate; the decay constant (also not given) was dropped from the grid for cost before it ran.
 PRIMARY = "as declared"
 SETTINGS: dict[str, Any] = {
     PRIMARY: {},
     "every rate x0.5": _halve_rates,  # a Baseline rate half as large: as defensible a tuning
-    "decay to x0.5 (not x0.1)": {"lr_decay": 0.5},  # the decay constant is not given either
 }
 
 SOONER = ("per seed s: does this variant's seed-s run reach the Baseline max before the Baseline's own seed-s run "
@@ -507,7 +510,7 @@ EXPERIMENT = Experiment(
     variant_profiles={"smoke": _SMOKE_FAST, "quick": _QUICK_FAST, "paper": _PAPER_FAST},
     seeds={"smoke": (0,), "quick": (0, 1, 2, 3, 4), "paper": (0, 1, 2, 3, 4)},
     settings=SETTINGS,
-    robust_seeds=(0, 1, 2),
+    robust_seeds=None,  # every setting with the 5 quick seeds (see SETTINGS)
     verdict=verdict,
     plots=plots,
     tables=fig3_table,
