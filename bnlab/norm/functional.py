@@ -73,24 +73,34 @@ class BatchNormOutput(NamedTuple):
     num_batches_tracked: Optional[Tensor]
 
 
+def _is_number(value) -> bool:
+    """A real number argument: a Python int/float, or the symbolic float/int that ``torch.compile``
+    (``dynamic=True``) and ``torch.export`` pass for a module's float attributes (bools refused)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float, torch.SymInt, torch.SymFloat))
+
+
 def check_eps(eps: float) -> float:
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+    """eps must be a positive finite number. Written with comparisons only (``0 < eps < inf`` is
+    False for NaN), so a symbolic eps under ``torch.compile(dynamic=True)`` becomes a guard instead
+    of a graph break (``math.isfinite`` cannot take a SymFloat)."""
+    if not _is_number(eps) or not 0.0 < eps < math.inf:
         raise ConfigError(
             f"eps must be a positive finite number (it keeps 1/sqrt(var + eps) finite for constant "
             f"channels), got eps={eps!r}; use e.g. eps=1e-5 (the torch.nn default)"
         )
-    return float(eps)
+    return eps if isinstance(eps, torch.SymFloat) else float(eps)
 
 
 def check_momentum(momentum: float | None) -> float | None:
+    """momentum must be None or in [0, 1]; symbolic-safe like :func:`check_eps`."""
     if momentum is None:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+    if not _is_number(momentum) or not 0.0 <= momentum <= 1.0:
         raise ConfigError(
             f"momentum must be in [0, 1] (weight of the new batch in the running average) or None "
             f"(cumulative average), got momentum={momentum!r}; torch.nn's default is 0.1"
         )
-    return float(momentum)
+    return momentum if isinstance(momentum, torch.SymFloat) else float(momentum)
 
 
 def reduce_dims(x: Tensor) -> list[int]:
@@ -298,6 +308,12 @@ def train_core(
     zero = torch.zeros_like(shift)
     out, _, _, shifted_mean, batch_var = torch.ops.aten._native_batch_norm_legit_functional(
         d, w, b, zero, zero, True, 1.0, eps)
+    if _stats_need_wide_accumulation(d):
+        # torch's CPU kernel sums channels-last (and (N, C), (N, C, 1, ...)) layouts row by row in
+        # float32: relative errors of 1e-5..1e-4 in the variance for 1e4..1e5 values per channel.
+        # Welford with float64 accumulators (torch.var_mean on the CPU) is exact to float32 rounding;
+        # it runs only for these layouts, so the contiguous (N, C, H, W) path costs nothing more.
+        batch_var, shifted_mean = torch.var_mean(d.detach(), _stat_dims(d.dim()), correction=1)
     batch_mean = shifted_mean + shift
     sdtype = running_mean.dtype
     udtype = torch.promote_types(sdtype, torch.float32)  # update in float32 at least
@@ -320,6 +336,23 @@ def train_core(
         new_count = num_batches_tracked + accepted.to(num_batches_tracked.dtype)
     return TrainResult(out.to(x.dtype), new_mean, new_var, new_count, accepted, batch_mean, batch_var,
                        proposed_mean, proposed_var)
+
+
+def _stat_dims(ndim: int) -> List[int]:
+    """reduce_dims written for TorchScript (no star-unpacking of a range)."""
+    dims: List[int] = [0]
+    for i in range(2, ndim):
+        dims.append(i)
+    return dims
+
+
+def _stats_need_wide_accumulation(d: Tensor) -> bool:
+    """Whether torch's batch-norm kernel would accumulate the statistics of ``d`` in float32 rows
+    (a decision on device, layout and shape only). Its contiguous-(N, C, H, W) CPU kernel
+    accumulates in float64 and is exact to float32 rounding; other devices use a parallel Welford."""
+    if d.device.type != "cpu" or d.dtype == torch.float64:
+        return False
+    return d.dim() == 2 or d.numel() == d.shape[0] * d.shape[1] or not d.is_contiguous()
 
 
 def eval_core(
