@@ -252,12 +252,37 @@ def test_double_backward_of_the_module_matches_torch_nn():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
-def test_core_reads_no_tensor_values():
+@pytest.mark.parametrize("where", ["meta", "fake", "compile"])
+def test_core_reads_no_tensor_values(where):
     """The training and eval paths never call .item()/.tolist()/bool on a tensor (no host sync):
-    checked by running them on the meta device, where any value read raises."""
-    for training in (True, False):
-        for momentum in (0.1, None):
-            x = torch.empty(8, 4, 5, 5, device="meta")
-            module = bn.BatchNorm2d(4, momentum=momentum, device="meta").train(training)
-            y = module(x)
-            assert y.shape == x.shape and y.device.type == "meta"
+    on the meta device and under FakeTensorMode any value read raises; under
+    torch.compile(fullgraph=True) on real CPU tensors it would be a graph break, hence an error.
+    NCHW, channels-last and (N, C) inputs (each layout takes its own statistics route)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cases = [(bn.BatchNorm2d, (8, 4, 5, 5), torch.contiguous_format),
+             (bn.BatchNorm2d, (8, 4, 5, 5), torch.channels_last), (bn.BatchNorm1d, (8, 4), torch.contiguous_format)]
+    for cls, shape, fmt in cases:
+        for training in (True, False):
+            for momentum in (0.1, None):
+                if where == "meta":
+                    x = torch.empty(shape, device="meta").contiguous(memory_format=fmt)
+                    module = cls(4, momentum=momentum, device="meta").train(training)
+                    y = module(x)
+                    assert y.device.type == "meta"
+                elif where == "fake":
+                    with FakeTensorMode():
+                        x = torch.randn(shape).contiguous(memory_format=fmt)
+                        module = cls(4, momentum=momentum).train(training)
+                        y = module(x)
+                        res = bnlab.batch_norm(x, module.weight, module.bias, module.running_mean, module.running_var,
+                                               training=training, momentum=momentum,
+                                               num_batches_tracked=module.num_batches_tracked)
+                    assert res.out.shape == x.shape
+                else:
+                    torch._dynamo.reset()
+                    x = torch.randn(shape).contiguous(memory_format=fmt)
+                    module = cls(4, momentum=momentum).train(training)
+                    y = torch.compile(module, fullgraph=True, backend="eager")(x)
+                    assert torch.isfinite(y).all()
+                assert y.shape == x.shape
