@@ -15,10 +15,15 @@ precision), and an empty batch that leaves the statistics alone. The forward mak
 decision on tensor values, so it compiles with ``torch.compile(fullgraph=True)``, exports with
 ``torch.export`` and runs under ``torch.func`` transforms.
 
-Graph tools: ``torch.fx.symbolic_trace`` records the layer as one call (``bnlab_batch_norm_forward``);
-FX's ``optimization.fuse`` matches exact torch.nn types only, so it leaves bnlab's BN unfused (the
-result is unchanged); ``torch.nn.utils.fusion.fuse_conv_bn_eval`` fuses it. ``torch.jit.script``
-compiles a TorchScript forward that runs the same core (no warnings in TorchScript).
+Graph tools: ``torch.fx.symbolic_trace`` records the layer as one call (``bnlab_batch_norm_forward``),
+not as a leaf module: FX's default ``Tracer.is_leaf_module`` keeps only classes whose ``__module__``
+starts with ``torch.nn`` (bnlab does not misreport its classes' home, which pickling relies on).
+FX's ``optimization.fuse`` and quantization's ``fuse_fx`` match exact torch.nn types, so even a
+leaf would stay unfused; they leave bnlab's BN unfused (the result is unchanged). Fold after
+``bnlab.convert(model, to="torch")``, or use ``torch.nn.utils.fusion.fuse_conv_bn_eval``, which
+fuses bnlab's BN. ``torch.jit.script`` compiles a TorchScript forward that runs the same core and
+the same input checks (no warnings in TorchScript; errors arrive wrapped in ``torch.jit.Error``, as
+for a scripted torch.nn layer).
 """
 from typing import List, Optional
 
