@@ -37,12 +37,17 @@ def _bn_state(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("training", [True, False])
-def test_dynamo_sees_no_graph_break(training, momentum):
+def test_dynamo_sees_no_graph_break(training, momentum, dynamic):
+    """dynamic=True is what torch.compile(dynamic=True) does: shapes and the layers' float
+    attributes (eps, momentum) become symbols, so the argument checks must be comparisons only."""
     model = _conv_model(momentum).train(training)
     x = torch.randn(8, 3, 8, 8)
-    explanation = torch._dynamo.explain(model)(x)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(assume_static_by_default=not dynamic):
+        explanation = torch._dynamo.explain(model)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
 
@@ -68,6 +73,89 @@ def test_compile_fullgraph_equals_eager_in_training_and_eval():
     eager.eval(), compiled_model.eval()
     x = torch.randn(8, 3, 8, 8)
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_dynamic_fullgraph_equals_eager_in_training_and_eval():
+    """torch.compile(dynamic=True, fullgraph=True): symbolic batch size and symbolic eps/momentum.
+    AOTAutograd with the eager backend (dynamo capture, functionalization and the joint graph with
+    symbols, without Inductor's code generation, which the static test above covers); two batch
+    sizes through one compiled graph; momentum None and 0.1 layers in one model."""
+    torch._dynamo.reset()
+    eager = _conv_model(None, second_momentum=0.1)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=True, backend="aot_eager")
+    for step, n in enumerate((8, 5)):
+        x = torch.randn(n, 3, 8, 8) * (step + 1) + step
+        y_c, y_e = compiled(x), eager(x)
+        torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+        y_c.pow(2).sum().backward()
+        y_e.pow(2).sum().backward()
+    for (name, p_c), p_e in zip(compiled_model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-4, msg=name)
+    for k, v in _bn_state(eager).items():
+        torch.testing.assert_close(compiled_model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+    assert compiled_model[1].num_batches_tracked.item() == 2
+    eager.eval(), compiled_model.eval()
+    for n in (8, 3):
+        x = torch.randn(n, 3, 8, 8)
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def _pair_1d(track=True):
+    """bnlab and torch.nn BatchNorm1d(3) in float64 with the same non-trivial state."""
+    torch.manual_seed(1)
+    theirs = nn.BatchNorm1d(3, track_running_stats=track).double()
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 2)
+        theirs.bias.uniform_(-1, 1)
+        if track:
+            theirs.running_mean.uniform_(-1, 1)
+            theirs.running_var.uniform_(0.5, 2)
+    ours = bn.BatchNorm1d(3, track_running_stats=track).double()
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_mode_ad_matches_torch_nn(training):
+    """torch.func.jvp, jacfwd and hessian as jacfwd(jacrev) against torch.nn in float64: batch
+    statistics (track_running_stats=False) in training, running statistics in eval; on both paths."""
+    x = torch.randn(6, 3, 2, dtype=torch.float64) * 2 + 1
+    v = torch.randn_like(x)
+    ours, theirs = _pair_1d(track=not training)
+    ours.train(training), theirs.train(training)
+    for fn in (lambda m: torch.func.jvp(m, (x,), (v,))[1],
+               lambda m: torch.func.jacfwd(m)(x),
+               lambda m: torch.func.jacfwd(torch.func.jacrev(lambda x: (m(x) ** 3).sum()))(x)):
+        torch.testing.assert_close(fn(ours), fn(theirs), rtol=0, atol=1e-10)
+    # the same for the pure function with running statistics in training (they are outputs)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    f = lambda x: bnlab.batch_norm(x, None, None, rm, rv, training=True, momentum=0.1).out  # noqa: E731
+    g = lambda x: nn.functional.batch_norm(x, None, None, training=True)  # noqa: E731
+    torch.testing.assert_close(torch.func.jacfwd(f)(x), torch.func.jacfwd(g)(x), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_ad_dual_tensors_match_torch_nn(training):
+    """torch.autograd.forward_ad with running statistics, which torch.nn updates in place in
+    training: same tangent, same running statistics, and the statistics carry no tangent."""
+    import torch.autograd.forward_ad as fwad
+
+    x = torch.randn(7, 3, 2, dtype=torch.float64) * 2 + 1
+    v = torch.randn_like(x)
+    ours, theirs = _pair_1d()
+    ours.train(training), theirs.train(training)
+    results = []
+    for layer in (ours, theirs):
+        with fwad.dual_level():
+            y = layer(fwad.make_dual(x, v))
+            primal, tangent = fwad.unpack_dual(y)
+            assert fwad.unpack_dual(layer.running_mean).tangent is None
+            assert fwad.unpack_dual(layer.running_var).tangent is None
+        results.append((primal, tangent, layer.running_mean.clone(), layer.running_var.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item()
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -164,12 +252,37 @@ def test_double_backward_of_the_module_matches_torch_nn():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
-def test_core_reads_no_tensor_values():
+@pytest.mark.parametrize("where", ["meta", "fake", "compile"])
+def test_core_reads_no_tensor_values(where):
     """The training and eval paths never call .item()/.tolist()/bool on a tensor (no host sync):
-    checked by running them on the meta device, where any value read raises."""
-    for training in (True, False):
-        for momentum in (0.1, None):
-            x = torch.empty(8, 4, 5, 5, device="meta")
-            module = bn.BatchNorm2d(4, momentum=momentum, device="meta").train(training)
-            y = module(x)
-            assert y.shape == x.shape and y.device.type == "meta"
+    on the meta device and under FakeTensorMode any value read raises; under
+    torch.compile(fullgraph=True) on real CPU tensors it would be a graph break, hence an error.
+    NCHW, channels-last and (N, C) inputs (each layout takes its own statistics route)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cases = [(bn.BatchNorm2d, (8, 4, 5, 5), torch.contiguous_format),
+             (bn.BatchNorm2d, (8, 4, 5, 5), torch.channels_last), (bn.BatchNorm1d, (8, 4), torch.contiguous_format)]
+    for cls, shape, fmt in cases:
+        for training in (True, False):
+            for momentum in (0.1, None):
+                if where == "meta":
+                    x = torch.empty(shape, device="meta").contiguous(memory_format=fmt)
+                    module = cls(4, momentum=momentum, device="meta").train(training)
+                    y = module(x)
+                    assert y.device.type == "meta"
+                elif where == "fake":
+                    with FakeTensorMode():
+                        x = torch.randn(shape).contiguous(memory_format=fmt)
+                        module = cls(4, momentum=momentum).train(training)
+                        y = module(x)
+                        res = bnlab.batch_norm(x, module.weight, module.bias, module.running_mean, module.running_var,
+                                               training=training, momentum=momentum,
+                                               num_batches_tracked=module.num_batches_tracked)
+                    assert res.out.shape == x.shape
+                else:
+                    torch._dynamo.reset()
+                    x = torch.randn(shape).contiguous(memory_format=fmt)
+                    module = cls(4, momentum=momentum).train(training)
+                    y = torch.compile(module, fullgraph=True, backend="eager")(x)
+                    assert torch.isfinite(y).all()
+                assert y.shape == x.shape

@@ -12,6 +12,7 @@ from torch import nn
 
 import bnlab
 import bnlab.norm as bn
+from bnlab.errors import ShapeError
 
 PAIRS = [(bn.BatchNorm1d, nn.BatchNorm1d, (6, 4)), (bn.BatchNorm2d, nn.BatchNorm2d, (6, 4, 3, 3)),
          (bn.BatchNorm3d, nn.BatchNorm3d, (6, 4, 2, 3, 2))]
@@ -137,6 +138,28 @@ def test_jit_script_runs_the_same_core(training, momentum, track, bn_path):
         torch.testing.assert_close(scripted.state_dict()[k], v, rtol=rtol, atol=1e-7)
     with pytest.raises(Exception, match="more than 1 value per channel"):
         scripted.train()(torch.randn(1, 4, 1, 1))
+
+
+@pytest.mark.parametrize("name,bad", [("BatchNorm1d", (2, 3, 4, 5)), ("BatchNorm1d", (3,)), ("BatchNorm2d", (2, 3, 4)),
+                                      ("BatchNorm3d", (2, 3, 4, 5))])
+@pytest.mark.parametrize("training", [True, False])
+def test_jit_script_refuses_a_wrong_rank_like_eager(name, bad, training):
+    """A scripted layer raises what a scripted torch.nn layer raises (torch.jit.Error), carrying the
+    eager layer's exception class and message."""
+    x = torch.randn(bad)
+    eager = getattr(bn, name)(3).train(training)
+    with pytest.raises(ShapeError) as eager_error:
+        eager(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(getattr(bn, name)(3)).train(training)
+        scripted_torch = torch.jit.script(getattr(nn, name)(3)).train(training)
+    with pytest.raises(Exception) as ours:
+        scripted(x)
+    with pytest.raises(Exception) as theirs:
+        scripted_torch(x)
+    assert type(ours.value) is type(theirs.value)
+    assert str(ours.value).rstrip().endswith(f"bnlab.errors.ShapeError: {eager_error.value}")
 
 
 @pytest.mark.parametrize("direction", ["bnlab", "torch"])

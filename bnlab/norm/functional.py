@@ -6,8 +6,10 @@ that the same function serves training, probes that must not disturb a model (bn
 common BN bug, and a pure function should not depend on hidden state.
 
 The core makes no Python decision on tensor *values* (only on shapes, dtypes and arguments), so
-nothing is read back to the host: it runs unchanged under ``torch.compile(fullgraph=True)``,
-``torch.export``, ``torch.func.vmap``/``grad``/``jacrev``/``hessian`` and ``torch.jit.script``.
+nothing is read back to the host: it runs unchanged under ``torch.compile(fullgraph=True)`` (also
+with ``dynamic=True``: the eps/momentum checks are comparisons, which a symbolic float turns into
+guards), ``torch.export``, ``torch.func.vmap``/``grad``/``jacrev``/``hessian``/``jvp``/``jacfwd``,
+forward-mode AD and ``torch.jit.script``.
 
 Two paths: on the CPU (float32/float64/float16/bfloat16, non-empty batches, outside ``torch.func``
 transforms) the work is done by the fused kernels of :mod:`bnlab.norm.kernels` (``torch.library``
@@ -25,7 +27,11 @@ Numerics (composite path):
   loses everything when |mean| >> std in float32 (mean 1e4, std 1e-3: the rounding of mu alone
   is half a standard deviation). The batch variance is the kernel's own two-pass sum of squared
   deviations, never recovered from ``1/invstd**2 - eps`` (which loses the digits of a variance
-  small next to eps); a constant channel has variance exactly 0.
+  small next to eps); a constant channel has variance exactly 0. Where torch's CPU kernel sums
+  float32 rows (channels-last images, (N, C) and (N, C, 1, ...) inputs: relative errors of 1e-5 to
+  1e-4 at 1e4..1e5 values per channel), the statistics for the running update come from
+  ``torch.var_mean`` instead, a Welford pass with float64 accumulators; the contiguous (N, C, H, W)
+  kernel already accumulates in float64 and pays nothing extra.
 * Evaluation subtracts the running mean before scaling, ``(x - E[x]) * gamma / sqrt(Var[x] + eps)
   + beta``; the folded one-pass form ``a * x + b`` cancels catastrophically when |E[x]| >> std.
 * Running statistics are updated in float32 (or wider, the buffer's dtype if wider) and cast to the
@@ -73,24 +79,34 @@ class BatchNormOutput(NamedTuple):
     num_batches_tracked: Optional[Tensor]
 
 
+def _is_number(value) -> bool:
+    """A real number argument: a Python int/float, or the symbolic float/int that ``torch.compile``
+    (``dynamic=True``) and ``torch.export`` pass for a module's float attributes (bools refused)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float, torch.SymInt, torch.SymFloat))
+
+
 def check_eps(eps: float) -> float:
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+    """eps must be a positive finite number. Written with comparisons only (``0 < eps < inf`` is
+    False for NaN), so a symbolic eps under ``torch.compile(dynamic=True)`` becomes a guard instead
+    of a graph break (``math.isfinite`` cannot take a SymFloat)."""
+    if not _is_number(eps) or not 0.0 < eps < math.inf:
         raise ConfigError(
             f"eps must be a positive finite number (it keeps 1/sqrt(var + eps) finite for constant "
             f"channels), got eps={eps!r}; use e.g. eps=1e-5 (the torch.nn default)"
         )
-    return float(eps)
+    return eps if isinstance(eps, torch.SymFloat) else float(eps)
 
 
 def check_momentum(momentum: float | None) -> float | None:
+    """momentum must be None or in [0, 1]; symbolic-safe like :func:`check_eps`."""
     if momentum is None:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+    if not _is_number(momentum) or not 0.0 <= momentum <= 1.0:
         raise ConfigError(
             f"momentum must be in [0, 1] (weight of the new batch in the running average) or None "
             f"(cumulative average), got momentum={momentum!r}; torch.nn's default is 0.1"
         )
-    return float(momentum)
+    return momentum if isinstance(momentum, torch.SymFloat) else float(momentum)
 
 
 def reduce_dims(x: Tensor) -> list[int]:
@@ -298,6 +314,12 @@ def train_core(
     zero = torch.zeros_like(shift)
     out, _, _, shifted_mean, batch_var = torch.ops.aten._native_batch_norm_legit_functional(
         d, w, b, zero, zero, True, 1.0, eps)
+    if _stats_need_wide_accumulation(d):
+        # torch's CPU kernel sums channels-last (and (N, C), (N, C, 1, ...)) layouts row by row in
+        # float32: relative errors of 1e-5..1e-4 in the variance for 1e4..1e5 values per channel.
+        # Welford with float64 accumulators (torch.var_mean on the CPU) is exact to float32 rounding;
+        # it runs only for these layouts, so the contiguous (N, C, H, W) path costs nothing more.
+        batch_var, shifted_mean = torch.var_mean(d.detach(), _stat_dims(d.dim()), correction=1)
     batch_mean = shifted_mean + shift
     sdtype = running_mean.dtype
     udtype = torch.promote_types(sdtype, torch.float32)  # update in float32 at least
@@ -320,6 +342,23 @@ def train_core(
         new_count = num_batches_tracked + accepted.to(num_batches_tracked.dtype)
     return TrainResult(out.to(x.dtype), new_mean, new_var, new_count, accepted, batch_mean, batch_var,
                        proposed_mean, proposed_var)
+
+
+def _stat_dims(ndim: int) -> List[int]:
+    """reduce_dims written for TorchScript (no star-unpacking of a range)."""
+    dims: List[int] = [0]
+    for i in range(2, ndim):
+        dims.append(i)
+    return dims
+
+
+def _stats_need_wide_accumulation(d: Tensor) -> bool:
+    """Whether torch's batch-norm kernel would accumulate the statistics of ``d`` in float32 rows
+    (a decision on device, layout and shape only). Its contiguous-(N, C, H, W) CPU kernel
+    accumulates in float64 and is exact to float32 rounding; other devices use a parallel Welford."""
+    if d.device.type != "cpu" or d.dtype == torch.float64:
+        return False
+    return d.dim() == 2 or d.numel() == d.shape[0] * d.shape[1] or not d.is_contiguous()
 
 
 def eval_core(

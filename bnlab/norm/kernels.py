@@ -37,8 +37,9 @@ key in C++ (a ``torch::autograd::Function``: a Python formula through
 layer), so ``torch.compile(fullgraph=True)`` and ``torch.export`` capture the kernels as single
 nodes and ``torch.library.opcheck`` validates the registrations. The composite torch path of
 ``bnlab.norm.functional`` (torch's ops, differentiable to any order) serves everything the kernels
-do not: other devices, ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ``hessian``),
-TorchScript and empty batches; double backward through a kernel's output (``create_graph=True``)
+do not: other devices, ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ``hessian``,
+``jvp``, ``jacfwd``), forward-mode AD (inside ``torch.autograd.forward_ad.dual_level()``: a C++
+autograd Function has no jvp rule), TorchScript and empty batches; double backward through a kernel's output (``create_graph=True``)
 differentiates the textbook backward formula written in torch ops.
 
 Switch: ``BNLAB_KERNELS=auto`` (default: kernels where they apply), ``off`` (always the composite
@@ -57,6 +58,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 __all__ = ["MODES", "available", "build", "mode", "set_mode", "use_mode", "applies"]
@@ -169,7 +171,7 @@ def available() -> bool:
 
 def applies(x: Tensor, *others: Optional[Tensor]) -> bool:
     """Whether the kernels serve this call: CPU tensors of a supported dtype, a non-empty input, no
-    torch.func transform active, and kernels switched on and built. A decision on metadata only."""
+    torch.func transform or forward-AD level active, and kernels switched on and built. A decision on metadata only."""
     if _mode == "off" or x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() == 0:
         return False
     for t in others:
@@ -177,6 +179,10 @@ def applies(x: Tensor, *others: Optional[Tensor]) -> bool:
             return False
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return False  # vmap/grad/jacrev/hessian: the composite path, differentiable to any order
+    if _forward_ad._current_level >= 0:
+        # Inside torch.autograd.forward_ad.dual_level(): the kernels' autograd formula is a C++
+        # torch::autograd::Function, which has no forward-mode (jvp) rule; the composite path has.
+        return False
     return available()
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from bnlab.errors import ConfigError, ShapeError
-from bnlab.norm.functional import BatchNormOutput, NonFiniteBatchWarning, batch_norm
+from bnlab.norm.functional import BatchNormOutput, NonFiniteBatchWarning, batch_norm, check_eps, check_momentum
 from bnlab.norm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["lp_batch_norm", "lp_statistic", "gaussian_max_abs_mean", "LpBatchNorm1d", "LpBatchNorm2d",
@@ -132,11 +132,8 @@ def lp_batch_norm(
         if t is not None and t.numel() != c:
             raise ShapeError(f"ℓp batch norm expected {t.numel()} channels ({name}) but the input has {c}, shape "
                              f"{tuple(x.shape)}; the channel dimension is dim 1 (use num_features={c})")
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps > 0):
-        raise ConfigError(f"eps must be a positive finite number, got eps={eps!r}; use e.g. eps=1e-5")
-    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                 or not 0.0 <= momentum <= 1.0):
-        raise ConfigError(f"momentum must be in [0, 1] or None (cumulative average), got momentum={momentum!r}")
+    eps = check_eps(eps)  # symbolic-safe under torch.compile(dynamic=True), like the BN core's
+    momentum = check_momentum(momentum)
     dims = _reduce_dims(x)
     n = x.numel() // c
     if n <= 1:

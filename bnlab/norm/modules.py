@@ -15,12 +15,17 @@ precision), and an empty batch that leaves the statistics alone. The forward mak
 decision on tensor values, so it compiles with ``torch.compile(fullgraph=True)``, exports with
 ``torch.export`` and runs under ``torch.func`` transforms.
 
-Graph tools: ``torch.fx.symbolic_trace`` records the layer as one call (``bnlab_batch_norm_forward``);
-FX's ``optimization.fuse`` matches exact torch.nn types only, so it leaves bnlab's BN unfused (the
-result is unchanged); ``torch.nn.utils.fusion.fuse_conv_bn_eval`` fuses it. ``torch.jit.script``
-compiles a TorchScript forward that runs the same core (no warnings in TorchScript).
+Graph tools: ``torch.fx.symbolic_trace`` records the layer as one call (``bnlab_batch_norm_forward``),
+not as a leaf module: FX's default ``Tracer.is_leaf_module`` keeps only classes whose ``__module__``
+starts with ``torch.nn`` (bnlab does not misreport its classes' home, which pickling relies on).
+FX's ``optimization.fuse`` and quantization's ``fuse_fx`` match exact torch.nn types, so even a
+leaf would stay unfused; they leave bnlab's BN unfused (the result is unchanged). Fold after
+``bnlab.convert(model, to="torch")``, or use ``torch.nn.utils.fusion.fuse_conv_bn_eval``, which
+fuses bnlab's BN. ``torch.jit.script`` compiles a TorchScript forward that runs the same core and
+the same input checks (no warnings in TorchScript; errors arrive wrapped in ``torch.jit.Error``, as
+for a scripted torch.nn layer).
 """
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.fx
@@ -78,8 +83,7 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _forward_script(self, input: Tensor) -> Tensor:
         """The TorchScript forward: same core and semantics, without the eager-only warning."""
-        if input.dim() < 2:
-            raise ValueError("expected an input of shape (N, C, ...)")
+        self._check_input_dim(input)
         if self.training or self.running_mean is None:
             update = self.training and self.track_running_stats
             running_mean: Optional[Tensor] = None
@@ -110,18 +114,43 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         return eval_core(input, self.weight, self.bias, rm, rv, self.eps)
 
     def _check_input_dim(self, input: Tensor) -> None:
-        ranks, layout, hint = self._shape_help()
+        """Raise ShapeError (a ValueError, like torch.nn's check) for a non-tensor or a wrong rank.
+        TorchScript compiles it too, so a scripted layer refuses a wrong rank with the same message
+        (wrapped in torch.jit.Error, as for a scripted torch.nn layer)."""
         if not isinstance(input, Tensor):
             raise ShapeError(f"{type(self).__name__} expects a torch.Tensor, got {type(input).__name__}")
-        if input.dim() not in ranks:
-            raise ShapeError(
-                f"{type(self).__name__} expects a {' or '.join(f'{r}-D' for r in ranks)} input "
-                f"{layout}, got a {input.dim()}-D input of shape {tuple(input.shape)}; {hint}"
-            )
+        if input.dim() not in self._ranks():
+            name = self._script_name() if torch.jit.is_scripting() else self._class_name()
+            raise ShapeError(_rank_message(name, self._ranks(), self._layout(), self._hint(), input.shape))
 
     @torch.jit.unused
-    def _shape_help(self):
+    def _class_name(self) -> str:
+        return type(self).__name__
+
+    def _script_name(self) -> str:
         raise NotImplementedError
+
+    def _ranks(self) -> List[int]:
+        raise NotImplementedError
+
+    def _layout(self) -> str:
+        raise NotImplementedError
+
+    def _hint(self) -> str:
+        raise NotImplementedError
+
+
+def _shape_text(shape: List[int]) -> str:
+    """``str(tuple(shape))``, written so that TorchScript compiles it."""
+    if len(shape) == 1:
+        return "(" + str(shape[0]) + ",)"
+    return "(" + ", ".join([str(s) for s in shape]) + ")"
+
+
+def _rank_message(name: str, ranks: List[int], layout: str, hint: str, shape: List[int]) -> str:
+    wanted = " or ".join([str(r) + "-D" for r in ranks])
+    return (name + " expects a " + wanted + " input " + layout + ", got a " + str(len(shape))
+            + "-D input of shape " + _shape_text(shape) + "; " + hint)
 
 
 # Traced as one call by torch.fx.symbolic_trace (FX cannot follow Python checks on tensor shapes).
@@ -182,7 +211,7 @@ def _kernel_forward(module: _BatchNorm, x: Tensor) -> Optional[Tensor]:
     params, buffers = module._parameters, module._buffers
     weight, bias, rm, rv = params.get("weight"), params.get("bias"), buffers.get("running_mean"), buffers.get("running_var")
     eps, momentum = module.eps, module.momentum
-    if (rm is None or rv is None or not isinstance(x, Tensor) or x.dim() not in module._shape_help()[0]
+    if (rm is None or rv is None or not isinstance(x, Tensor) or x.dim() not in module._ranks()
             or x.shape[1] != module.num_features or not (isinstance(eps, float) and eps > 0)
             or not (momentum is None or (isinstance(momentum, float) and 0.0 <= momentum <= 1.0))
             or not kernels.applies(x, weight, bias, rm, rv)):
@@ -207,26 +236,50 @@ def _kernel_forward(module: _BatchNorm, x: Tensor) -> Optional[Tensor]:
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
     """BN over (N, C) or (N, C, L) inputs; a ``torch.nn.BatchNorm1d`` (subclass)."""
 
-    @torch.jit.unused
-    def _shape_help(self):
-        return (2, 3), "(N, C) or (N, C, L)", "use BatchNorm2d for images (N, C, H, W), or flatten to (N, C)"
+    def _script_name(self) -> str:
+        return "BatchNorm1d"
+
+    def _ranks(self) -> List[int]:
+        return [2, 3]
+
+    def _layout(self) -> str:
+        return "(N, C) or (N, C, L)"
+
+    def _hint(self) -> str:
+        return "use BatchNorm2d for images (N, C, H, W), or flatten to (N, C)"
 
 
 class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
     """BN over (N, C, H, W) inputs, per channel over N, H, W; a ``torch.nn.BatchNorm2d`` (subclass)."""
 
-    @torch.jit.unused
-    def _shape_help(self):
-        return ((4,), "(N, C, H, W)",
-                "use BatchNorm1d for (N, C) or (N, C, L), BatchNorm3d for (N, C, D, H, W); add a batch dim with x.unsqueeze(0)")
+    def _script_name(self) -> str:
+        return "BatchNorm2d"
+
+    def _ranks(self) -> List[int]:
+        return [4]
+
+    def _layout(self) -> str:
+        return "(N, C, H, W)"
+
+    def _hint(self) -> str:
+        return ("use BatchNorm1d for (N, C) or (N, C, L), BatchNorm3d for (N, C, D, H, W); add a batch dim "
+                "with x.unsqueeze(0)")
 
 
 class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """BN over (N, C, D, H, W) inputs; a ``torch.nn.BatchNorm3d`` (subclass)."""
 
-    @torch.jit.unused
-    def _shape_help(self):
-        return (5,), "(N, C, D, H, W)", "use BatchNorm2d for (N, C, H, W); add a batch dim with x.unsqueeze(0)"
+    def _script_name(self) -> str:
+        return "BatchNorm3d"
+
+    def _ranks(self) -> List[int]:
+        return [5]
+
+    def _layout(self) -> str:
+        return "(N, C, D, H, W)"
+
+    def _hint(self) -> str:
+        return "use BatchNorm2d for (N, C, H, W); add a batch dim with x.unsqueeze(0)"
 
 
 def is_batchnorm(module: nn.Module) -> bool:
