@@ -1,12 +1,14 @@
 """The loss of a model on one batch as a pure function of its parameters, for the instruments that
 differentiate it (ics, along_gradient, hessian).
 
-``Objective`` evaluates ``L(w) = loss_fn(model(x; w), y)`` through ``torch.func.functional_call``
+``Objective`` evaluates ``L(w) = loss_fn(model(x; w), y)`` as ``torch.func.functional_call`` does,
 with the chosen parameters replaced by tensors of its own and *fresh clones of every buffer* per
-evaluation, inside ``_util.isolated``: BN layers in the mode ``bn_mode`` says (not the model's),
-dropout off, the global RNG forked and seeded, module-owned generators (noisy BN) restored. Before
-every evaluation the seeded state is set again, so stochastic layers draw the same noise each time
-and L is a deterministic function of w (finite differences, symmetric Hessians). Gradients come from
+evaluation (the module slots are found once per session, not per evaluation: on small models the
+name lookups of ``functional_call`` cost as much as the pass itself), inside ``_util.isolated``: BN
+layers in the mode ``bn_mode`` says (not the model's), dropout off, the global RNG forked and
+seeded, module-owned generators (noisy BN) restored. Before every evaluation the seeded state is set
+again, so stochastic layers draw the same noise each time and L is a deterministic function of w
+(finite differences, symmetric Hessians). Gradients come from
 ``torch.autograd.grad``, which never writes ``.grad``; the model's parameters, buffers, flags and
 ``requires_grad`` are never touched.
 
@@ -106,6 +108,45 @@ def norm(a: Sequence[Tensor]) -> float:
     return float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in a]), dtype=torch.float64))
 
 
+class _Slots:
+    """Where each parameter/buffer lives: (module, "_parameters" | "_buffers", attribute) per alias.
+
+    Found once; ``swap`` writes tensors into those dict entries and ``restore`` puts the originals
+    back, exactly what ``torch.func.functional_call`` does per call (tied aliases get the same tensor)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        index = {id(p): i for i, p in enumerate(dict(model.named_parameters())[n] for n in names)}
+        self.params: list[tuple[dict, str, int]] = []
+        self.buffers: list[tuple[dict, str, int]] = []
+        buffer_ids: dict[int, int] = {}
+        self.buffer_values: list[Tensor] = []
+        for mod in model.modules():
+            for attr, p in mod._parameters.items():
+                if p is not None and id(p) in index:
+                    self.params.append((mod._parameters, attr, index[id(p)]))
+            for attr, b in mod._buffers.items():
+                if b is not None:
+                    k = buffer_ids.setdefault(id(b), len(self.buffer_values))
+                    if k == len(self.buffer_values):
+                        self.buffer_values.append(b)
+                    self.buffers.append((mod._buffers, attr, k))
+        self._saved: list[tuple[dict, str, Tensor]] = []
+
+    def swap(self, w: Sequence[Tensor]) -> None:
+        clones = [b.clone() for b in self.buffer_values]
+        for d, attr, i in self.params:
+            self._saved.append((d, attr, d[attr]))
+            d[attr] = w[i]
+        for d, attr, k in self.buffers:
+            self._saved.append((d, attr, d[attr]))
+            d[attr] = clones[k]
+
+    def restore(self) -> None:
+        while self._saved:
+            d, attr, t = self._saved.pop()
+            d[attr] = t
+
+
 class Objective:
     """``L(w)`` on one batch; use inside ``with obj.session():``.
 
@@ -153,6 +194,7 @@ class Objective:
             self._gen_states.append((torch.default_generator, torch.default_generator.get_state()))
             devices = _rng_devices(self.model, self.x)
             self._cuda_states = [(d, torch.cuda.get_rng_state(d)) for d in devices]
+            self._slots = _Slots(self.model, self.names)
             self._active = True
             try:
                 yield self
@@ -170,8 +212,11 @@ class Objective:
         if not self._active:
             raise RuntimeError("Objective evaluated outside its session(); use `with obj.session():`")
         self._reset_randomness()
-        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-        out = torch.func.functional_call(self.model, {**dict(zip(self.names, w)), **buffers}, (self.x,))
+        self._slots.swap(w)
+        try:
+            out = self.model(self.x)
+        finally:
+            self._slots.restore()
         loss = self.loss_fn(out, self.y)
         self.cost.forward += 1
         if not isinstance(loss, Tensor) or loss.numel() != 1:
