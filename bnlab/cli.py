@@ -356,14 +356,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     work = sum(todo.values())
     progress = None
     if not args.quiet and work > 0:  # one progress over every run of every experiment, in estimated seconds
-        progress = Progress(work, desc="reproduce", unit=None, prior_rate=float(args.workers))
+        progress = Progress(work, desc="reproduce", unit=None)
     echo = progress.write if progress is not None else print
     try:
         for i, exp in enumerate(exps, 1):
-            left = progress.eta() if progress is not None else sum(list(todo.values())[i - 1:]) / args.workers
-            elapsed = f"elapsed {format_seconds(progress.elapsed())}, " if progress is not None else ""
-            echo(f"\n[{i}/{len(exps)}] {exp.name}  ({elapsed}about {format_seconds(left or 0.0)} left"
-                 + (", measured" if progress is not None and progress.rate is not None else ", estimated") + ")")
+            if progress is not None:  # measured throughput only; "estimating…" until it is measured
+                state = f"elapsed {format_seconds(progress.elapsed())}, {progress.left_text() or 'done'}"
+            else:
+                state = f"estimated {format_seconds(sum(list(todo.values())[i - 1:]) / args.workers)} left"
+            echo(f"\n[{i}/{len(exps)}] {exp.name}  ({state})")
             run_experiment(exp, profile, out=root, seeds=seeds, workers=args.workers,
                            max_minutes=args.max_minutes, quiet=args.quiet, data_dir=args.data_dir,
                            echo=echo, progress=progress)

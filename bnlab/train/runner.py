@@ -304,7 +304,7 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
     own = progress is None and not quiet
     weight = [1.0] * len(todo)
     if own:
-        progress = Progress(total_steps, desc=exp.name, unit="steps", prior_rate=total_steps / wall if wall else None)
+        progress = Progress(total_steps, desc=exp.name, unit="steps")
         write = progress.write
     elif progress is not None:
         weight = [p.est_seconds / max(1, p.spec.cfg.steps - p.start_step) for p in todo]
