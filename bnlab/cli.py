@@ -337,7 +337,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from bnlab.report.build import collect, summary_text, write_report
     from bnlab.train.cost import format_seconds
     from bnlab.train.progress import Progress
-    from bnlab.train.runner import check_configs, check_data_dir, parse_seeds, plan_runs, run_experiment
+    from bnlab.train.runner import (check_configs, check_data_dir, fallback_notices, parse_seeds, plan_runs,
+                                    run_experiment)
 
     profile = check_profile(args.profile)
     exps = [get_experiment(n) for n in expand_targets(args.targets)]
@@ -346,13 +347,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     root = profile_root(args.out, profile)
     # The whole plan first: one estimate for everything, and an overall ETA between experiments.
     plans = {e.name: plan_runs(e, profile, out=root, seeds=seeds) for e in exps}
+    tasks = []
     for ps in plans.values():  # every dataset and model of every experiment, before any output
-        check_configs([p for p in ps if p.state != "done"], args.data_dir)
+        tasks += check_configs([p for p in ps if p.state != "done"], args.data_dir)
     todo = {n: sum(p.est_seconds for p in ps if p.state != "done") for n, ps in plans.items()}
     total_runs = sum(len(ps) for ps in plans.values())
     n_done = sum(p.state == "done" for ps in plans.values() for p in ps)
     print(f"reproduce [{profile}]: {', '.join(plans)}: {total_runs} runs, {n_done} already done; "
           f"estimated {format_seconds(sum(todo.values()) / args.workers)} -> {root}")
+    for line in fallback_notices(tasks):  # once for the whole command, not once per experiment
+        print(line)
     work = sum(todo.values())
     progress = None
     if not args.quiet and work > 0:  # one progress over every run of every experiment, in estimated seconds
@@ -367,7 +371,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             echo(f"\n[{i}/{len(exps)}] {exp.name}  ({state})")
             run_experiment(exp, profile, out=root, seeds=seeds, workers=args.workers,
                            max_minutes=args.max_minutes, quiet=args.quiet, data_dir=args.data_dir,
-                           echo=echo, progress=progress)
+                           echo=echo, progress=progress, announce_data=False)
     finally:
         if progress is not None:
             progress.close()

@@ -137,6 +137,36 @@ def test_dataset_fallback_is_printed_once_when_runs_start(tmp_path, capsys, fall
     assert code == 0 and "nothing to do" in out and "data: " not in out  # nothing runs, nothing to say
 
 
+def test_fallback_notice_is_whole_sentences_once_per_fallback(monkeypatch):
+    """Asked for MNIST (binarized) and got Fashion-MNIST: the console notice is one paragraph of whole
+    sentences (no ".;"), the binarize sentence once, however many configs share the fallback."""
+    import dataclasses as dc
+
+    import bnlab.train.task as task_mod
+    from bnlab.data import load_dataset
+    from bnlab.train.runner import fallback_notices
+
+    digits = load_dataset("digits")
+    note = ("MNIST was requested but not found (searched /nowhere); used Fashion-MNIST from /x instead: same "
+            "10-class setup but different images. To use MNIST: place the files in DIR/mnist/ with --data-dir DIR.")
+    fake = dc.replace(digits, name="fashion_mnist", requested="mnist", note=note)
+    monkeypatch.setattr(task_mod, "_load", lambda name, data_dir, fallback: fake)
+    task_mod._build_task_cached.cache_clear()
+    try:
+        tasks = [task_mod.build_task(dc.replace(TINY, dataset="mnist", binarize=b, train_subset=n))
+                 for b in (True, False) for n in (None, 100)]
+    finally:
+        task_mod._build_task_cached.cache_clear()
+    assert tasks[0].note == note + " binarize=true applies to MNIST only, so Fashion-MNIST keeps its grey levels."
+    lines = fallback_notices(tasks)
+    assert len(lines) == 1, lines
+    text = " ".join(lines[0].split())
+    assert text.startswith("data: MNIST was requested but not found") and ".;" not in text and "; binarize" not in text
+    assert text.count("binarize=true applies to MNIST only") == 1 and text.count("To use MNIST") == 1
+    assert all(len(ln) <= 100 for ln in lines[0].splitlines())
+    assert fallback_notices(tasks[:1]) == lines  # the same notice whether one or four configs fall back
+
+
 @pytest.mark.parametrize("where", ["missing", "file"])
 def test_data_dir_that_does_not_exist_is_an_error(tmp_path, capsys, where):
     bad = tmp_path / "no_such_dir"
