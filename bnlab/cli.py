@@ -222,16 +222,10 @@ def write_verdict_and_plots(exp: Any, run_dirs: Sequence[Path], out: Path, profi
     if getattr(exp, "tables", None) is not None:
         for title, table_rows in exp.tables(results).items():
             print_table(title, table_rows)
-    if getattr(exp, "figures", ()):  # figures declared as data
-        from bnlab.report.figures import draw_figures
+    if getattr(exp, "figures", ()) or exp.plots is not None:  # figures declared as data, then any plots
+        from bnlab.report.figures import experiment_figures
 
-        for p in draw_figures(exp.figures, results, out / exp.name / "figures"):
-            print(f"figure: {p}")
-    if exp.plots is not None:
-        from bnlab.report.plots import use_agg
-
-        use_agg()
-        for p in exp.plots(results, out / exp.name / "figures"):
+        for p in experiment_figures(exp, results, out / exp.name / "figures"):
             print(f"figure: {p}")
     return rows
 
@@ -266,12 +260,12 @@ def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> Non
     from bnlab.report.markdown import claim_id_of
     from bnlab.report.verdicts import ci_text, outcome_of, ours_text, seeds_text
 
-    from bnlab.report.verdicts import UNDECIDING_PROFILES
+    from bnlab.report.verdicts import PROFILE_NOTES, UNDECIDING_PROFILES
 
     print(f"\n{title}")
     for profile in dict.fromkeys(r.get("profile") for r in rows if r.get("undecided_reason")):
-        if profile in UNDECIDING_PROFILES:
-            print(f"  ({UNDECIDING_PROFILES[profile]})")
+        if profile in PROFILE_NOTES:
+            print(f"  {PROFILE_NOTES[profile]}")
     for r in rows:
         cid = claim_id_of(r)
         claim = str(r.get("claim", ""))
@@ -292,9 +286,9 @@ def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> Non
         print(f"              {'; '.join(extra)}")
         if r.get("undecided_reason"):
             reason = r["undecided_reason"]
-            if r.get("profile") in UNDECIDING_PROFILES and reason == UNDECIDING_PROFILES[r["profile"]]:
-                reason = f"{r['profile']} profile"  # explained once above
-            print(f"              undecided: {reason} (the rule alone: {r.get('computed_outcome', '?')})")
+            if reason not in UNDECIDING_PROFILES.values():  # a profile's reason says it all: no "rule alone"
+                reason += f" (the rule alone: {r.get('computed_outcome', '?')})"
+            print(f"              undecided: {reason}")
         elif r.get("why") and not r.get("rule"):
             print(f"              why:   {r['why']}")
         if r.get("rule"):
