@@ -71,7 +71,8 @@ def test_run_smoke_prints_cost_summary_and_verdict(tmp_path, capsys):
     assert {"claim", "paper", "ours", "passed", "dataset"} <= set(verdict[0])
     # a smoke run decides no claim; what the rule alone gives is kept
     assert all(r["outcome"] == "UNDECIDED" and r["passed"] is None and r["computed_outcome"] for r in verdict)
-    assert "UNDECIDED" in out and "smoke profile" in out
+    assert "UNDECIDED" in out and "undecided: smoke run: checks the pipeline, decides nothing" in out
+    assert "the rule alone" not in out and ".;" not in out
     figures = sorted(p.name for p in (root / "figures").iterdir())
     assert "ioffe_mnist_accuracy.svg" in figures and not [f for f in figures if f.endswith(".png")]
     code, out, _ = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(tmp_path))

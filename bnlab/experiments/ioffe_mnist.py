@@ -70,8 +70,8 @@ for _init, _ov in ((SMALL, {}), (UNIT, {"init_std": 1.0})):
 CLAIMS = {
     "D.8a": Claim(
         "D.8a", "BN is ahead of the baseline early in training",
-        "BN ≈0.96 at the first plotted point (Fig. 1a, MNIST); our row tests only that BN is ahead at step 1000, "
-        "not the size of the lead",
+        "BN ≈0.96 at the first plotted point (Fig. 1a, MNIST); our row tests only that BN is ahead at 2 % of training "
+        "(step 1000 of 50,000), not the size of the lead",
         f"paired difference BN - baseline of test accuracy (2000-image subset) at {EARLY_FRACTION:.0%} of "
         "training (fraction correct); a diverged run counts as chance (0.1)", diverged_value=CHANCE),
     "D.8b": Claim(
@@ -82,7 +82,7 @@ CLAIMS = {
     "D.9a": Claim(
         "D.9a", "the median of the sigmoid input drifts less with BN",
         "baseline median swings (≈+0.8 -> -0.2 -> +1.0 early); BN median stays ≈0 (Fig. 1b,c); ours: BN's own "
-        "median drifts too (2.36 at quick), so only the relative claim is reproduced",
+        "median drifts too, so only the relative claim is reproduced",
         "paired difference baseline - BN of the median's drift: max - min over the whole run (step 0 "
         "on) of the unit's 50th percentile, mean over units 0-9 (sigmoid-input units)"),
     "D.9b": Claim(
