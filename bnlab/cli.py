@@ -222,16 +222,10 @@ def write_verdict_and_plots(exp: Any, run_dirs: Sequence[Path], out: Path, profi
     if getattr(exp, "tables", None) is not None:
         for title, table_rows in exp.tables(results).items():
             print_table(title, table_rows)
-    if getattr(exp, "figures", ()):  # figures declared as data
-        from bnlab.report.figures import draw_figures
+    if getattr(exp, "figures", ()) or exp.plots is not None:  # figures declared as data, then any plots
+        from bnlab.report.figures import experiment_figures
 
-        for p in draw_figures(exp.figures, results, out / exp.name / "figures"):
-            print(f"figure: {p}")
-    if exp.plots is not None:
-        from bnlab.report.plots import use_agg
-
-        use_agg()
-        for p in exp.plots(results, out / exp.name / "figures"):
+        for p in experiment_figures(exp, results, out / exp.name / "figures"):
             print(f"figure: {p}")
     return rows
 
@@ -266,12 +260,12 @@ def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> Non
     from bnlab.report.markdown import claim_id_of
     from bnlab.report.verdicts import ci_text, outcome_of, ours_text, seeds_text
 
-    from bnlab.report.verdicts import UNDECIDING_PROFILES
+    from bnlab.report.verdicts import PROFILE_NOTES, UNDECIDING_PROFILES
 
     print(f"\n{title}")
     for profile in dict.fromkeys(r.get("profile") for r in rows if r.get("undecided_reason")):
-        if profile in UNDECIDING_PROFILES:
-            print(f"  ({UNDECIDING_PROFILES[profile]})")
+        if profile in PROFILE_NOTES:
+            print(f"  {PROFILE_NOTES[profile]}")
     for r in rows:
         cid = claim_id_of(r)
         claim = str(r.get("claim", ""))
@@ -292,9 +286,9 @@ def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> Non
         print(f"              {'; '.join(extra)}")
         if r.get("undecided_reason"):
             reason = r["undecided_reason"]
-            if r.get("profile") in UNDECIDING_PROFILES and reason == UNDECIDING_PROFILES[r["profile"]]:
-                reason = f"{r['profile']} profile"  # explained once above
-            print(f"              undecided: {reason} (the rule alone: {r.get('computed_outcome', '?')})")
+            if reason not in UNDECIDING_PROFILES.values():  # a profile's reason says it all: no "rule alone"
+                reason += f" (the rule alone: {r.get('computed_outcome', '?')})"
+            print(f"              undecided: {reason}")
         elif r.get("why") and not r.get("rule"):
             print(f"              why:   {r['why']}")
         if r.get("rule"):
@@ -337,7 +331,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from bnlab.report.build import collect, summary_text, write_report
     from bnlab.train.cost import format_seconds
     from bnlab.train.progress import Progress
-    from bnlab.train.runner import check_configs, check_data_dir, parse_seeds, plan_runs, run_experiment
+    from bnlab.train.runner import (check_configs, check_data_dir, fallback_notices, parse_seeds, plan_runs,
+                                    run_experiment)
 
     profile = check_profile(args.profile)
     exps = [get_experiment(n) for n in expand_targets(args.targets)]
@@ -346,27 +341,31 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     root = profile_root(args.out, profile)
     # The whole plan first: one estimate for everything, and an overall ETA between experiments.
     plans = {e.name: plan_runs(e, profile, out=root, seeds=seeds) for e in exps}
+    tasks = []
     for ps in plans.values():  # every dataset and model of every experiment, before any output
-        check_configs([p for p in ps if p.state != "done"], args.data_dir)
+        tasks += check_configs([p for p in ps if p.state != "done"], args.data_dir)
     todo = {n: sum(p.est_seconds for p in ps if p.state != "done") for n, ps in plans.items()}
     total_runs = sum(len(ps) for ps in plans.values())
     n_done = sum(p.state == "done" for ps in plans.values() for p in ps)
     print(f"reproduce [{profile}]: {', '.join(plans)}: {total_runs} runs, {n_done} already done; "
           f"estimated {format_seconds(sum(todo.values()) / args.workers)} -> {root}")
+    for line in fallback_notices(tasks):  # once for the whole command, not once per experiment
+        print(line)
     work = sum(todo.values())
     progress = None
     if not args.quiet and work > 0:  # one progress over every run of every experiment, in estimated seconds
-        progress = Progress(work, desc="reproduce", unit=None, prior_rate=float(args.workers))
+        progress = Progress(work, desc="reproduce", unit=None)
     echo = progress.write if progress is not None else print
     try:
         for i, exp in enumerate(exps, 1):
-            left = progress.eta() if progress is not None else sum(list(todo.values())[i - 1:]) / args.workers
-            elapsed = f"elapsed {format_seconds(progress.elapsed())}, " if progress is not None else ""
-            echo(f"\n[{i}/{len(exps)}] {exp.name}  ({elapsed}about {format_seconds(left or 0.0)} left"
-                 + (", measured" if progress is not None and progress.rate is not None else ", estimated") + ")")
+            if progress is not None:  # measured throughput only; "estimating…" until it is measured
+                state = f"elapsed {format_seconds(progress.elapsed())}, {progress.left_text() or 'done'}"
+            else:
+                state = f"estimated {format_seconds(sum(list(todo.values())[i - 1:]) / args.workers)} left"
+            echo(f"\n[{i}/{len(exps)}] {exp.name}  ({state})")
             run_experiment(exp, profile, out=root, seeds=seeds, workers=args.workers,
                            max_minutes=args.max_minutes, quiet=args.quiet, data_dir=args.data_dir,
-                           echo=echo, progress=progress)
+                           echo=echo, progress=progress, announce_data=False)
     finally:
         if progress is not None:
             progress.close()

@@ -71,7 +71,8 @@ def test_run_smoke_prints_cost_summary_and_verdict(tmp_path, capsys):
     assert {"claim", "paper", "ours", "passed", "dataset"} <= set(verdict[0])
     # a smoke run decides no claim; what the rule alone gives is kept
     assert all(r["outcome"] == "UNDECIDED" and r["passed"] is None and r["computed_outcome"] for r in verdict)
-    assert "UNDECIDED" in out and "smoke profile" in out
+    assert "UNDECIDED" in out and "undecided: smoke run: checks the pipeline, decides nothing" in out
+    assert "the rule alone" not in out and ".;" not in out
     figures = sorted(p.name for p in (root / "figures").iterdir())
     assert "ioffe_mnist_accuracy.svg" in figures and not [f for f in figures if f.endswith(".png")]
     code, out, _ = bnlab(capsys, "run", "ioffe_mnist", *SMOKE, "--out", str(tmp_path))
@@ -135,6 +136,36 @@ def test_dataset_fallback_is_printed_once_when_runs_start(tmp_path, capsys, fall
         next(ln for ln in lines if ln.startswith("variant")))  # before the first run starts
     code, out, _ = bnlab(capsys, "run", "_test_fallback", *SMOKE, "--seeds", "0,1", "--out", str(tmp_path))
     assert code == 0 and "nothing to do" in out and "data: " not in out  # nothing runs, nothing to say
+
+
+def test_fallback_notice_is_whole_sentences_once_per_fallback(monkeypatch):
+    """Asked for MNIST (binarized) and got Fashion-MNIST: the console notice is one paragraph of whole
+    sentences (no ".;"), the binarize sentence once, however many configs share the fallback."""
+    import dataclasses as dc
+
+    import bnlab.train.task as task_mod
+    from bnlab.data import load_dataset
+    from bnlab.train.runner import fallback_notices
+
+    digits = load_dataset("digits")
+    note = ("MNIST was requested but not found (searched /nowhere); used Fashion-MNIST from /x instead: same "
+            "10-class setup but different images. To use MNIST: place the files in DIR/mnist/ with --data-dir DIR.")
+    fake = dc.replace(digits, name="fashion_mnist", requested="mnist", note=note)
+    monkeypatch.setattr(task_mod, "_load", lambda name, data_dir, fallback: fake)
+    task_mod._build_task_cached.cache_clear()
+    try:
+        tasks = [task_mod.build_task(dc.replace(TINY, dataset="mnist", binarize=b, train_subset=n))
+                 for b in (True, False) for n in (None, 100)]
+    finally:
+        task_mod._build_task_cached.cache_clear()
+    assert tasks[0].note == note + " binarize=true applies to MNIST only, so Fashion-MNIST keeps its grey levels."
+    lines = fallback_notices(tasks)
+    assert len(lines) == 1, lines
+    text = " ".join(lines[0].split())
+    assert text.startswith("data: MNIST was requested but not found") and ".;" not in text and "; binarize" not in text
+    assert text.count("binarize=true applies to MNIST only") == 1 and text.count("To use MNIST") == 1
+    assert all(len(ln) <= 100 for ln in lines[0].splitlines())
+    assert fallback_notices(tasks[:1]) == lines  # the same notice whether one or four configs fall back
 
 
 @pytest.mark.parametrize("where", ["missing", "file"])
@@ -422,21 +453,63 @@ def test_progress_eta_is_measured_and_smoothed():
     from bnlab.train.progress import Progress
 
     clock = FakeClock()
-    p = Progress(1000, unit="steps", stream=io.StringIO(), clock=clock, prior_rate=1.0, sample_seconds=2.0)
-    assert p.eta() == pytest.approx(1000.0)  # before any measurement: the estimate
-    for _ in range(100):  # measured: 10 steps/s
-        clock.t += 1.0
-        p.update(10)
-    assert p.eta() == pytest.approx(0.0)
     q = Progress(10_000, unit="steps", stream=io.StringIO(), clock=clock, sample_seconds=2.0)
-    assert q.eta() is None  # no estimate and no measurement: unknown, not made up
+    assert q.eta() is None  # nothing measured: unknown, not made up
     for _ in range(50):
         clock.t += 1.0
         q.update(10)
     assert q.eta() == pytest.approx((10_000 - 500) / 10)
     clock.t += 2.0  # one slow interval (an evaluation: 2 s without steps, then a burst) ...
     q.update(10)
-    assert q.rate == pytest.approx(0.3 * 5 + 0.7 * 10)  # ... moves the smoothed rate by 30 %, not 100 %
+    # ... the sample since the last one (t=49: 490 steps; now t=52: 510) is 20/3 steps/s; it moves the
+    # smoothed rate by 30 %, not 100 %
+    assert q.rate == pytest.approx(0.3 * 20 / 3 + 0.7 * 10)
+
+
+@pytest.mark.parametrize("startup, step_seconds", [(40.0, 0.05), (3.0, 0.5), (0.0, 0.01), (120.0, 2.0)])
+def test_progress_eta_ignores_startup_and_waits_for_a_measurement(startup, step_seconds):
+    """A seconds-long run after a long start-up (worker processes, imports, data) once showed "12.9h
+    left": the first update's time must not be extrapolated. Until 2 s (or 5 updates) are measured
+    after the first update the time left is "estimating…"; from then on it is within 20 % of the
+    truth at every update, for slow and fast steps alike."""
+    from bnlab.train.progress import ESTIMATING, Progress
+
+    clock, stream = FakeClock(), io.StringIO()
+    total = 60
+    p = Progress(total, desc="smoke", unit="steps", stream=stream, clock=clock, interval=0.0)
+    clock.t += startup  # nothing reported while the workers start
+    shown = []
+    for step in range(1, total + 1):
+        clock.t += step_seconds
+        p.update(1)
+        truth = (total - step) * step_seconds
+        eta = p.eta()
+        measured = (step - 1) * step_seconds  # time since the first update
+        if measured < 2.0 and step - 1 < 5:
+            assert eta is None and ESTIMATING in p.status(), (step, eta)
+        else:
+            assert eta == pytest.approx(truth, rel=0.2, abs=1e-9), (step, eta, truth)
+        shown.append(p.status())
+    p.close()
+    assert "left" not in shown[-1] and ESTIMATING not in shown[-1]  # done: no time left shown
+    assert ESTIMATING in stream.getvalue().splitlines()[0]  # the first plain line says so, in words
+
+
+def test_reproduce_eta_in_estimated_seconds_is_measured_too():
+    """bnlab reproduce counts work in estimated seconds (7 s for a smoke plan that really takes 3 min):
+    the time left comes from the measured rate of that work, not from the estimate."""
+    from bnlab.train.progress import Progress
+
+    clock = FakeClock()
+    p = Progress(7.0, desc="reproduce", unit=None, stream=io.StringIO(), clock=clock)
+    assert p.eta() is None and "estimating" in p.status()
+    clock.t += 40.0  # start-up
+    for _ in range(70):  # the real cost: 0.1 estimated seconds every 2.5 s
+        clock.t += 2.5
+        p.update(0.1)
+        if p.eta() is not None:
+            assert p.eta() == pytest.approx((7.0 - p.done) / 0.1 * 2.5, rel=0.2)
+    assert p.eta() == 0.0 or "left" not in p.status()
 
 
 def test_progress_on_a_terminal_is_a_bar_with_integer_steps_and_measured_eta():

@@ -44,3 +44,42 @@ def test_smoke_profile_runs(name, tmp_path, capsys):
             assert len(row["per_seed"]) == row["n_seeds"] and row["dataset"]
     if exp.plots is not None or exp.figures:
         assert list((tmp_path / name / "figures").iterdir())
+
+
+def _imports(path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included), and every string
+    passed to importlib.import_module / __import__."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            fn = node.func
+            name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+            if name in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                found.add(node.args[0].value)
+    return found
+
+
+def test_imports_point_downwards_from_the_experiments(tmp_path):
+    """Experiments sit below the report: no module under bnlab/experiments imports bnlab.report,
+    bnlab.cli or matplotlib (figures are declared as data and drawn by the report)."""
+    from pathlib import Path
+
+    root = Path(registry.__file__).parent
+    files = sorted(root.rglob("*.py"))
+    assert {"ioffe_mnist.py", "ioffe_lr_study.py", "santurkar_dln.py", "figures.py"} <= {f.name for f in files}
+    bad = {str(f.relative_to(root)): sorted(m for m in _imports(f)
+                                            if m.split(".")[0] == "matplotlib"
+                                            or m.startswith(("bnlab.report", "bnlab.cli")))
+           for f in files}
+    assert not {k: v for k, v in bad.items() if v}, bad
+    # the check itself: a file that imports the report inside a function is caught
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from bnlab.report.plots import save_figure\n    import matplotlib.pyplot\n")
+    assert {"bnlab.report.plots", "matplotlib.pyplot"} <= _imports(probe)

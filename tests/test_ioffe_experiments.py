@@ -246,7 +246,18 @@ def test_lr_study_smoke_runs_give_schema_rows_and_fig3_table(tmp_path):
     results = load_results(tmp_path, "ioffe_lr_study")
     rows = lr_verdict(results)
     assert all(set(r) >= SCHEMA_KEYS for r in rows)
-    assert all(r["outcome"] == "UNDECIDED" for r in rows if r["claim_id"] != "D.10i"), "1 seed decides nothing"
+    assert all(r["outcome"] == "UNDECIDED" for r in rows), "1 seed and 12-step runs decide nothing"
+    by = by_id(rows)
+    # 12 steps is too short to tell trains / fails / at chance (collapse is judged from 100 steps on):
+    # no per-seed answer, and the text says so instead of "1/1 seeds yes"
+    for cid in ("D.10d", "D.10e", "D.10f", "D.10g", "D.10h"):
+        r = by[cid]
+        assert [p["outcome"] for p in r["per_seed"]] == [None], (cid, r["per_seed"])
+        assert "0/1 seeds yes, 1 without an answer" in r["ours"] and "12-step run: too short to judge" in r["ours"]
+    # D.10i counts seeds, not runs: one seed, whose five runs are its per-arm values
+    i = by["D.10i"]
+    assert i["n_seeds"] == len(i["per_seed"]) == 1 and len(i["per_seed"][0]["status"]) == 5
+    assert "5 runs over 1 seed" in i["ours"] and "too short to judge" in i["ours"]
     fig3 = table(results)
     lrs = {r["variant"]: r["lr"] for r in fig3}
     assert np.isclose(lrs["BN-x30"], 30 * lrs["Baseline"]) and np.isclose(lrs["BN-x5"], 5 * lrs["Baseline"])

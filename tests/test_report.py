@@ -185,6 +185,52 @@ def _load(path: Path, tmp: Path) -> tuple[str, list[str], list[str]]:
     return proc.stdout, _console_lines(proc.stderr), external
 
 
+_MEASURE = """<script>
+window.addEventListener("load", () => {
+  const e = document.scrollingElement, out = document.createElement("pre");
+  const right = Math.max(...[...document.querySelectorAll("table.verdicts")].map(t => t.getBoundingClientRect().right));
+  out.id = "measured";
+  out.textContent = JSON.stringify({scroll: e.scrollWidth, inner: window.innerWidth, tables: right,
+                                    open: document.querySelectorAll("details[open]").length});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _measure_width(report: Path, tmp: Path, width: int = 1280) -> dict:
+    """The page's scroll width, the window's inner width and the right edge of the verdict tables, as
+    Chromium lays the page out in a ``width``-px window (a copy of the page with a measuring script;
+    the report itself has none)."""
+    probe = tmp / f"measure-{report.stem}.html"
+    probe.write_text(report.read_text(encoding="utf-8").replace("</body>", _MEASURE + "</body>"), encoding="utf-8")
+    proc = _browse(probe.as_uri(), tmp, f"--window-size={width},900", "--dump-dom")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r'<pre id="measured">(.*?)</pre>', proc.stdout, re.S)
+    assert found, "the measuring script did not run"
+    return json.loads(html_mod.unescape(found.group(1)))
+
+
+def test_width_check_detects_a_page_wider_than_the_window(tmp_path):
+    page = tmp_path / "wide.html"
+    page.write_text('<html><body><table class="verdicts"><tr><td style="white-space:nowrap">'
+                    + "x" * 400 + "</td></tr></table></body></html>")
+    m = _measure_width(page, tmp_path)
+    assert m["scroll"] > m["inner"] == 1280 and m["tables"] > 1280
+
+
+def _assert_verdict_rows_are_compact(dom: str) -> None:
+    """Each claim row: the rule is not in it (it is one click away), and no cell's text repeats another's."""
+    rows = re.findall(r'<tr class="claim-row">(.*?)</tr>', dom, re.S)
+    assert rows
+    for row in rows:
+        cells = [_visible_text(c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)]
+        assert len(cells) == 7, cells
+        assert not any(c.startswith("PASS if") or "PASS if the" in c for c in cells), cells
+        texts = [c for c in cells if len(c) > 6]
+        assert len(texts) == len(set(texts)), cells
+        assert not any(a != b and len(a) > 12 and a in b for a in texts for b in texts), cells
+
+
 def test_browser_checks_detect_requests_and_console_errors(tmp_path):
     # Port 9 (discard) on localhost: the request is attempted and fails at once, nothing leaves the machine.
     page = tmp_path / "control.html"
@@ -244,6 +290,10 @@ def test_report_renders_in_chromium(quick_and_smoke_out, tmp_path):
     assert "`" not in text and "**" not in text, re.findall(r".{30}[`*]{1,2}.{30}", text)
     assert not re.search(r"</?(em|strong|code|b|i|a|p|li|span)\b[^>]*>", text), re.findall(r".{30}</?\w+>.{30}", text)
     assert "BASE_LR" in text and "<code>BASE_LR</code>" in dom and "<strong>Data</strong>" in dom
+    # the verdict tables are compact and the page fits a laptop window (1280 px) without scrolling sideways
+    _assert_verdict_rows_are_compact(dom)
+    m = _measure_width(report, tmp_path)
+    assert m["scroll"] <= m["inner"] == 1280 and m["tables"] <= 1280 and m["open"] == 0, m
 
     shot = tmp_path / "shot.png"
     proc = _browse(report.as_uri(), tmp_path, f"--screenshot={shot}", "--window-size=1280,2000")
@@ -477,8 +527,10 @@ def test_schema_rows_render_outcomes_ci_per_seed_and_robustness(mnist_out, tmp_p
     text = write_report(report).read_text(encoding="utf-8")
     for badge in ("PASS", "TIE", "FAIL"):
         assert f'<span class="badge {badge}">{badge}</span>' in text
-    assert "0.081 [0.052, 0.110] (95% CI)" in text  # estimate and CI at the interval's precision
-    assert "no CI: count outcome" in text and "3 seeds (1 diverged)" in text and "5 seeds (2 collapsed)" in text
+    # the estimate and its interval in their own cells, at the interval's precision, a difference signed
+    assert '<td class="num">+0.081</td>\n<td class="num">[0.052, 0.110]</td>' in text
+    assert "none: count outcome" in text and "3 seeds (1 diverged)" in text and "5 seeds (2 collapsed)" in text
+    assert "<td>+0.090, +0.097, +0.104</td>" in text  # one entry per seed in the row, at their spread's digits
     assert "<code>+0.00</code>" in text  # the rule's Markdown is rendered
     # per-seed values: every seed, each arm at the precision of its spread, statuses kept
     assert "<th>seed</th><th>bn</th><th>baseline</th><th>difference</th><th>status</th>" in text
@@ -659,6 +711,14 @@ def test_santurkar_section_renders_in_chromium(tmp_path):
     for cid in ("D.14a", "D.15c", "D.17a"):
         assert cid in _visible_text(dom)
     assert 'id="claims-d14a"' in dom and 'href="#claims-d14a"' in dom  # the row links to its rule
+    # smoke rows say why they decide nothing, in one sentence; the page fits 1280 px; no raw markup
+    assert "smoke run: checks the pipeline, decides nothing" in text and "the rule alone" not in text
+    _assert_verdict_rows_are_compact(dom)
+    page_text = _visible_text(dom)
+    assert "`" not in page_text and "**" not in page_text
+    assert not re.search(r"</?(em|strong|code|b|i|a|p|li|span|details|summary)\b[^>]*>", page_text)
+    m = _measure_width(report, tmp_path)
+    assert m["scroll"] <= m["inner"] == 1280 and m["tables"] <= 1280, m
 
 
 def test_every_internal_link_of_the_embedded_claims_document_has_its_target():

@@ -31,6 +31,7 @@ from pathlib import Path
 from bnlab.errors import ConfigError, CorruptDataError, DataNotFoundError
 
 __all__ = [
+    "dataset_title",
     "DATASET_NAMES",
     "KnownFile",
     "KNOWN_FILES",
@@ -80,6 +81,14 @@ _SPECS: dict[str, _Spec] = {
 # digits is bundled with scikit-learn: nothing to search for
 DATASET_NAMES: tuple[str, ...] = ("mnist", "fashion_mnist", "cifar10", "digits")
 _ALIASES = {"fashionmnist": "fashion_mnist", "cifar_10": "cifar10", "sklearn_digits": "digits"}
+
+
+def dataset_title(name: str) -> str:
+    """The published name of a dataset ("fashion_mnist" -> "Fashion-MNIST"); unknown names as given."""
+    if name == "digits":
+        return "the scikit-learn 8x8 digits"
+    spec = _SPECS.get(name)
+    return spec.title if spec is not None else name
 
 
 def canonical_name(name: str) -> str:

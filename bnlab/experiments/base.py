@@ -76,7 +76,9 @@ class Experiment:
     probes: tuple[Probe, ...] = ()
     verdict: Verdict | None = None
     plots: Plots | None = None  # older form: a function that draws; prefer ``figures``
-    figures: tuple[FigureSpec, ...] = ()  # figures as data (bnlab/experiments/figures.py), drawn by the report
+    # figures as data (bnlab/experiments/figures.py), drawn by the report: FigureSpecs, or a function
+    # of the stored runs that returns them (captions and ranges that depend on the runs)
+    figures: tuple[FigureSpec, ...] | Callable[[ExperimentResults], Sequence[FigureSpec]] = ()
     tables: Tables | None = None
     # (quantity, exact definition with the paper's equation/figure, cost in passes) for what the
     # verdict derives from the runs; the report lists them with the probes' own definitions.
@@ -114,7 +116,7 @@ class Experiment:
         if self.settings and dict(_resolve_setting(next(iter(self.settings.values())), "", self.base)):
             raise ConfigError(f"experiment {self.name!r}: the first setting is the primary one and must "
                               "have no overrides (the protocol as declared)")
-        for spec in self.figures:
+        for spec in () if callable(self.figures) else self.figures:  # a function is checked when it runs
             unknown = spec.variants() - set(self.variants)
             if unknown:
                 raise ConfigError(f"experiment {self.name!r}: figure {spec.name!r} names unknown variants "

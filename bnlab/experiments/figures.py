@@ -13,7 +13,14 @@ A ``Curve`` names one variant and one stored series of its runs:
 * ``kind="per_step"``: a probe *array* (``arrays.npz``: ``probe/<probe>/<key>``) drawn against the
   probe array ``x_key``, one line per probe step of the first seed (Santurkar Fig. 11).
 
-``kind="time"`` curves are the mean over seeds with a min-max band (bnlab.report.plots.mean_spread).
+``kind="time"`` curves are the mean over seeds with a min-max band (bnlab.report.plots.mean_spread);
+``seed=`` draws one seed's run only (Ioffe Fig. 1b,c shows one network). A ``Panel`` may fix its
+y-range (``ylim``: where the comparison happens) and carry reference lines (``Mark``); a
+``FigureSpec`` lays its panels out in ``ncols`` columns (small multiples) with a shared y-axis.
+
+An experiment whose captions or ranges depend on its runs (the dataset used, the number of seeds, a
+target computed from the Baseline) declares ``figures`` as a function ``(ExperimentResults) ->
+tuple[FigureSpec, ...]`` instead of a tuple: still data, computed from stored runs, drawn by the report.
 """
 from __future__ import annotations
 
@@ -24,7 +31,7 @@ from bnlab.errors import ConfigError
 KINDS = ("time", "per_step")
 SCALES = ("linear", "log")
 
-__all__ = ["Curve", "FigureSpec", "Panel"]
+__all__ = ["Curve", "FigureSpec", "Mark", "Panel"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,8 @@ class Curve:
     x_key: str | None = None  # per_step: the probe array on the x-axis
     kind: str = "time"
     linestyle: str = "-"
+    color: str | None = None  # a matplotlib colour ("C0", "0.6"); None: the panel's next colour
+    seed: int | None = None  # only this seed's run (None: every seed, mean and band)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -52,6 +61,20 @@ class Curve:
 
 
 @dataclass(frozen=True)
+class Mark:
+    """A reference line: horizontal at y=``at`` (``axis="y"``) or vertical at x=``at`` (``axis="x"``),
+    dotted, with its meaning in the legend."""
+
+    at: float
+    label: str
+    axis: str = "y"
+
+    def __post_init__(self) -> None:
+        if self.axis not in ("x", "y"):
+            raise ConfigError(f"mark {self.label!r}: axis={self.axis!r}; choose x (vertical) or y (horizontal)")
+
+
+@dataclass(frozen=True)
 class Panel:
     title: str
     xlabel: str
@@ -59,8 +82,12 @@ class Panel:
     curves: tuple[Curve, ...]
     yscale: str = "linear"
     xscale: str = "linear"
+    ylim: tuple[float, float] | None = None  # None: fit the data
+    marks: tuple[Mark, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.ylim is not None and not (len(self.ylim) == 2 and self.ylim[0] < self.ylim[1]):
+            raise ConfigError(f"panel {self.title!r}: ylim={self.ylim!r}; give (low, high) with low < high")
         for scale in (self.xscale, self.yscale):
             if scale not in SCALES:
                 raise ConfigError(f"panel {self.title!r}: scale {scale!r}; choose one of {', '.join(SCALES)}")
@@ -76,8 +103,12 @@ class FigureSpec:
     name: str
     caption: str
     panels: tuple[Panel, ...]
+    ncols: int | None = None  # panels per row (None: all in one row)
+    sharey: bool = False  # one y-axis for every panel (small multiples compare across panels)
 
     def __post_init__(self) -> None:
+        if self.ncols is not None and self.ncols < 1:
+            raise ConfigError(f"figure {self.name!r}: ncols={self.ncols!r}; give a positive number of columns")
         if not self.panels:
             raise ConfigError(f"figure {self.name!r} has no panels")
         if not self.name.replace("_", "").replace("-", "").isalnum():

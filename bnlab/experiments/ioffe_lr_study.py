@@ -43,15 +43,16 @@ Choices and deviations:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bnlab.experiments.base import Experiment, ExperimentResults, dataset_text
+from bnlab.experiments.figures import Curve, FigureSpec, Mark, Panel
 from bnlab.experiments.verdict import (MISSING, Claim, Seed, fmt_mean_sd, merge_settings, row, seed_count,
                                        undecided, with_declared)
 from bnlab.train.config import TrainConfig
+from bnlab.train.loop import COLLAPSE_MIN_STEPS
 
 BASE_LR = 0.1  # chosen by the sweep in docs/claims.md (rule fixed before it ran)
 CHANCE = 0.1
@@ -159,6 +160,10 @@ CLAIMS = {
 }
 
 
+def _is(answer: bool | None, want: bool) -> bool | None:
+    return None if answer is None else answer is want
+
+
 def _curves(runs) -> tuple[np.ndarray, np.ndarray]:
     """(steps, acc (runs, T)) on the longest run's eval steps; a diverged run's curve is chance
     (CHANCE) from its last finite evaluation on: it has no usable predictions there."""
@@ -211,8 +216,25 @@ def first_reach(run, target: float) -> int | None:
     return int(steps[hit[0]]) if hit.size else None
 
 
-def trains(run, baseline_final_mean: float) -> bool:
-    """Not diverged, not collapsed, and final accuracy no more than FAIL_MARGIN below the Baseline's mean."""
+def judged(run) -> bool:
+    """Whether trains/fails/at chance can be told for ``run``: a diverged run has failed at any length;
+    otherwise the run must be at least COLLAPSE_MIN_STEPS long, the length from which the training
+    loop judges collapse (a 12-step smoke run near chance has barely started, it has not collapsed)."""
+    return run.status == "diverged" or run.config.steps >= COLLAPSE_MIN_STEPS
+
+
+def too_short(runs) -> str:
+    """The note for runs too short to judge, e.g. "12-step runs: too short to judge (from 100 steps)"."""
+    steps = sorted({r.config.steps for r in runs if not judged(r)})
+    return (f"{'/'.join(map(str, steps))}-step run{'s' if len(runs) != 1 else ''}: too short to judge "
+            f"trains/fails (judged from {COLLAPSE_MIN_STEPS} steps on, as collapse is)") if steps else ""
+
+
+def trains(run, baseline_final_mean: float) -> bool | None:
+    """Not diverged, not collapsed, and final accuracy no more than FAIL_MARGIN below the Baseline's mean;
+    None for a run too short to tell (``judged``)."""
+    if not judged(run):
+        return None
     if run.status in ("diverged", "collapsed"):
         return False
     acc = run.final("acc")
@@ -326,24 +348,29 @@ def verdict_setting(results: ExperimentResults, declared: tuple[int, ...] | None
             rows.append(undecided(CLAIMS[cid], f"no finished {variant} runs", dataset=dataset))
             continue
         seeds = with_declared([Seed(r.seed, {"final_acc": final_accuracy(r), "baseline_final_mean": base_final},
-                                    status(r), outcome=trains(r, base_final) is want_train) for r in runs],
+                                    status(r), outcome=_is(trains(r, base_final), want_train),
+                                    note=too_short([r])) for r in runs],
                               declared, ["run"])
         word = "train" if want_train else "fail"
+        short = too_short(runs)
         rows.append(seed_count(CLAIMS[cid], seeds, dataset=dataset,
                                describe=f"{variant} seeds that {word} (final "
                                         f"{fmt_mean_sd([x.values.get('final_acc') for x in seeds])} vs Baseline "
-                                        f"{base_final:.3f})", extra=extra_base))
+                                        f"{base_final:.3f}{'; ' + short if short else ''})", extra=extra_base))
         if cid == "D.10f":
             runs_s = groups.get("Baseline-Sigmoid", [])
             if not runs_s:
                 rows.append(undecided(CLAIMS["D.10g"], "no finished Baseline-Sigmoid runs", dataset=dataset))
             else:
                 seeds = with_declared([Seed(r.seed, {"final_acc": final_accuracy(r)}, status(r),
-                                            outcome=r.status in ("collapsed", "diverged")) for r in runs_s],
+                                            outcome=(r.status in ("collapsed", "diverged")) if judged(r) else None,
+                                            note=too_short([r])) for r in runs_s],
                                       declared, ["run"])
+                short = too_short(runs_s)
                 rows.append(seed_count(CLAIMS["D.10g"], seeds, dataset=dataset,
                                        describe=f"Baseline-Sigmoid seeds at chance (final "
-                                                f"{fmt_mean_sd([x.values.get('final_acc') for x in seeds])})"))
+                                                f"{fmt_mean_sd([x.values.get('final_acc') for x in seeds])}"
+                                                f"{'; ' + short if short else ''})"))
     rows.append(lr_limit_row(groups, base_final, dataset, declared))
     order = list(CLAIMS)
     return sorted(rows, key=lambda r: order.index(r["claim_id"]))
@@ -351,11 +378,12 @@ def verdict_setting(results: ExperimentResults, declared: tuple[int, ...] | None
 
 def rate_trains(runs, base_final: float, n_declared: int | None = None) -> bool | None:
     """A rate trains when at least 2/3 of its declared seeds train; None when the seeds declared but
-    not run could still decide it either way."""
+    not run (or runs too short to judge) could still decide it either way."""
     n = max(len(runs), n_declared or 0)
     need = math.ceil(2 / 3 * n - 1e-9)
-    ok = sum(trains(r, base_final) for r in runs)
-    open_ = n - len(runs)
+    answers = [trains(r, base_final) for r in runs]
+    ok = sum(a is True for a in answers)
+    open_ = n - sum(a is not None for a in answers)
     if ok >= need:
         return True
     if ok + open_ >= need:
@@ -399,17 +427,23 @@ def lr_limit_row(groups: dict[str, list[Any]], base_final: float, dataset: str,
     claim = CLAIMS["D.10i"]
     base_lr = groups["Baseline"][0].config.lr if groups.get("Baseline") else BASE_LR
     arms: dict[str, dict[float, bool | None]] = {"with BN": {}, "without BN": {}}
-    seeds: list[Seed] = []
+    # One entry per seed (not per run): the final accuracy and status of each variant's run of that seed.
+    by_seed: dict[int, tuple[dict[str, Any], dict[str, str]]] = {}
+    used = []
     for arm, variants in (("with BN", WITH_BN), ("without BN", WITHOUT_BN)):
         for v in variants:
             runs = groups.get(v, [])
             if not runs:
                 continue
+            used += runs
             mult = round(runs[0].config.lr / base_lr, 6)
             arms[arm][mult] = rate_trains(runs, base_final, len(declared) if declared else None)
             for r in runs:
-                seeds.append(Seed(r.seed, {"variant": v, "rate_x": mult, "final_acc": final_accuracy(r)},
-                                  {"run": r.status}, outcome=trains(r, base_final)))
+                values, status = by_seed.setdefault(r.seed, ({}, {}))
+                values[f"{v} ({mult:g}x)"] = final_accuracy(r)
+                status[v] = r.status
+    seeds = [Seed(s, values, status, note=too_short([r for r in used if r.seed == s]))
+             for s, (values, status) in sorted(by_seed.items())]
     if not arms["with BN"] or not arms["without BN"]:
         return undecided(claim, "needs runs with and without BN", dataset=dataset, seeds=seeds)
     open_ = [(arm, m) for arm, d in arms.items() for m, t in d.items() if t is None]
@@ -422,14 +456,18 @@ def lr_limit_row(groups: dict[str, list[Any]], base_final: float, dataset: str,
         if len(outs) == 1:
             outcome, why = next(iter(both))
         else:
-            outcome, why = "UNDECIDED", (f"missing seeds leave {', '.join(f'{m:g}x {a}' for a, m in open_)} open, "
-                                         "and they could change the outcome")
+            short = too_short(used)
+            cause = short if short else "missing seeds"
+            outcome, why = "UNDECIDED", (f"{', '.join(f'{m:g}x {a}' for a, m in open_)} without an answer "
+                                         f"({cause}), which could change the outcome")
     else:
         outcome, why = decide_lr_limit(arms["with BN"], arms["without BN"])
-    word = {True: "trains", False: "fails", None: "open (seeds missing)"}
+    word = {True: "trains", False: "fails", None: "no answer"}
     text = "; ".join(f"{arm}: " + ", ".join(f"{m:g}x {word[t]}" for m, t in sorted(d.items()))
                      for arm, d in arms.items())
-    return row(claim, ours=f"{why} ({text})", dataset=dataset, outcome=outcome,
+    n_runs = sum(len(s.status) for s in seeds)
+    return row(claim, ours=f"{why} ({text}; {n_runs} runs over {len(seeds)} seed{'s' if len(seeds) != 1 else ''})",
+               dataset=dataset, outcome=outcome,
                no_ci_reason="a comparison of rate limits on a grid of tested rates, not a statistic over seeds",
                seeds=seeds, extra={"rates": {arm: {f"{m:g}": t for m, t in d.items()} for arm, d in arms.items()}})
 
@@ -443,53 +481,38 @@ def verdict(results: ExperimentResults) -> list[dict[str, Any]]:
                           EXPERIMENT.primary_setting, EXPERIMENT.declared_settings(results))
 
 
-def plots(results: ExperimentResults, out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bnlab.report.plots import mean_spread, save_figure
-
+def figures(results: ExperimentResults) -> tuple[FigureSpec, ...]:
+    """Ioffe Fig. 2 proxy as small multiples: one panel per variant against the Baseline (grey), one
+    shared y-axis from chance to above the Baseline max (the dotted line every panel is compared with)."""
     primary = EXPERIMENT.split_by_setting(results).get(EXPERIMENT.primary_setting)
     if primary is None:
-        return []
-    out_dir = Path(out_dir)
+        return ()
     groups = {v: [r for r in rs if r.status != "incomplete"] for v, rs in primary.by_variant().items()}
-    bmax = baseline_max(primary)
-    data = dataset_text([r for rs in groups.values() for r in rs])
     shown = [v for v in VARIANTS if groups.get(v)]
-    ncols = 4
-    nrows = max(1, math.ceil(len(shown) / ncols))
-    # Small multiples: one variant per panel against the Baseline (grey), same axes everywhere.
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 2.5 * nrows), sharex=True, sharey=True,
-                             squeeze=False)
-    for ax, variant in zip(axes.flat, shown):
-        if variant != "Baseline" and groups.get("Baseline"):
-            mean_spread(ax, groups["Baseline"], label="Baseline", color="0.6")
-        mean_spread(ax, groups[variant], label=variant, color="C0" if "BN" in variant else "C3")
-        if bmax is not None:
-            ax.axhline(bmax["target"], color="k", lw=0.8, ls=":")
-        lr = groups[variant][0].config.lr
-        ax.set_title(f"{variant} (lr {lr:g})", fontsize=9)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(shown):]:
-        ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("training step")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("test accuracy (2000-image subset)", fontsize=8)
-    fig.suptitle(f"Ioffe Fig. 2 proxy on {data}", fontsize=10)
-    n_seeds = max((len(v) for v in groups.values()), default=0)
-    caption = (f"Ioffe Fig. 2 proxy on {data}: test accuracy on a fixed 2000-image test subset over training, "
-               f"one panel per variant (colour; red = without BN) against the Baseline (grey), up to {n_seeds} "
-               f"seeds per variant. Dotted line: the Baseline max, the maximum of the "
-               f"Baseline's seed-mean curve"
+    if not shown:
+        return ()
+    bmax = baseline_max(primary)
+    data = dataset_text([r for v in shown for r in groups[v]])
+    accs = [a[np.isfinite(a)] for v in shown for r in groups[v] for a in [r.series("eval", "acc")[1]]]
+    accs = np.concatenate([a for a in accs if a.size] or [np.array([CHANCE])])
+    top = max(float(accs.max()), bmax["target"] if bmax else 0.0)
+    ylim = (min(float(accs.min()), CHANCE) - 0.03, top + 0.03)  # chance (or below) to above the target
+    marks = (Mark(bmax["target"], f"Baseline max {bmax['target']:.3f}"),) if bmax else ()
+    panels = []
+    for v in shown:
+        curves = ((Curve("Baseline", "Baseline", split="eval", key="acc", color="0.6"),) if v != "Baseline" else ())
+        curves += (Curve(v, v, split="eval", key="acc", color="C0" if "BN" in v else "C3"),)
+        panels.append(Panel(f"{v} (lr {groups[v][0].config.lr:g})", "training step",
+                            f"test accuracy ({groups[v][0].config.eval_subset}-image subset)", curves,
+                            ylim=ylim, marks=marks))
+    n_seeds = max(len(groups[v]) for v in shown)
+    caption = (f"Ioffe Fig. 2 proxy on {data}: test accuracy on a fixed test subset over training, one panel per "
+               f"variant (blue: with BN, red: without) against the Baseline (grey), up to {n_seeds} seed"
+               f"{'s' if n_seeds != 1 else ''} per variant, one y-axis from chance ({CHANCE:g}) or below up. Dotted "
+               "line: the Baseline max, the maximum of the Baseline's seed-mean curve"
                + (f" ({bmax['target']:.3f}, first reached at step {bmax['step']})" if bmax else "")
-               + f"; setting {EXPERIMENT.primary_setting}.")
-    path = save_figure(fig, out_dir / "ioffe_lr_study_accuracy.png", caption=caption)
-    plt.close(fig)
-    return [path]
+               + f"; setting {EXPERIMENT.primary_setting}. Ioffe Fig. 3 is the table above.")
+    return (FigureSpec("ioffe_lr_study_accuracy", caption, tuple(panels), ncols=4, sharey=True),)
 
 
 BASE = TrainConfig(
@@ -512,7 +535,7 @@ EXPERIMENT = Experiment(
     settings=SETTINGS,
     robust_seeds=None,  # every setting with the 5 quick seeds (see SETTINGS)
     verdict=verdict,
-    plots=plots,
+    figures=figures,
     tables=fig3_table,
     definitions=(
         ("Baseline max",

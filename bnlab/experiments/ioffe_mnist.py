@@ -27,12 +27,12 @@ Choices the paper leaves open, all stated here and in the report:
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bnlab.experiments.base import Experiment, ExperimentResults, Probe, ProbeContext, dataset_text
+from bnlab.experiments.figures import Curve, FigureSpec, Mark, Panel
 from bnlab.experiments.verdict import Claim, Seed, merge_settings, paired_difference, undecided
 from bnlab.measure import record_activations
 from bnlab.train.config import TrainConfig
@@ -70,8 +70,8 @@ for _init, _ov in ((SMALL, {}), (UNIT, {"init_std": 1.0})):
 CLAIMS = {
     "D.8a": Claim(
         "D.8a", "BN is ahead of the baseline early in training",
-        "BN ≈0.96 at the first plotted point (Fig. 1a, MNIST); our row tests only that BN is ahead at step 1000, "
-        "not the size of the lead",
+        "BN ≈0.96 at the first plotted point (Fig. 1a, MNIST); our row tests only that BN is ahead at 2 % of training "
+        "(step 1000 of 50,000), not the size of the lead",
         f"paired difference BN - baseline of test accuracy (2000-image subset) at {EARLY_FRACTION:.0%} of "
         "training (fraction correct); a diverged run counts as chance (0.1)", diverged_value=CHANCE),
     "D.8b": Claim(
@@ -82,7 +82,7 @@ CLAIMS = {
     "D.9a": Claim(
         "D.9a", "the median of the sigmoid input drifts less with BN",
         "baseline median swings (≈+0.8 -> -0.2 -> +1.0 early); BN median stays ≈0 (Fig. 1b,c); ours: BN's own "
-        "median drifts too (2.36 at quick), so only the relative claim is reproduced",
+        "median drifts too, so only the relative claim is reproduced",
         "paired difference baseline - BN of the median's drift: max - min over the whole run (step 0 "
         "on) of the unit's 50th percentile, mean over units 0-9 (sigmoid-input units)"),
     "D.9b": Claim(
@@ -251,86 +251,76 @@ def verdict(results: ExperimentResults) -> list[dict[str, Any]]:
 
 # --- figures -----------------------------------------------------------------------------------------
 
-def plots(results: ExperimentResults, out_dir: Path) -> list[Path]:
-    import matplotlib
+def _zoom(groups: dict[str, list[Any]], early: int) -> tuple[float, float] | None:
+    """Fig. 1a's y-range: the seed-mean curves from the early step D.8a uses on (where the comparison
+    happens), padded by 8 %; None without data."""
+    lows, highs = [], []
+    for runs in groups.values():
+        curves = [r.series("eval", "acc") for r in runs]
+        curves = [c for c in curves if c[0].size]
+        if not curves:
+            continue
+        n = min(len(c[0]) for c in curves)
+        mean = np.nanmean(np.stack([c[1][:n] for c in curves]), axis=0)
+        later = mean[curves[0][0][:n] >= early]
+        later = later[np.isfinite(later)]
+        if later.size:
+            lows.append(float(later.min()))
+            highs.append(float(later.max()))
+    if not lows:
+        return None
+    lo, hi = min(lows), max(highs)
+    pad = max(0.004, 0.08 * (hi - lo))
+    return lo - pad, hi + pad
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    from bnlab.report.plots import mean_spread, save_figure
-
-    out_dir = Path(out_dir)
+def figures(results: ExperimentResults) -> tuple[FigureSpec, ...]:
+    """Ioffe Fig. 1a (test accuracy) and Fig. 1b,c (sigmoid-input percentiles of one unit) for the
+    runs of the primary setting, as data: the report draws them."""
     primary = EXPERIMENT.split_by_setting(results).get(EXPERIMENT.primary_setting)
     if primary is None:
-        return []
-    groups = primary.by_variant()
+        return ()
+    groups = {v: [r for r in rs if r.status != "incomplete"] for v, rs in primary.by_variant().items()}
     runs_all = [r for rs in groups.values() for r in rs]
+    if not runs_all:
+        return ()
     data = dataset_text(runs_all)
-    paths = []
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    lows, highs, early = [], [], None
-    for variant, label in (("baseline", "Without BN"), ("bn", "With BN")):
-        runs = [r for r in groups.get(variant, []) if r.status != "incomplete"]
-        if not runs:
-            continue
-        mean_spread(ax, runs, label=label)
-        steps, acc = runs[0].series("eval", "acc")
-        early = early_step(runs[0].config)
-        curves = [r.series("eval", "acc")[1] for r in runs]
-        n = min(len(c) for c in curves)
-        m = np.nanmean(np.stack([c[:n] for c in curves]), axis=0)
-        later = m[steps[:n] >= early]
-        if later.size:
-            lows.append(np.nanmin(later))
-            highs.append(np.nanmax(later))
-    if lows:  # zoom on where the comparison happens: from the early step D.8a uses, on
-        lo, hi = min(lows), max(highs)
-        pad = max(0.004, 0.08 * (hi - lo))
-        ax.set_ylim(lo - pad, hi + pad)
-    if early:
-        ax.axvline(early, color="gray", lw=0.8, ls=":")
-    ax.set_xlabel("training step")
-    ax.set_ylabel(f"test accuracy ({EVAL_SUBSET}-image subset)")
-    ax.set_title(f"(a) test accuracy, {data}")
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    n_seeds = max((len(v) for v in groups.values()), default=0)
-    caption = (f"Ioffe Fig. 1a reproduced on {data}: test accuracy on a fixed {EVAL_SUBSET}-image test subset "
-               f"every {runs_all[0].config.eval_every if runs_all else 500} steps, {n_seeds} seeds; setting "
-               f"{EXPERIMENT.primary_setting}. The y-axis is zoomed to the range "
-               f"after the dotted line (step {early}, where D.8a compares); earlier points lie below it.")
-    paths.append(save_figure(fig, out_dir / "ioffe_mnist_accuracy.png", caption=caption))
-    plt.close(fig)
-
+    cfg = runs_all[0].config
+    early = early_step(cfg)
+    n_seeds = max(len(v) for v in groups.values())
+    ylim = _zoom(groups, early)
+    fig1a = FigureSpec(
+        "ioffe_mnist_accuracy",
+        f"Ioffe Fig. 1a reproduced on {data}: test accuracy on a fixed {EVAL_SUBSET}-image test subset every "
+        f"{cfg.eval_every} steps, {n_seeds} seed{'s' if n_seeds != 1 else ''}; setting "
+        f"{EXPERIMENT.primary_setting}. The y-axis shows the range from the dotted line on (step {early}, where "
+        "D.8a compares); earlier points lie below it.",
+        (Panel(f"(a) test accuracy, {data}", "training step", f"test accuracy ({EVAL_SUBSET}-image subset)",
+               (Curve("baseline", "Without BN", split="eval", key="acc"),
+                Curve("bn", "With BN", split="eval", key="acc")),
+               ylim=ylim, marks=(Mark(early, f"step {early} (D.8a)", axis="x"),)),))
     # As in the paper: one typical unit (unit 0) of one network (the first seed), its 15th-85th
     # percentile band and median over training; the D.9 verdict uses units 0-9 of every seed.
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
-    shown = None
-    for ax, (variant, title) in zip(axes, (("baseline", "(b) without BN"), ("bn", "(c) with BN"))):
-        runs = [r for r in groups.get(variant, []) if "probe/sigmoid_input/steps" in r.arrays]
-        if not runs:
-            continue
-        run = runs[0]
-        shown = run.seed
-        steps = run.arrays["probe/sigmoid_input/steps"]
-        pct = run.arrays["probe/sigmoid_input/percentiles"][:, :, 0]  # (T, 3) for unit 0
-        ax.fill_between(steps, pct[:, 0], pct[:, 2], alpha=0.25, color="C0", linewidth=0,
-                        label=f"{PERCENTILES[0]}th-{PERCENTILES[2]}th percentile")
-        for i in (0, 2):
-            ax.plot(steps, pct[:, i], ":", color="C0", linewidth=0.8)
-        ax.plot(steps, pct[:, 1], color="C0", label=f"{PERCENTILES[1]}th percentile (median)")
-        ax.set_title(f"{title}: unit 0, seed {run.seed}")
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("sigmoid input")
-    axes[0].legend(fontsize=8)
-    caption = (f"Ioffe Fig. 1b,c reproduced on {data}: the input of the sigmoid of unit 0 of the last hidden "
-               f"layer (seed {shown}), its 15th, 50th and 85th percentiles over {PROBE_SET} test images in "
-               f"batches of {PROBE_CHUNK} (training-mode BN), every {BASE.probe_every} steps; setting "
-               f"{EXPERIMENT.primary_setting}. The D.9 verdicts use units 0-9 of every seed.")
-    paths.append(save_figure(fig, out_dir / "ioffe_mnist_percentiles.png", caption=caption))
-    plt.close(fig)
-    return paths
+    shown = min((r.seed for rs in groups.values() for r in rs if "probe/sigmoid_input/steps" in r.arrays),
+                default=None)
+    if shown is None:
+        return (fig1a,)
+    lo, mid, hi = PERCENTILES
+    panels = tuple(
+        Panel(f"{title}: unit 0, seed {shown}", "training step", "sigmoid input",
+              (Curve(variant, f"{lo}th-{hi}th percentile", probe="sigmoid_input", key=f"p{hi}_unit0",
+                     band_key=f"p{lo}_unit0", seed=shown, color="C0"),
+               Curve(variant, f"{mid}th percentile (median)", probe="sigmoid_input", key=f"p{mid}_unit0",
+                     seed=shown, color="C0")))
+        for variant, title in (("baseline", "(b) without BN"), ("bn", "(c) with BN")))
+    fig1bc = FigureSpec(
+        "ioffe_mnist_percentiles",
+        f"Ioffe Fig. 1b,c reproduced on {data}: the input of the sigmoid of unit 0 of the last hidden layer "
+        f"(seed {shown}), its {lo}th, {mid}th and {hi}th percentiles over {PROBE_SET} test images in batches of "
+        f"{PROBE_CHUNK} (training-mode BN), every {cfg.probe_every} steps; setting {EXPERIMENT.primary_setting}. "
+        "Both panels share the y-axis. The D.9 verdicts use units 0-9 of every seed.",
+        panels, sharey=True)
+    return (fig1a, fig1bc)
 
 
 BASE = TrainConfig(
@@ -380,6 +370,6 @@ EXPERIMENT = Experiment(
          "none (from stored probe arrays)"),
     ),
     verdict=verdict,
-    plots=plots,
+    figures=figures,
     notes=__doc__.split("Choices the paper leaves open, all stated here and in the report:", 1)[1].strip(),
 )

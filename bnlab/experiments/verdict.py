@@ -287,6 +287,7 @@ def row(claim: Claim, *, ours: str, dataset: str, outcome: str, statistic: str |
         "n_diverged": n_div,
         "n_collapsed": n_col,
         "robustness": None,
+        "kind": claim.kind,  # paired_difference | seed_count | decided: how per_seed reads
         "passed": {"PASS": True, "FAIL": False}.get(outcome),
         # kept for readers of the earlier row format
         "seeds": len(seeds),

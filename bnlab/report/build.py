@@ -274,16 +274,12 @@ def _run_plots(section: Section, out_dir: Path, several_profiles: bool) -> None:
     from bnlab.report.plots import default_plots, read_caption, use_agg
 
     exp = section.experiment
-    fn = getattr(exp, "plots", None) if exp is not None else None
-    specs = tuple(getattr(exp, "figures", ()) or ()) if exp is not None else ()
-    if specs:  # figures declared as data (bnlab/experiments/figures.py), then any plots function
-        from bnlab.report.figures import draw_figures
+    if exp is not None and (getattr(exp, "figures", None) or getattr(exp, "plots", None)):
+        from bnlab.report.figures import experiment_figures
 
-        own = fn
-
-        def fn(results, out):  # noqa: E306 - a closure over the declared specs
-            return draw_figures(specs, results, out) + (list(own(results, out) or []) if own else [])
-    elif fn is None:
+        def fn(results, out):  # figures declared as data (bnlab/experiments/figures.py), then any plots
+            return experiment_figures(exp, results, out)
+    else:
         fn = default_plots
     figdir = out_dir / section.name / "figures"
     if several_profiles:

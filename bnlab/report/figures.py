@@ -15,7 +15,7 @@ import numpy as np
 
 from bnlab.report.plots import mean_spread, new_figure, save_figure
 
-__all__ = ["draw_figures"]
+__all__ = ["draw_figures", "experiment_figures", "figure_specs"]
 
 
 def _mean_over_seeds(runs: Sequence[Any], probe: str, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -32,6 +32,11 @@ def _mean_over_seeds(runs: Sequence[Any], probe: str, key: str) -> tuple[np.ndar
 
 
 def _draw_time(ax: Any, curve: Any, runs: Sequence[Any], color: str) -> bool:
+    if curve.seed is not None:
+        runs = [r for r in runs if r.seed == curve.seed]
+        if not runs:
+            return False
+    color = curve.color or color
     if curve.split is not None:
         if not any(r.series(curve.split, curve.key)[0].size for r in runs):
             return False
@@ -48,9 +53,10 @@ def _draw_time(ax: Any, curve: Any, runs: Sequence[Any], color: str) -> bool:
     steps_lo, lo = _mean_over_seeds(runs, curve.probe, curve.band_key)
     if steps.size != steps_lo.size:
         return False
-    ax.fill_between(steps, lo, hi, color=color, alpha=0.3, linewidth=0,
-                    label=f"{curve.label} ({len(runs)} seed{'s' if len(runs) != 1 else ''}; band: seed mean of "
-                          f"{curve.band_key} .. {curve.key})")
+    label = curve.label if curve.seed is not None else (
+        f"{curve.label} ({len(runs)} seed{'s' if len(runs) != 1 else ''}; band: seed mean of "
+        f"{curve.band_key} .. {curve.key})")
+    ax.fill_between(steps, lo, hi, color=color, alpha=0.3, linewidth=0, label=label)
     ax.plot(steps, hi, color=color, linewidth=0.8, linestyle=curve.linestyle)
     ax.plot(steps, lo, color=color, linewidth=0.8, linestyle=curve.linestyle)
     return True
@@ -74,6 +80,31 @@ def _draw_per_step(ax: Any, curve: Any, runs: Sequence[Any]) -> bool:
     return True
 
 
+def figure_specs(exp: Any, results: Any) -> tuple[Any, ...]:
+    """The FigureSpecs ``exp`` declares for ``results``: its ``figures`` tuple, or what its
+    ``figures`` function computes from the runs (captions and ranges that depend on them)."""
+    figures = getattr(exp, "figures", ()) or ()
+    return tuple(figures(results) or ()) if callable(figures) else tuple(figures)
+
+
+def experiment_figures(exp: Any, results: Any, out_dir: Path | str) -> list[Path]:
+    """Every figure of ``exp`` from ``results`` into ``out_dir``: the declared FigureSpecs, then the
+    files of an older ``plots`` function, if any. Returns the files written."""
+    paths = draw_figures(figure_specs(exp, results), results, out_dir)
+    if getattr(exp, "plots", None) is not None:
+        from bnlab.report.plots import use_agg
+
+        use_agg()
+        paths += list(exp.plots(results, Path(out_dir)) or [])
+    return paths
+
+
+def _draw_marks(ax: Any, panel: Any) -> None:
+    for mark in panel.marks:
+        draw = ax.axhline if mark.axis == "y" else ax.axvline
+        draw(mark.at, color="k", linewidth=0.8, linestyle=":", label=mark.label or None)
+
+
 def draw_figures(specs: Sequence[Any], results: Any, out_dir: Path | str) -> list[Path]:
     """Draw each FigureSpec from ``results`` (an ExperimentResults); returns the files written."""
     out_dir = Path(out_dir)
@@ -81,11 +112,15 @@ def draw_figures(specs: Sequence[Any], results: Any, out_dir: Path | str) -> lis
     paths = []
     for spec in specs:
         n = len(spec.panels)
-        fig, axes = new_figure(1, n, figsize=(4.6 * n, 3.5))
-        axes = np.atleast_1d(axes)
+        ncols = min(n, spec.ncols or n)
+        nrows = -(-n // ncols)
+        width = 4.6 if ncols <= 3 else 3.3  # small multiples: narrower panels, still readable text
+        fig, axes = new_figure(nrows, ncols, figsize=(width * ncols, (3.5 if nrows == 1 else 2.8) * nrows),
+                               squeeze=False, sharey=spec.sharey, sharex=spec.sharey)
+        flat = list(np.asarray(axes).flat)
         drawn_any = False
-        for ax, panel in zip(axes, spec.panels):
-            ax.set_title(panel.title)
+        for k, (ax, panel) in enumerate(zip(flat, spec.panels)):
+            ax.set_title(panel.title, fontsize=10 if ncols <= 3 else 9)
             drawn = False
             for i, curve in enumerate(panel.curves):
                 runs = groups.get(curve.variant, [])
@@ -96,12 +131,21 @@ def draw_figures(specs: Sequence[Any], results: Any, out_dir: Path | str) -> lis
                 else:
                     drawn |= _draw_time(ax, curve, runs, color=f"C{i % 10}")
             if drawn:
-                ax.set(xlabel=panel.xlabel, ylabel=panel.ylabel, xscale=panel.xscale, yscale=panel.yscale)
+                _draw_marks(ax, panel)
+                ax.set(xscale=panel.xscale, yscale=panel.yscale)
+                if panel.ylim is not None:
+                    ax.set_ylim(*panel.ylim)
+                if nrows == 1 or k >= n - ncols:  # x labels on the bottom row only
+                    ax.set_xlabel(panel.xlabel)
+                if not spec.sharey or k % ncols == 0:
+                    ax.set_ylabel(panel.ylabel, fontsize=9 if ncols > 3 else 10)
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7)
             else:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
             drawn_any |= drawn
+        for ax in flat[n:]:
+            ax.axis("off")
         if not drawn_any:
             continue
         fig.tight_layout()

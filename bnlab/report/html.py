@@ -25,8 +25,9 @@ from bnlab.errors import BnlabError
 from bnlab.numfmt import fmt_pm, fmt_value, values_decimals
 from bnlab.report.markdown import (ANCHOR_PREFIX, claim_anchor, claim_id_of, render_claims, render_inline,
                                    render_markdown)
-from bnlab.report.verdicts import (ci_text, counts, outcome_of, ours_text, per_seed_table, robustness_grid,
-                                   seeds_text)
+from bnlab.report.verdicts import (PROFILE_NOTES, UNDECIDING_PROFILES, counts, estimate_text, interval_text,
+                                   outcome_of, ours_text, per_seed_compact, per_seed_table, robustness_grid,
+                                   seeds_text, short_reason)
 from bnlab.train.config import NOT_HASHED, TrainConfig, config_diff, config_to_dict
 
 __all__ = ["CSS", "esc", "format_cell", "render", "settings_fields", "verdict_label"]
@@ -43,14 +44,25 @@ h2 .muted { font-size: 16px; font-weight: 500; }
 .muted, .generated { color: var(--muted); } .generated { margin: 0 0 16px; }
 .data-used { font-size: 16px; background: var(--bg2); border: 1px solid var(--line); padding: 6px 10px; }
 table { border-collapse: collapse; margin: 8px 0 12px; font-size: 13.5px; width: 100%; }
-th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
-th { background: var(--bg2); font-weight: 600; } td.num { white-space: nowrap; }
-td.ci { white-space: nowrap; } .rule { color: var(--muted); font-size: 12.5px; margin-top: 2px; white-space: normal; }
+th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top;
+         overflow-wrap: anywhere; }
+th { background: var(--bg2); font-weight: 600; } td.num { font-variant-numeric: tabular-nums; }
+.rule { color: var(--muted); font-size: 12.5px; margin-top: 2px; white-space: normal; }
+table.verdicts { table-layout: fixed; }
+table.verdicts col.c-claim { width: 25%; } table.verdicts col.c-data { width: 11%; }
+table.verdicts col.c-paper { width: 19%; } table.verdicts col.c-ours { width: 9%; }
+table.verdicts col.c-ci { width: 12%; } table.verdicts col.c-seeds { width: 11%; }
+table.verdicts col.c-outcome { width: 13%; }
+table.verdicts tr.more td { border-top: none; padding: 0 8px 2px; font-size: 12.5px; }
+table.verdicts tr.claim-row td { border-bottom: none; }
+table.verdicts details { margin: 0; } table.verdicts summary { font-size: 12px; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: 2px 10px; margin: 4px 0; }
+dt { font-weight: 600; color: var(--muted); } dd { margin: 0; }
 table.per-seed { width: auto; font-size: 12.5px; } table.per-seed td, table.per-seed th { padding: 2px 6px; }
 code, pre { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px; }
 pre { background: var(--bg2); border: 1px solid var(--line); padding: 8px 10px; overflow-x: auto;
       white-space: pre-wrap; word-break: break-word; }
-.badge { display: inline-block; min-width: 92px; text-align: center; padding: 1px 8px; border-radius: 10px;
+.badge { display: inline-block; min-width: 86px; text-align: center; padding: 1px 8px; border-radius: 10px;
          color: #fff; font-weight: 700; font-size: 12px; letter-spacing: .03em; }
 .PASS { background: var(--pass); } .FAIL { background: var(--fail); } .TIE { background: var(--tie); }
 .UNDECIDED { background: var(--undecided); } .ERROR { background: var(--error); }
@@ -182,23 +194,50 @@ def _row_view(r: dict[str, Any], anchors: dict[tuple, str], claim_anchors: set[s
         claim = claim[len(cid):].lstrip(" :")  # the id is shown (and linked) on its own
     anchor = claim_anchor(cid) if cid else ""
     rob = r.get("robustness") if isinstance(r.get("robustness"), dict) else None
+    reason = str(r.get("undecided_reason") or "")
+    by_profile = reason in UNDECIDING_PROFILES.values()  # smoke: one plain sentence, nothing else to say
+    estimate, interval = estimate_text(r), interval_text(r)
+    ours = ours_text(r.get("ours", ""))
+    seeds = per_seed_compact(r)
+    if len(seeds) == 1 and seeds[0].lstrip("+") == estimate.lstrip("+"):
+        seeds = []  # one seed: its value is the estimate; the column says "1 seed" instead of repeating it
+    outcome = outcome_of(r)
+    if outcome == "UNDECIDED" and not reason:
+        reason = short_reason(r.get("no_ci_reason"))
     return {
         "experiment": r.get("experiment", ""), "profile": r.get("profile", ""),
         "section_anchor": anchors.get((r.get("experiment"), r.get("profile")), ""),
         "claim_id": cid, "claim_anchor": anchor,
         "claim_href": f"#{ANCHOR_PREFIX}{anchor}" if anchor in claim_anchors else "",
         "claim_text": render_inline(claim), "paper": render_inline(r.get("paper")),
-        "ours": ours_text(r.get("ours", "")), "ci": ci_text(r),
-        "statistic": r.get("statistic") or "", "ci_method": r.get("ci_method") or "",
+        # the cells: the estimate alone (the experiment's own sentence when it has no number), the
+        # interval alone, one entry per seed; everything longer goes to the row's details
+        "estimate": estimate or _no_estimate(r, ours), "interval": interval,
+        # why there is no interval, unless the outcome cell already says it
+        "no_interval": "" if interval or (outcome == "UNDECIDED" and reason == short_reason(r.get("no_ci_reason")))
+                       else short_reason(r.get("no_ci_reason")),
+        "per_seed_compact": seeds, "n_seeds": seeds_text(r),
+        "ours": ours, "statistic": r.get("statistic") or "",
+        "ci_method": r.get("ci_method") or "", "no_ci_reason": r.get("no_ci_reason") or "",
         "rule": render_inline(r.get("rule")) if r.get("rule") else "",
-        "why": r.get("why") or "", "dataset": r.get("dataset") or "",
-        "seeds": seeds_text(r), "outcome": outcome_of(r), "per_seed": per_seed_table(r),
+        "why": (r.get("why") or "") if r.get("why") != r.get("rule") else "",
+        "dataset": r.get("dataset") or "",
+        "outcome": outcome, "per_seed": per_seed_table(r),
         "robust_label": (rob or {}).get("label") or "",
-        # the page explains the smoke policy once at the top; a row only names it
-        "undecided_reason": ("smoke profile: decides nothing" if str(r.get("undecided_reason") or "").startswith(
-            "smoke profile") else r.get("undecided_reason") or ""),
-        "computed_outcome": r.get("computed_outcome") or "",
+        "undecided_reason": reason if outcome == "UNDECIDED" else "",
+        "computed_outcome": "" if by_profile else (r.get("computed_outcome") or ""),
     }
+
+
+def _no_estimate(r: dict[str, Any], ours: str) -> str:
+    """The "ours" cell of a row without a numeric estimate: "k/n yes" for per-seed outcomes, else the
+    experiment's sentence up to its first parenthesis (the whole sentence is in the row's details)."""
+    items = r.get("per_seed") if isinstance(r.get("per_seed"), list) else []
+    if items and r.get("kind") != "decided" and all("outcome" in it for it in items):
+        yes = sum(it.get("outcome") is True for it in items)
+        answered = sum(it.get("outcome") is not None for it in items)
+        return f"{yes}/{len(items)} yes" + (f" ({len(items) - answered} no answer)" if answered < len(items) else "")
+    return ours.split(" (", 1)[0]
 
 
 def _robustness_view(rows: list[dict[str, Any]], views: list[dict[str, Any]], title: str) -> dict[str, Any] | None:
@@ -548,9 +587,8 @@ def render(report: Any) -> str:
     profiles = getattr(report, "profiles", [])
     profile = getattr(report, "profile", None) or (profiles[0] if len(profiles) == 1 else None)
     profile_note = ""
-    if profile == "smoke":
-        profile_note = ("Smoke profile: these runs check that the pipeline works (1 seed, a few steps, small "
-                        "data). They decide no claim: every outcome is UNDECIDED. Run --profile quick for verdicts.")
+    if profile in PROFILE_NOTES:
+        profile_note = PROFILE_NOTES[profile]
     elif len(profiles) > 1:
         profile_note = (f"This directory holds runs of several profiles ({', '.join(profiles)}), shown as separate "
                         "sections; smoke-profile rows decide nothing. Run bnlab report DIR --profile P for one "

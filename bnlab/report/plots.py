@@ -73,7 +73,8 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float] |
         figsize = (5.2 * ncols, 3.6 * nrows)
     fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=True, **subplots_kw)
+    subplots_kw.setdefault("squeeze", True)
+    axes = fig.subplots(nrows, ncols, **subplots_kw)
     return fig, axes
 
 

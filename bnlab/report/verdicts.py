@@ -20,11 +20,15 @@ from bnlab.numfmt import fmt_ci, fmt_pm, fmt_value, values_decimals
 OUTCOMES = ("PASS", "FAIL", "TIE", "UNDECIDED")
 LABELS = (*OUTCOMES, "ERROR")
 # Profiles whose runs check the pipeline only: their rows never decide a claim.
-UNDECIDING_PROFILES = {"smoke": "smoke profile: a check that the pipeline runs (1 seed, a few steps, "
-                                "small data); it decides no claim. Run --profile quick or paper"}
+# The reason is one plain sentence, shown on every such row; PROFILE_NOTES says it once at the top.
+UNDECIDING_PROFILES = {"smoke": "smoke run: checks the pipeline, decides nothing"}
+PROFILE_NOTES = {"smoke": "Smoke runs check that the pipeline works (1 seed, a few steps, small data); they "
+                          "decide no claim, so every outcome is UNDECIDED. Run --profile quick or paper for "
+                          "verdicts."}
 
-__all__ = ["LABELS", "OUTCOMES", "UNDECIDING_PROFILES", "apply_profile_policy", "ci_text", "counts",
-           "ours_text", "outcome_of", "per_seed_table", "robustness_grid", "seeds_text"]
+__all__ = ["LABELS", "OUTCOMES", "PROFILE_NOTES", "UNDECIDING_PROFILES", "apply_profile_policy", "ci_text", "counts",
+           "estimate_text", "interval_text", "ours_text", "outcome_of", "per_seed_compact", "per_seed_table",
+           "robustness_grid", "seeds_text", "short_reason"]
 
 
 def outcome_of(row: dict[str, Any]) -> str:
@@ -69,6 +73,67 @@ def ci_text(row: dict[str, Any]) -> str:
     if isinstance(row.get("estimate"), (int, float)):
         return fmt_value(row["estimate"])
     return ""
+
+
+def _ci_pair(row: dict[str, Any]) -> tuple[float, float] | None:
+    ci = row.get("ci")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
+        return float(ci[0]), float(ci[1])
+    return None
+
+
+def estimate_text(row: dict[str, Any]) -> str:
+    """The estimate alone ("+0.081"), at the precision of its interval when there is one; "" without
+    a numeric estimate."""
+    est = row.get("estimate")
+    if not isinstance(est, (int, float)) or isinstance(est, bool):
+        return ""
+    ci = _ci_pair(row)
+    text = fmt_value(est) if ci is None else fmt_ci(est, *ci).split(" [", 1)[0]
+    paired = any("diff" in it for it in row.get("per_seed") or [] if isinstance(it, dict))
+    return "+" + text if paired and est > 0 else text  # a difference shows its sign, as per seed
+
+
+def interval_text(row: dict[str, Any]) -> str:
+    """The interval alone ("[0.052, 0.110]"), at the same precision as ``estimate_text``; "" without."""
+    ci = _ci_pair(row)
+    if ci is None:
+        return ""
+    text = fmt_ci(row.get("estimate"), *ci)
+    return text[text.index("["):]
+
+
+def short_reason(text: Any) -> str:
+    """The first clause of a reason ("1 seed: no interval can be formed (needs >= 2)" -> "1 seed")."""
+    text = str(text or "").strip()
+    for sep in (": ", "; "):
+        text = text.split(sep, 1)[0]
+    return text
+
+
+def per_seed_compact(row: dict[str, Any]) -> list[str]:
+    """One short entry per declared seed, in seed order: the paired difference (at the precision of
+    their spread), "yes"/"no" for per-seed outcomes, or the run status when there is no value; for
+    rows whose seeds carry several arms and neither (a decided rule), "k runs"."""
+    items = row.get("per_seed")
+    if not isinstance(items, list) or not items:
+        return []
+    if any(it.get("diff") is not None for it in items) or any("diff" in it for it in items):
+        diffs = [it.get("diff") for it in items]
+        d = values_decimals([v for v in diffs if isinstance(v, (int, float))])
+        out = []
+        for it, v in zip(items, diffs):
+            if isinstance(v, (int, float)):
+                out.append(fmt_value(v, d) if v < 0 else "+" + fmt_value(v, d))
+            else:
+                bad = [st for st in (it.get("status") or {}).values() if st not in ("done", None)]
+                out.append(bad[0] if bad else "–")
+        return out
+    if row.get("kind") == "decided":
+        return [f"{len(it.get('status') or it.get('values') or {})} runs" for it in items]
+    if any("outcome" in it for it in items):
+        return [{True: "yes", False: "no"}.get(it.get("outcome"), "–") for it in items]
+    return [f"{len(it.get('status') or it.get('values') or {})} runs" for it in items]
 
 
 def seeds_text(row: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ import math
 import multiprocessing as mp
 import os
 import pickle
+import textwrap
 import queue as queue_mod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -187,12 +188,29 @@ def check_configs(planned: Sequence[PlannedRun], data_dir: str | None) -> list[A
 
 
 def fallback_notices(tasks: Sequence[Any]) -> list[str]:
-    """One line per distinct dataset fallback among ``tasks`` (asked for X, using Y, and why)."""
+    """One notice per distinct dataset fallback among ``tasks`` (asked for X, used Y, why, how to get
+    X), in whole sentences; several tasks with the same fallback (binarized or not, other subsets)
+    give one notice. Each run records the same in its env.json."""
+    from bnlab.train.task import binarize_note
+
+    by_pair: dict[tuple[str, str], list[str]] = {}
+    for t in tasks:
+        if t.requested == t.name:
+            continue
+        sentences = by_pair.setdefault((t.requested, t.name), [])
+        note = (t.note or "").strip()
+        extra = binarize_note(t.name)
+        if extra in note:  # the binarize sentence: once, after the fallback's own
+            note = note.replace(extra, "").strip()
+            if extra not in sentences:
+                sentences.append(extra)
+        if note and note not in sentences:
+            sentences.insert(0, note)
     lines = []
-    for requested, used, note in dict.fromkeys((t.requested, t.name, t.note) for t in tasks):
-        if requested != used:
-            lines.append(f"data: {note}" if note else
-                         f"data: {requested} is not installed; using {used} instead (recorded in each run)")
+    for (requested, used), sentences in by_pair.items():
+        text = " ".join(sentences) or f"{requested} is not installed; {used} is used instead."
+        lines.append(textwrap.fill(f"data: {text} (Recorded in each run.)", width=100,
+                                   subsequent_indent="      ", break_on_hyphens=False, break_long_words=False))
     return lines
 
 
@@ -251,7 +269,8 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
                    variants: Sequence[str] | None = None, workers: int = 1, threads: int | None = None,
                    max_minutes: float | None = None, quiet: bool = False, tensorboard: bool = False,
                    data_dir: str | None = None, wait: bool = False, shard: tuple[int, int] | None = None,
-                   echo: Callable[[str], None] = print, progress: Progress | None = None) -> ExperimentRun:
+                   echo: Callable[[str], None] = print, progress: Progress | None = None,
+                   announce_data: bool = True) -> ExperimentRun:
     """Plan, check, estimate, run (see module docstring); runs go to ``out/<experiment>/...``.
 
     Everything that can be checked is checked before the first line is printed or the first file is
@@ -259,7 +278,8 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
     past ``max_minutes`` and RunLockedError at the end if some runs were held by another process
     (the others still ran). ``progress``: an outer Progress counting estimated seconds of work
     (``bnlab reproduce``: one over several experiments); without it, and unless ``quiet``, one
-    over this experiment's steps.
+    over this experiment's steps. ``announce_data``: print the dataset-fallback notices (False when
+    the caller printed them once for several experiments).
     """
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
@@ -292,7 +312,7 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
         return result
     write(f"estimated cost: {format_seconds(wall)}"
           + (f" ({format_seconds(serial)} of CPU over {parallel} workers)" if parallel > 1 else ""))
-    for line in fallback_notices(tasks):
+    for line in fallback_notices(tasks) if announce_data else ():
         write(line)
 
     threads = threads or _default_threads(workers)
@@ -304,7 +324,7 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
     own = progress is None and not quiet
     weight = [1.0] * len(todo)
     if own:
-        progress = Progress(total_steps, desc=exp.name, unit="steps", prior_rate=total_steps / wall if wall else None)
+        progress = Progress(total_steps, desc=exp.name, unit="steps")
         write = progress.write
     elif progress is not None:
         weight = [p.est_seconds / max(1, p.spec.cfg.steps - p.start_step) for p in todo]

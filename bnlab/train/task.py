@@ -62,6 +62,13 @@ class Task:
         }
 
 
+def binarize_note(name: str) -> str:
+    """The sentence a run's dataset note gets when binarize=true meets data other than MNIST."""
+    from bnlab.data.locate import dataset_title
+
+    return f"binarize=true applies to MNIST only, so {dataset_title(name)} keeps its grey levels."
+
+
 @functools.lru_cache(maxsize=4)
 def _load(name: str, data_dir: str | None, fallback: bool) -> Any:
     from bnlab.data import load_dataset  # lazy: the data layer is only needed when a run starts
@@ -118,7 +125,7 @@ def _build_task_cached(key: tuple, data_dir: str | None) -> Task:
         if binarized:
             x_train, x_test = (x_train > 0.5).to(dtype), (x_test > 0.5).to(dtype)
         if binarize and not binarized:
-            note = (note + "; " if note else "") + f"binarize=true applies to MNIST only: {name} keeps grey levels"
+            note = " ".join(x for x in (note, binarize_note(name)) if x)
         x_train, x_test = x_train.to(dtype), x_test.to(dtype)
         idx = _take(x_train.shape[0], train_subset, data_seed)
         if idx is not None:
