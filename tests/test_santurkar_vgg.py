@@ -140,7 +140,7 @@ def test_rules_fail_when_the_claims_are_false():
 
 def test_a_gap_inside_the_noise_is_a_tie():
     table = dict(PAPER_LIKE)
-    table["noisy_bn"] = (0.92, 350, 0.82, 1e-1, 0.3, 0.5, 1.0, 1.0)  # 3 points below BN, seeds jitter by ±1
+    table["noisy_bn"] = (0.888, 350, 0.82, 1e-1, 0.3, 0.5, 1.0, 1.0)  # with the jitter: ≈3 points below BN, ±1
     rows = _by_id(vgg.verdict(_results(table, jitter=0.02)))
     assert rows["D.13a"]["outcome"] == "TIE", rows["D.13a"]["ours"]
     assert rows["D.13a"]["ci"][0] < -vgg.FEW_POINTS < rows["D.13a"]["ci"][1]
@@ -156,7 +156,7 @@ def test_steps_to_target_and_censoring():
     assert vgg.steps_to_target(None, 0.85) == (None, False)
     # the standard net never reaches the target: it counts as the run's length, the row says so
     table = dict(PAPER_LIKE, standard=(0.80, 900, 0.80, 1e-3, 0.1, 0.9, 100.0, 1.6))
-    r = _by_id(vgg.verdict(_results(table)))["D.11a"]
+    r = _by_id(vgg.verdict(_results(table, jitter=0.05)))["D.11a"]
     assert r["outcome"] == "PASS" and "3 seed(s) with a censored arm" in r["ours"]
     assert all("standard never reached 0.85" in p["note"] for p in r["per_seed"])
 
@@ -175,8 +175,11 @@ def test_diverged_and_collapsed_seeds_are_counted_not_dropped():
     for cid in ("D.15d", "D.15e", "D.15f", "D.16b", "D.14d", "D.12a"):
         assert rows[cid]["outcome"] == "UNDECIDED" and rows[cid]["n_diverged"] == 1, cid
         assert rows[cid]["per_seed"][2]["status"]["standard"] == "diverged"
-    # ... but accuracy claims count it as chance (declared), so they still decide
-    assert rows["D.11c"]["outcome"] == "PASS" and rows["D.11c"]["per_seed"][2]["values"]["standard"] is None
+    # ... but accuracy claims count it as chance (declared), so they still decide (here the outlier widens
+    # the interval to a TIE)
+    r = rows["D.11c"]
+    assert r["outcome"] == "TIE" and r["per_seed"][2]["values"]["standard"] is None
+    assert r["per_seed"][2]["diff"] == pytest.approx(r["per_seed"][2]["values"]["bn"] - vgg.CHANCE)
 
 
 def test_missing_declared_seed_and_missing_variant_are_undecided():
@@ -213,35 +216,38 @@ def _ctx(model, x, step, state, cfg):
 
 @pytest.mark.parametrize("norm", ["none", "batch", "noisy_batch"])
 def test_moments_probe_per_step_change(norm):
-    """With the weights unchanged between s and s + 1, the standard net's and BN's moments do not move
+    """With the weights unchanged between s and s + 1 (one forward in between, as the training step's, which
+    draws noise: the probe itself restores the noise generators), the standard net's and BN's moments do not move
     (|Δμ| = |Δσ²| = 0 exactly); noisy BN's move by Algorithm 1's fresh draw: the ReLU input of a channel
     is s·a + m with a the BN output (γ = 1, β = 0: mean 0, biased variance 1 - eps), so its mean is ≈ μ_t
     and its variance ≈ σ_t² + r_σ² + r_μ²/3; |μ_t - μ_t'| for two U(-1/2, 1/2) draws has mean 1/3."""
     from bnlab.models import build_model
 
     torch.manual_seed(0)
-    model = build_model("vgg16", norm=norm, in_shape=(1, 8, 8), num_classes=10, width=1.0)  # 64-512 channels
+    model = build_model("vgg16", norm=norm, in_shape=(1, 8, 8), num_classes=10, width=0.25)  # 16-128 channels
     model.train()
     x = torch.rand(64, 1, 8, 8)
     cfg = TrainConfig(dataset="digits", model="vgg16", probe_schedule="every", probe_every=100, steps=1000)
     state: dict = {}
     first = vgg.moments_probe(_ctx(model, x, 100, state, cfg))
     assert "layer2.dmean" not in first and first["layer11.hist_density"].shape == (vgg.HIST_BINS,)
+    with torch.no_grad():  # the training step between s and s + 1 draws its noise (weights unchanged here)
+        model(x)
     second = vgg.moments_probe(_ctx(model, x, 101, state, cfg))
     assert "layer11.hist_density" not in second  # 101 is a partner step, not a scheduled one
     if norm != "noisy_batch":
         for k in vgg.MOMENT_LAYERS:
             assert second[f"layer{k}.dmean"] == 0.0 and second[f"layer{k}.dvar"] == 0.0
         return
-    # layer 13 has 512 channels: the channel average of |Δμ| is 1/3 within a few standard errors
+    # layers #9 and #13 have 128 channels: the channel average of |Δμ| is 1/3 within a few standard errors
     g = np.random.default_rng(0)
     mu, mu2 = g.uniform(-0.5, 0.5, (2, 200_000))
     sig, sig2 = g.uniform(1, 1.25, (2, 200_000))
     dvar = np.abs(sig ** 2 - sig2 ** 2).mean()
-    for k, n_ch in ((9, 512), (13, 512)):
+    for k, n_ch in ((9, 128), (13, 128)):
         se = math.sqrt(1 / 18 / n_ch)
         assert second[f"layer{k}.dmean"] == pytest.approx(1 / 3, abs=4 * se + 0.01), k
-        assert second[f"layer{k}.dvar"] == pytest.approx(dvar, rel=0.15), k
+        assert second[f"layer{k}.dvar"] == pytest.approx(dvar, rel=0.3), k
         assert first[f"layer{k}.var"] == pytest.approx(np.mean(sig ** 2) + 0.01 + 0.01 / 3, rel=0.05)
 
 
