@@ -300,8 +300,8 @@ def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> Non
 # Named groups of experiments; "all" is every registered experiment.
 GROUPS: dict[str, tuple[str, ...]] = {
     "ioffe": ("ioffe_mnist", "ioffe_lr_study"),
-    # Santurkar et al. 2018: the deep linear network today (the VGG experiments of issue 13 join it)
-    "santurkar": ("santurkar_dln",),
+    # Santurkar et al. 2018: the deep linear network and the VGG experiments
+    "santurkar": ("santurkar_dln", "santurkar_vgg"),
 }
 
 

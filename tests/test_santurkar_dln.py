@@ -197,8 +197,8 @@ def test_experiments_with_declared_figures_do_not_import_the_report():
 def test_santurkar_group_and_quick_scale():
     from bnlab.cli import expand_targets
 
-    assert expand_targets(["santurkar"]) == ["santurkar_dln"]
-    assert expand_targets(["ioffe", "santurkar"])[-1] == "santurkar_dln"
+    assert expand_targets(["santurkar"]) == ["santurkar_dln", "santurkar_vgg"]
+    assert expand_targets(["ioffe", "santurkar"])[-2:] == ["santurkar_dln", "santurkar_vgg"]
     exp = dln.EXPERIMENT
     cfg = exp.config("bn", "quick")  # the quick profile is the paper's protocol
     assert (cfg.depth, cfg.regression_dim, cfg.regression_n, cfg.batch_size, cfg.steps) == (25, 10, 1000, 1000, 10_000)

@@ -22,7 +22,7 @@ from bnlab.experiments.base import (
 )
 
 # Modules under bnlab/experiments/ that define EXPERIMENTS, in the order ``bnlab list`` shows them.
-_MODULES: tuple[str, ...] = ("ioffe_mnist", "ioffe_lr_study", "santurkar_dln")
+_MODULES: tuple[str, ...] = ("ioffe_mnist", "ioffe_lr_study", "santurkar_dln", "santurkar_vgg")
 
 _REGISTRY: dict[str, Experiment] = {}
 _loaded = False

@@ -28,8 +28,13 @@ def uses_norm(norm: str) -> bool:
     """True if ``norm`` puts a normalization layer (with its own shift β) into each slot.
 
     Only then is the bias of the preceding conv/linear layer dropped: β subsumes it (Ioffe & Szegedy 2015, Sec. 3.2).
+    ``"noise_only"`` (Santurkar Fig. 2's "standard network + the same noise") has no β: its random,
+    time-varying shift cannot learn an offset, so the standard network keeps its biases there.
     """
-    return norm != "none"
+    return norm not in _NO_SHIFT
+
+
+_NO_SHIFT = frozenset({"none", "noise_only"})  # norm names whose layer has no learnable shift β
 
 
 class LayeredModel(nn.Module):

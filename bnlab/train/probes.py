@@ -56,7 +56,10 @@ class Probe:
     schedule/every/points: ``None`` takes the config's ``probe_schedule``/``probe_every``/
     ``probe_points`` (so ``--set probe_schedule=every probe_every=50`` reaches every probe that
     does not fix its own). ``cost``: forward+backward passes on the probe batch per call, used only
-    for the cost estimate printed before a run.
+    for the cost estimate printed before a run. ``pairs=True`` also runs the probe at s + 1 for every
+    scheduled step s < steps, so that it can measure a change over one training step (Santurkar
+    Fig. 8's per-step |Δμ|, |Δσ²|) while running only every so many steps; ``ProbeContext.state``
+    carries the first call's numbers to the second.
     """
 
     name: str
@@ -65,14 +68,24 @@ class Probe:
     every: int | None = None
     points: int | None = None
     cost: float = 1.0
+    pairs: bool = False
 
-    def steps(self, cfg: TrainConfig) -> list[int]:
+    def scheduled(self, cfg: TrainConfig) -> list[int]:
+        """The steps of the schedule alone (without the ``pairs`` partners)."""
         return probe_steps(
             self.schedule or cfg.probe_schedule,
             cfg.steps,
             every=self.every or cfg.probe_every,
             points=self.points or cfg.probe_points,
         )
+
+    def steps(self, cfg: TrainConfig) -> list[int]:
+        """Every step at which the probe runs, sorted: the schedule, plus s + 1 for each s < steps
+        when ``pairs``."""
+        base = self.scheduled(cfg)
+        if not self.pairs:
+            return base
+        return sorted(set(base) | {s + 1 for s in base if s < cfg.steps})
 
 
 def probe_generator(seed: int, name: str, step: int) -> torch.Generator:
