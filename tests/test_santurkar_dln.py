@@ -79,6 +79,7 @@ class FakeRun:
     probes: dict = field(default_factory=dict)  # (probe, key) -> values over steps
     status: str = "done"
     setting: str | None = None
+    profile: str | None = None  # unknown profile: no declared seeds (the runs decide)
     config: TrainConfig = field(default_factory=lambda: dln.BASE)
     dataset: dict = field(default_factory=lambda: {"used": "gaussian_regression"})
 

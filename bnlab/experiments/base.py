@@ -31,6 +31,7 @@ from torch import nn
 
 from bnlab.errors import ConfigError
 from bnlab.experiments.figures import FigureSpec
+from bnlab.experiments.verdict import Claim, merge_settings, undecided
 from bnlab.train.config import TrainConfig, apply_overrides
 from bnlab.train.cost import run_seconds
 from bnlab.train.probes import Probe, ProbeContext  # re-exported: experiments import them from here
@@ -232,6 +233,18 @@ class Experiment:
         order = list(self.settings) or [self.primary_setting]
         names = [s for s in order if s in groups] + [s for s in groups if s not in order]
         return {s: ExperimentResults(results.experiment, groups[s], results.out_dir) for s in names}
+
+    def verdict_by_setting(self, results: ExperimentResults,
+                           verdict_setting: Callable[[ExperimentResults, tuple[int, ...] | None], list[dict[str, Any]]],
+                           claims: Sequence[Claim]) -> list[dict[str, Any]]:
+        """The headline verdict rows: ``verdict_setting(runs of one setting, its declared seeds)`` per
+        robustness setting, merged by ``verdict.merge_settings`` (a declared setting without runs counts
+        as UNDECIDED); without runs of the primary setting every claim is UNDECIDED."""
+        by = self.split_by_setting(results)
+        if self.primary_setting not in by:
+            return [undecided(c, f"no runs of the primary setting ({self.primary_setting})") for c in claims]
+        rows = {s: verdict_setting(r, self.declared_seeds(r, s)) for s, r in by.items()}
+        return merge_settings(rows, self.primary_setting, self.declared_settings(results))
 
 
 DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10",

@@ -24,6 +24,7 @@ tuple[FigureSpec, ...]`` instead of a tuple: still data, computed from stored ru
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bnlab.errors import ConfigError
@@ -31,7 +32,7 @@ from bnlab.errors import ConfigError
 KINDS = ("time", "per_step")
 SCALES = ("linear", "log")
 
-__all__ = ["Curve", "FigureSpec", "Mark", "Panel"]
+__all__ = ["Curve", "FigureSpec", "Mark", "Panel", "grad_change_panels", "ics_panels", "landscape_panels"]
 
 
 @dataclass(frozen=True)
@@ -116,3 +117,40 @@ class FigureSpec:
 
     def variants(self) -> set[str]:
         return {c.variant for p in self.panels for c in p.curves}
+
+
+# --- panels shared by the Santurkar experiments (same probes, same layout in both networks) -----------
+
+Variants = Sequence[tuple[str, str]]  # (variant, label) per curve
+
+
+def ics_panels(layers: Sequence[str], variants: Variants, number: Callable[[str], str]) -> tuple[Panel, ...]:
+    """Santurkar Fig. 3: ||G - G'|| then cos(G, G') per probed layer (``ics`` probe keys
+    ``<layer>.l2`` / ``<layer>.cosine``); ``number(layer)`` gives the paper's layer number."""
+    l2 = [Panel(f"ICS ℓ2, layer #{number(ly)}", "training step", "||G - G'||", yscale="log",
+                curves=tuple(Curve(v, lab, probe="ics", key=f"{ly}.l2") for v, lab in variants)) for ly in layers]
+    cos = [Panel(f"ICS cosine, layer #{number(ly)}", "training step", "cos(G, G')",
+                 curves=tuple(Curve(v, lab, probe="ics", key=f"{ly}.cosine") for v, lab in variants)) for ly in layers]
+    return (*l2, *cos)
+
+
+def landscape_panels(variants: Variants) -> tuple[Panel, ...]:
+    """Santurkar Figs. 4 / 10 from the ``landscape`` probe: (a) loss band over eta, (b) band of
+    ||g_eta - g||, (c) effective β-smoothness."""
+    return (
+        Panel("(a) loss landscape", "training step", "loss along the gradient", yscale="log",
+              curves=tuple(Curve(v, lab, probe="landscape", key="loss_max", band_key="loss_min")
+                           for v, lab in variants)),
+        Panel("(b) gradient predictiveness", "training step", "||g_eta - g||", yscale="log",
+              curves=tuple(Curve(v, lab, probe="landscape", key="predictiveness_max", band_key="predictiveness_min")
+                           for v, lab in variants)),
+        Panel("(c) effective β-smoothness", "training step", "β_eff", yscale="log",
+              curves=tuple(Curve(v, lab, probe="landscape", key="effective_beta") for v, lab in variants)),
+    )
+
+
+def grad_change_panels(variants: Variants) -> tuple[Panel, ...]:
+    """Santurkar Fig. 11: ||g_eta - g|| against eta, one curve per probe step, one panel per variant."""
+    return tuple(Panel(lab, "eta", "||g_eta - g||", xscale="log", yscale="log",
+                       curves=(Curve(v, lab, probe="landscape", key="grad_change", x_key="etas", kind="per_step"),))
+                 for v, lab in variants)

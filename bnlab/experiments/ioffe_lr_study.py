@@ -49,7 +49,7 @@ import numpy as np
 
 from bnlab.experiments.base import Experiment, ExperimentResults, dataset_text
 from bnlab.experiments.figures import Curve, FigureSpec, Mark, Panel
-from bnlab.experiments.verdict import (MISSING, Claim, Seed, fmt_mean_sd, merge_settings, row, seed_count,
+from bnlab.experiments.verdict import (MISSING, Claim, Seed, fmt_mean_sd, row, seed_count,
                                        undecided, with_declared)
 from bnlab.train.config import TrainConfig
 from bnlab.train.loop import COLLAPSE_MIN_STEPS
@@ -473,12 +473,7 @@ def lr_limit_row(groups: dict[str, list[Any]], base_final: float, dataset: str,
 
 
 def verdict(results: ExperimentResults) -> list[dict[str, Any]]:
-    by = EXPERIMENT.split_by_setting(results)
-    if EXPERIMENT.primary_setting not in by:
-        return [undecided(c, f"no runs of the primary setting ({EXPERIMENT.primary_setting})")
-                for c in CLAIMS.values()]
-    return merge_settings({s: verdict_setting(r, EXPERIMENT.declared_seeds(r, s)) for s, r in by.items()},
-                          EXPERIMENT.primary_setting, EXPERIMENT.declared_settings(results))
+    return EXPERIMENT.verdict_by_setting(results, verdict_setting, list(CLAIMS.values()))
 
 
 def figures(results: ExperimentResults) -> tuple[FigureSpec, ...]:

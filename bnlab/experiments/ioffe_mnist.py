@@ -33,7 +33,7 @@ import numpy as np
 
 from bnlab.experiments.base import Experiment, ExperimentResults, Probe, ProbeContext, dataset_text
 from bnlab.experiments.figures import Curve, FigureSpec, Mark, Panel
-from bnlab.experiments.verdict import Claim, Seed, merge_settings, paired_difference, undecided
+from bnlab.experiments.verdict import Claim, Seed, paired_difference, undecided
 from bnlab.measure import record_activations
 from bnlab.train.config import TrainConfig
 
@@ -241,12 +241,7 @@ def verdict_setting(results: ExperimentResults, declared: tuple[int, ...] | None
 
 
 def verdict(results: ExperimentResults) -> list[dict[str, Any]]:
-    by = EXPERIMENT.split_by_setting(results)
-    if EXPERIMENT.primary_setting not in by:
-        return [undecided(c, f"no runs of the primary setting ({EXPERIMENT.primary_setting})")
-                for c in CLAIMS.values()]
-    rows = {s: verdict_setting(r, EXPERIMENT.declared_seeds(r, s)) for s, r in by.items()}
-    return merge_settings(rows, EXPERIMENT.primary_setting, EXPERIMENT.declared_settings(results))
+    return EXPERIMENT.verdict_by_setting(results, verdict_setting, list(CLAIMS.values()))
 
 
 # --- figures -----------------------------------------------------------------------------------------

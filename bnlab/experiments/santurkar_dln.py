@@ -43,14 +43,15 @@ factor-10 question"):
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from bnlab.experiments.base import Experiment, ExperimentResults, Probe, ProbeContext, dataset_text
-from bnlab.experiments.figures import Curve, FigureSpec, Panel
-from bnlab.experiments.verdict import Claim, Seed, merge_settings, paired_difference, undecided
+from bnlab.experiments.figures import (Curve, FigureSpec, Panel, grad_change_panels, ics_panels,
+                                       landscape_panels)
+from bnlab.experiments.verdict import Claim, Seed, paired_difference, undecided
 from bnlab.train.config import TrainConfig
 from bnlab.train.probes import instrument_probe
 
@@ -199,11 +200,13 @@ def _geo(values: list[float | None]) -> float | None:
     return 10 ** float(np.mean(v)) if v else None
 
 
-def verdict_setting(results: ExperimentResults) -> list[dict[str, Any]]:
+def verdict_setting(results: ExperimentResults, declared: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """The claim rows for the runs of one setting; ``declared``: the seeds the profile declares (one
+    without a finished run is listed as "missing" and leaves its rows UNDECIDED)."""
     groups = {v: {r.seed: r for r in rs if r.status != "incomplete"} for v, rs in results.by_variant().items()}
     all_runs = [r for rs in groups.values() for r in rs.values()]
     dataset = dataset_text(all_runs)
-    seeds = sorted({s for rs in groups.values() for s in rs})
+    seeds = sorted({s for rs in groups.values() for s in rs} | set(declared or ()))
 
     def run(variant: str, seed: int):
         return groups.get(variant, {}).get(seed)
@@ -284,11 +287,7 @@ def verdict_setting(results: ExperimentResults) -> list[dict[str, Any]]:
 
 
 def verdict(results: ExperimentResults) -> list[dict[str, Any]]:
-    by = EXPERIMENT.split_by_setting(results)
-    if EXPERIMENT.primary_setting not in by:
-        return [undecided(c, f"no runs of the primary setting ({EXPERIMENT.primary_setting})")
-                for c in CLAIMS.values()]
-    return merge_settings({s: verdict_setting(r) for s, r in by.items()}, EXPERIMENT.primary_setting)
+    return EXPERIMENT.verdict_by_setting(results, verdict_setting, list(CLAIMS.values()))
 
 
 # --- figures, as data (bnlab.report draws them) --------------------------------------------------------
@@ -304,35 +303,19 @@ FIGURES = (
                 [Curve(v, l, split="train", key="loss") for v, l in _LOSS_VARIANTS]
                 + [Curve(f"{v}_lr1e-7", f"{l}, LR 1e-7", split="train", key="loss", linestyle="--")
                    for v, l in _LOSS_VARIANTS])),
-            *[Panel(f"ICS ℓ2, layer #{layer[2:]}", "training step", "||G - G'||", yscale="log",
-                    curves=tuple(Curve(v, l, probe="ics", key=f"{layer}.l2") for v, l in _LOSS_VARIANTS))
-              for layer in ICS_LAYERS],
-            *[Panel(f"ICS cosine, layer #{layer[2:]}", "training step", "cos(G, G')",
-                    curves=tuple(Curve(v, l, probe="ics", key=f"{layer}.cosine") for v, l in _LOSS_VARIANTS))
-              for layer in ICS_LAYERS],
+            *ics_panels(ICS_LAYERS, _LOSS_VARIANTS, lambda layer: layer[2:]),
         )),
     FigureSpec(
         "santurkar_dln_fig10",
         "Santurkar Fig. 10 (DLN): along the gradient, eta in {1/100, 1/10, 1, 10, 30} x LR (LR 1e-6), per "
         "probe step: (a) the loss band [min, max] over eta, (b) the band of ||g_eta - g||, (c) the "
         "effective β-smoothness max_eta ||g_eta - g|| / ||eta g||.",
-        (
-            Panel("(a) loss landscape", "training step", "loss along the gradient", yscale="log",
-                  curves=tuple(Curve(v, l, probe="landscape", key="loss_max", band_key="loss_min")
-                               for v, l in _LOSS_VARIANTS)),
-            Panel("(b) gradient predictiveness", "training step", "||g_eta - g||", yscale="log",
-                  curves=tuple(Curve(v, l, probe="landscape", key="predictiveness_max",
-                                     band_key="predictiveness_min") for v, l in _LOSS_VARIANTS)),
-            Panel("(c) effective β-smoothness", "training step", "β_eff", yscale="log",
-                  curves=tuple(Curve(v, l, probe="landscape", key="effective_beta") for v, l in _LOSS_VARIANTS)),
-        )),
+        landscape_panels(_LOSS_VARIANTS)),
     FigureSpec(
         "santurkar_dln_fig11",
         "Santurkar Fig. 11 (DLN): ||g_eta - g|| against the step eta along the gradient, one curve per "
         "probe step (darker = later), first seed, standard vs BN.",
-        tuple(Panel(l, "eta", "||g_eta - g||", xscale="log", yscale="log",
-                    curves=(Curve(v, l, probe="landscape", key="grad_change", x_key="etas", kind="per_step"),))
-              for v, l in _LOSS_VARIANTS)),
+        grad_change_panels(_LOSS_VARIANTS)),
     FigureSpec(
         "santurkar_dln_fig5b",
         "Santurkar Fig. 5b (DLN): training loss of standard, BN, ℓ1, ℓ2 and ℓ∞ normalization at LR 1e-6.",

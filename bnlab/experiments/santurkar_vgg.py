@@ -58,8 +58,9 @@ import numpy as np
 import torch
 
 from bnlab.experiments.base import Experiment, ExperimentResults, Probe, ProbeContext, dataset_text
-from bnlab.experiments.figures import Curve, FigureSpec, Panel
-from bnlab.experiments.verdict import Claim, Seed, fmt_mean_sd, merge_settings, paired_difference, undecided
+from bnlab.experiments.figures import (Curve, FigureSpec, Panel, grad_change_panels, ics_panels,
+                                       landscape_panels)
+from bnlab.experiments.verdict import Claim, Seed, fmt_mean_sd, paired_difference, undecided
 from bnlab.measure.activations import record_activations
 from bnlab.train.config import TrainConfig
 from bnlab.train.probes import instrument_probe
@@ -541,12 +542,7 @@ def _landscape_text(run, seeds: Sequence[int], key: str) -> str:
 
 
 def verdict(results: ExperimentResults) -> list[dict[str, Any]]:
-    by = EXPERIMENT.split_by_setting(results)
-    if EXPERIMENT.primary_setting not in by:
-        return [undecided(c, f"no runs of the primary setting ({EXPERIMENT.primary_setting})")
-                for c in CLAIMS.values()]
-    rows = {s: verdict_setting(r, EXPERIMENT.declared_seeds(r, s)) for s, r in by.items()}
-    return merge_settings(rows, EXPERIMENT.primary_setting, EXPERIMENT.declared_settings(results))
+    return EXPERIMENT.verdict_by_setting(results, verdict_setting, list(CLAIMS.values()))
 
 
 # --- figures, as data (bnlab.report draws them) --------------------------------------------------------
@@ -613,35 +609,19 @@ FIGURES = (
         (
             Panel("training accuracy", "training step", "accuracy",
                   curves=tuple(Curve(v, l, split="train", key="acc") for v, l in _STD_BN)),
-            *[Panel(f"ICS ℓ2, layer #{ly[4:]}", "training step", "||G - G'||", yscale="log",
-                    curves=tuple(Curve(v, l, probe="ics", key=f"{ly}.l2") for v, l in _STD_BN))
-              for ly in ICS_LAYERS],
-            *[Panel(f"ICS cosine, layer #{ly[4:]}", "training step", "cos(G, G')",
-                    curves=tuple(Curve(v, l, probe="ics", key=f"{ly}.cosine") for v, l in _STD_BN))
-              for ly in ICS_LAYERS],
+            *ics_panels(ICS_LAYERS, _STD_BN, lambda ly: ly[4:]),
         )),
     FigureSpec(
         "santurkar_vgg_fig4",
         "Santurkar Fig. 4 (VGG, LR 0.1): along the gradient, eta in {1/2, 1, 2, 4} x LR, every 100 steps on "
         "the step's batch: (a) the loss band [min, max] over eta, (b) the band of ||g_eta - g||, (c) the "
         "effective β-smoothness max_eta ||g_eta - g|| / ||eta g||.",
-        (
-            Panel("(a) loss landscape", "training step", "loss along the gradient", yscale="log",
-                  curves=tuple(Curve(v, l, probe="landscape", key="loss_max", band_key="loss_min")
-                               for v, l in _STD_BN)),
-            Panel("(b) gradient predictiveness", "training step", "||g_eta - g||", yscale="log",
-                  curves=tuple(Curve(v, l, probe="landscape", key="predictiveness_max",
-                                     band_key="predictiveness_min") for v, l in _STD_BN)),
-            Panel("(c) effective β-smoothness", "training step", "β_eff", yscale="log",
-                  curves=tuple(Curve(v, l, probe="landscape", key="effective_beta") for v, l in _STD_BN)),
-        )),
+        landscape_panels(_STD_BN)),
     FigureSpec(
         "santurkar_vgg_fig11",
         "Santurkar Fig. 11 (VGG, LR 0.1): ||g_eta - g|| against the step eta along the gradient, one curve "
         "per probe step (darker = later), first seed, standard vs BN.",
-        tuple(Panel(l, "eta", "||g_eta - g||", xscale="log", yscale="log",
-                    curves=(Curve(v, l, probe="landscape", key="grad_change", x_key="etas", kind="per_step"),))
-              for v, l in _STD_BN)),
+        grad_change_panels(_STD_BN)),
     FigureSpec(
         "santurkar_vgg_fig5a",
         "Santurkar Fig. 5a (VGG, LR 0.1): training accuracy of the standard net, BN, and ℓ1, ℓ2, ℓ∞ "
