@@ -6,7 +6,10 @@ everything that recognises BN by ``isinstance`` (weight-decay exclusion, freezin
 the constructor (including the keyword-only ``bias=``), ``extra_repr``, ``reset_parameters`` and
 ``state_dict`` loading (old checkpoints, partial dicts, meta-device modules with ``assign=True``) are
 torch.nn's own. Same momentum semantics (``None`` = cumulative average), unbiased running variance,
-``track_running_stats=False`` meaning batch statistics in eval too.
+``track_running_stats=False`` meaning batch statistics in eval too. Exception types are torch.nn's
+too (bnlab's classes subclass them): a non-tensor input, mixed dtypes, ``num_features=0`` (which
+constructs, as in torch.nn), and ``torch.func.vmap`` over a training layer whose running statistics
+are shared by the vmapped examples (a RuntimeError naming the fixes).
 
 What they add over ``torch.nn``: validation with messages that name the cause and a fix valid in the
 layer's current state, running statistics that a NaN/inf batch (or a float16 overflow) cannot
