@@ -29,7 +29,23 @@ class ChannelError(ShapeError, RuntimeError):
 
 class DtypeError(ShapeError, NotImplementedError):
     """An input of a dtype the layer cannot normalize, e.g. an integer tensor (torch.nn raises
-    NotImplementedError, a RuntimeError, here)."""
+    NotImplementedError, a RuntimeError, here), or one that does not match the layer's parameter
+    dtype (torch.nn raises RuntimeError "mixed dtype")."""
+
+
+class InputTypeError(ShapeError, TypeError, AttributeError):
+    """A layer input that is not a tensor, e.g. a list or a NumPy array (torch.nn's layers fail
+    with AttributeError on ``input.dim()`` here)."""
+
+
+class NoChannelsError(ShapeError, IndexError):
+    """A forward through a layer built with num_features=0 (torch.nn constructs it, then raises
+    IndexError in the forward)."""
+
+
+class VmapRunningStatsError(BnlabError, RuntimeError):
+    """``torch.func.vmap`` over a training BN layer whose running statistics are shared by all the
+    vmapped examples (torch.nn raises RuntimeError here)."""
 
 
 class DataNotFoundError(BnlabError, FileNotFoundError):

@@ -61,7 +61,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from bnlab.errors import ChannelError, ConfigError, DtypeError, ShapeError
+from bnlab.errors import ChannelError, ConfigError, DtypeError, InputTypeError, ShapeError
 from bnlab.norm import kernels
 
 __all__ = ["BatchNormOutput", "NonFiniteBatchWarning", "batch_norm", "check_eps", "check_momentum", "reduce_dims"]
@@ -118,7 +118,8 @@ def check_input(x: Tensor, weight: Tensor | None, running_mean: Tensor | None) -
     """Validate a BN input (N, C, *spatial) against the per-channel tensors; the exception types are
     those torch raises in the same situation (bnlab's classes subclass them)."""
     if not isinstance(x, Tensor):
-        raise ShapeError(f"batch_norm expects a torch.Tensor input, got {type(x).__name__}")
+        raise InputTypeError(f"batch_norm expects a torch.Tensor input, got {type(x).__name__}; convert it with "
+                             f"torch.as_tensor(x, dtype=torch.float32)")
     if not x.is_floating_point():
         raise DtypeError(
             f"batch norm needs a floating-point input, got dtype {x.dtype}; convert it first, e.g. x.float()"

@@ -6,7 +6,10 @@ everything that recognises BN by ``isinstance`` (weight-decay exclusion, freezin
 the constructor (including the keyword-only ``bias=``), ``extra_repr``, ``reset_parameters`` and
 ``state_dict`` loading (old checkpoints, partial dicts, meta-device modules with ``assign=True``) are
 torch.nn's own. Same momentum semantics (``None`` = cumulative average), unbiased running variance,
-``track_running_stats=False`` meaning batch statistics in eval too.
+``track_running_stats=False`` meaning batch statistics in eval too. Exception types are torch.nn's
+too (bnlab's classes subclass them): a non-tensor input, mixed dtypes, ``num_features=0`` (which
+constructs, as in torch.nn), and ``torch.func.vmap`` over a training layer whose running statistics
+are shared by the vmapped examples (a RuntimeError naming the fixes).
 
 What they add over ``torch.nn``: validation with messages that name the cause and a fix valid in the
 layer's current state, running statistics that a NaN/inf batch (or a float16 overflow) cannot
@@ -31,7 +34,8 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from bnlab.errors import ChannelError, ConfigTypeError, ShapeError
+from bnlab.errors import (ChannelError, ConfigTypeError, DtypeError, InputTypeError, NoChannelsError, ShapeError,
+                          VmapRunningStatsError)
 from bnlab.norm import kernels
 from bnlab.norm.functional import (
     batch_norm,
@@ -67,8 +71,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     ) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, int):
             raise ConfigTypeError(f"num_features must be an int (the number of channels C), got {num_features!r}")
-        if num_features < 1:
-            raise ChannelError(f"num_features must be a positive int (the number of channels C), got {num_features!r}")
+        if num_features < 0:
+            raise ChannelError(f"num_features must be a non-negative int (the number of channels C), got {num_features!r}")
         super().__init__(num_features, check_eps(eps), check_momentum(momentum), affine, track_running_stats,
                          device, dtype, bias=bias)
 
@@ -118,7 +122,8 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
         TorchScript compiles it too, so a scripted layer refuses a wrong rank with the same message
         (wrapped in torch.jit.Error, as for a scripted torch.nn layer)."""
         if not isinstance(input, Tensor):
-            raise ShapeError(f"{type(self).__name__} expects a torch.Tensor, got {type(input).__name__}")
+            raise InputTypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(input).__name__}; convert it "
+                                 f"with torch.as_tensor(x, dtype=torch.float32)")
         if input.dim() not in self._ranks():
             name = self._script_name() if torch.jit.is_scripting() else self._class_name()
             raise ShapeError(_rank_message(name, self._ranks(), self._layout(), self._hint(), input.shape))
@@ -161,6 +166,12 @@ def bnlab_batch_norm_forward(module: _BatchNorm, x: Tensor) -> Tensor:
     if out is not None:
         return out
     module._check_input_dim(x)
+    if module.num_features == 0 and x.shape[1] == 0:
+        raise NoChannelsError(
+            f"{type(module).__name__} was built with num_features=0, so it has no channel to normalize (input of "
+            f"shape {tuple(x.shape)}); build it with num_features equal to the input's channel count x.shape[1], "
+            f"or skip the layer when there are no channels")
+    _check_dtypes(module, x)
     # torch.nn semantics: batch statistics in training, and in eval when no running stats are kept.
     update = module.training and module.track_running_stats
     use_batch = module.training or module.running_mean is None
@@ -179,6 +190,16 @@ def bnlab_batch_norm_forward(module: _BatchNorm, x: Tensor) -> Tensor:
             f"input of shape {tuple(x.shape)}: the batch variance of a single value is 0 and BN would output "
             f"beta; {fix}"
         )
+    if update and not torch.compiler.is_compiling() and _vmapped_over_shared_stats(x, module.running_mean):
+        raise VmapRunningStatsError(
+            f"{type(module).__name__} is in training mode with track_running_stats=True, and torch.func.vmap maps "
+            f"its input while its running_mean/running_var buffers are shared by all vmapped examples: the in-place "
+            f"update of these buffers cannot take a different value per example. Fixes: build the layer with "
+            f"track_running_stats=False (batch statistics per vmapped example, the MAML pattern); or give each "
+            f"example its own buffers, vmapping torch.func.functional_call(model, (params, buffers), x) with "
+            f"buffers stacked along the vmapped dimension; or call "
+            f"torch.func.replace_all_batch_norm_modules_(model) to stop tracking running statistics; or call "
+            f".eval() to use the running statistics without updating them")
     if module.momentum is None and update and module.num_batches_tracked is None:
         raise ShapeError(f"{type(module).__name__}: momentum=None needs the num_batches_tracked buffer; "
                          f"reload the state dict or call reset_running_stats()")
@@ -203,6 +224,49 @@ def bnlab_batch_norm_forward(module: _BatchNorm, x: Tensor) -> Tensor:
     return result.out
 
 
+def _vmapped_over_shared_stats(x: Tensor, running_mean: Tensor) -> bool:
+    """Whether ``x`` is batched by ``torch.func.vmap`` (at any level) while ``running_mean`` is not:
+    then an in-place update of the buffer would need one value per vmapped example."""
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if not is_wrapped(x):
+        return False
+
+    def batched(t: Tensor) -> bool:
+        while is_wrapped(t):
+            if torch._C._functorch.is_batchedtensor(t):
+                return True
+            t = torch._C._functorch.get_unwrapped(t)
+        return False
+
+    return batched(x) and not batched(running_mean)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _dtypes_agree(x: Tensor, *others: Optional[Tensor]) -> bool:
+    """torch.nn's rule for BN on mixed dtypes: parameters and buffers share the input's dtype, or
+    all are float32 for a float16/bfloat16 input (half precision with float32 statistics)."""
+    dtypes = {t.dtype for t in others if t is not None}
+    return not dtypes or dtypes == {x.dtype} or (dtypes == {torch.float32} and x.dtype in _HALF)
+
+
+def _check_dtypes(module: _BatchNorm, x: Tensor) -> None:
+    """Raise DtypeError (a RuntimeError, like torch.nn's "mixed dtype" error) for a float input whose
+    dtype does not fit the layer's parameters and buffers."""
+    if not x.is_floating_point():
+        return  # an integer input gets its own message from the functional core
+    tensors = (module.weight, module.bias, module.running_mean, module.running_var)
+    if _dtypes_agree(x, *tensors):
+        return
+    have = ", ".join(sorted({str(t.dtype).replace("torch.", "") for t in tensors if t is not None}))
+    want = str(x.dtype).replace("torch.", "")
+    raise DtypeError(
+        f"{type(module).__name__} got a {want} input but its parameters/buffers are {have}; torch.nn's BN accepts "
+        f"the same dtype for both, or float32 parameters with a float16/bfloat16 input. Convert the input "
+        f"(x.to({have.split(', ')[0]})) or the layer (layer.to(torch.{want})), or run the model under torch.autocast")
+
+
 def _kernel_forward(module: _BatchNorm, x: Tensor) -> Optional[Tensor]:
     """The common case in one fused-kernel call (bnlab.norm.kernels): a valid CPU input in training
     or eval with running statistics. Returns None for everything else, which the general path
@@ -214,7 +278,7 @@ def _kernel_forward(module: _BatchNorm, x: Tensor) -> Optional[Tensor]:
     if (rm is None or rv is None or not isinstance(x, Tensor) or x.dim() not in module._ranks()
             or x.shape[1] != module.num_features or not (isinstance(eps, float) and eps > 0)
             or not (momentum is None or (isinstance(momentum, float) and 0.0 <= momentum <= 1.0))
-            or not kernels.applies(x, weight, bias, rm, rv)):
+            or not _dtypes_agree(x, weight, bias, rm, rv) or not kernels.applies(x, weight, bias, rm, rv)):
         return None
     if not module.training:
         return torch.ops.bnlab.bn_eval(x, weight, bias, rm, rv, eps)
