@@ -222,24 +222,42 @@ def test_constant_channel_has_exactly_zero_variance(value, eps):
 
 # ---- finite but huge inputs ----------------------------------------------------------------------------
 
-def test_huge_finite_input_warns_about_overflow_not_nan():
-    """float32 values ~1e20: the variance (~1e40) overflows float32. bnlab does not silently output
-    beta: it warns that the variance overflowed although the input is finite, and keeps the
-    running statistics; float64 (the advised fix) gives the float64 oracle's result."""
+HUGE_LAYOUTS = {  # every layout family: NCHW (float64 sums in torch's kernel), (N, C) and channels-last
+    "nchw": (lambda: bn.BatchNorm2d(3), (8, 3, 4, 4), None),
+    "nc": (lambda: bn.BatchNorm1d(3), (64, 3), None),
+    "ncl": (lambda: bn.BatchNorm1d(3), (8, 3, 5), None),
+    "channels_last": (lambda: bn.BatchNorm2d(3), (16, 3, 4, 4), torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("scale", [3e18, 1e20])
+@pytest.mark.parametrize("layout", list(HUGE_LAYOUTS))
+def test_huge_finite_input_is_right_or_warns_about_overflow_never_silent(bn_path, layout, scale):
+    """float32 values ~1e18-1e20: a float32 sum of squares overflows (the variance itself may fit).
+    Either the output matches the float64 oracle (the fused kernels keep float64 statistics) or a
+    warning names the overflow (never "NaN or inf values") and the running statistics are kept;
+    never a silently wrong output. float64 (the advised fix) gives the oracle's result."""
+    make, shape, fmt = HUGE_LAYOUTS[layout]
     torch.manual_seed(0)
-    m = bn.BatchNorm2d(3)
+    m = make()
     before = _state(m)
-    x64 = torch.randn(8, 3, 4, 4, dtype=torch.float64) * 1e20 + 3e20
-    _, caught = _caught(lambda: m(x64.float()))
-    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
-    assert len(caught) == 1
-    msg = str(caught[0].message)
-    assert "overflows torch.float32 although the input is finite" in msg and "float64" in msg
-    assert "NaN or inf values" not in msg
+    x64 = torch.randn(*shape, dtype=torch.float64) * scale + 3 * scale
+    x32 = x64.float() if fmt is None else x64.float().contiguous(memory_format=fmt)
+    y, caught = _caught(lambda: m(x32))
+    expected = nn.functional.batch_norm(x64, None, None, training=True, eps=m.eps)
+    if caught:
+        assert len(caught) == 1
+        msg = str(caught[0].message)
+        assert "overflows" in msg and "although the" in msg and "float64" in msg, msg
+        assert "NaN or inf values" not in msg
+        assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+        if "normalized this batch with float64 statistics" in msg:  # the kernels: output is right
+            torch.testing.assert_close(y.double(), expected, rtol=1e-3, atol=1e-3)
+    else:
+        torch.testing.assert_close(y.double(), expected, rtol=1e-3, atol=1e-3)
     m.double()
     y, caught = _caught(lambda: m(x64))
     assert not caught
-    expected = nn.functional.batch_norm(x64, None, None, training=True, eps=m.eps)
     torch.testing.assert_close(y, expected, rtol=1e-3, atol=1e-3)
 
 

@@ -320,7 +320,12 @@ def train_core(
         # float32: relative errors of 1e-5..1e-4 in the variance for 1e4..1e5 values per channel.
         # Welford with float64 accumulators (torch.var_mean on the CPU) is exact to float32 rounding;
         # it runs only for these layouts, so the contiguous (N, C, H, W) path costs nothing more.
+        kernel_var = batch_var
         batch_var, shifted_mean = torch.var_mean(d.detach(), _stat_dims(d.dim()), correction=1)
+        # The output still comes from the kernel's statistics: where its float32 sums overflowed
+        # (finite inputs ~1e18 and up), the output is wrong although var_mean's variance is finite,
+        # so those channels must be refused (and warned about) as the kernel saw them.
+        batch_var = torch.where(torch.isfinite(kernel_var), batch_var, kernel_var)
     batch_mean = shifted_mean + shift
     sdtype = running_mean.dtype
     udtype = torch.promote_types(sdtype, torch.float32)  # update in float32 at least
@@ -469,10 +474,10 @@ def _warn(stats: Tensor, x_dtype: torch.dtype, buffer_dtype: torch.dtype, normal
         bad = ~torch.isfinite(var)
         output = ("the fused kernel normalized this batch with float64 statistics, but" if normalized
                   else "this batch's output is not normalized and")
-        msg = (f"the batch variance of channels {_channels(bad)} overflows {cdtype} although the input is "
-               f"finite (|values| around {mean[bad].abs().max().item():.3g}); {output} {keep}. Scale the input down (e.g. standardize the data) "
-               f"or run this layer "
-               f"in float64 (layer.double() and x.double()).")
+        msg = (f"the batch variance of channels {_channels(bad)} cannot be computed in {cdtype} although the "
+               f"input is finite: its sum of squared deviations overflows (|values| around "
+               f"{mean[bad].abs().max().item():.3g}); {output} {keep}. Scale the input down (e.g. standardize "
+               f"the data) or run this layer in float64 (layer.double() and x.double()).")
     else:
         top = torch.finfo(buffer_dtype).max
         bad = ~(torch.isfinite(new_mean) & torch.isfinite(new_var)) | (new_mean.abs() > top) | (new_var > top)
