@@ -150,3 +150,47 @@ def test_channels_last_output_has_torch_strides(dims, fmt, dtype, training):
     assert y.stride() == expected.stride() and y.is_contiguous(memory_format=fmt)
     tol = 1.6e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(y.float(), expected.float(), rtol=tol, atol=tol)
+
+
+# ---- torch.jit.trace ----------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("cls,shape", [("BatchNorm1d", (6, 3)), ("BatchNorm1d", (6, 3, 5)), ("BatchNorm2d", (4, 3, 5, 5)),
+                                       ("BatchNorm3d", (3, 3, 2, 3, 4))])
+def test_jit_trace_gives_torch_nn_result(cls, shape, mode):
+    """torch.jit.trace (with its own re-run check) works as for torch.nn, and the traced module equals
+    torch.nn's in float64 on a new batch."""
+    torch.manual_seed(0)
+    ours, ref = getattr(bn, cls)(3).double(), getattr(torch.nn, cls)(3).double()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 2.0), ours.bias.uniform_(-1, 1)
+        ours.running_mean.uniform_(-1, 1), ours.running_var.uniform_(0.5, 2.0)
+    ref.load_state_dict(ours.state_dict())
+    getattr(ours, mode)(), getattr(ref, mode)()
+    traced = torch.jit.trace(ours, torch.randn(*shape, dtype=torch.float64))
+    x = torch.randn(*shape, dtype=torch.float64)
+    torch.testing.assert_close(traced(x), ref(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("value", [np.float32(1e-3), np.float64(1e-3), np.int64(1)])
+def test_numpy_scalar_hyperparameters_are_accepted_like_torch(value):
+    """torch.nn takes NumPy scalars for eps and momentum (e.g. from a config loaded with NumPy);
+    bnlab's result equals torch.nn's with the same values."""
+    eps, momentum = (value, 0.1) if float(value) < 0.5 else (1e-5, value)
+    torch.manual_seed(0)
+    ours, ref = bn.BatchNorm1d(3, eps=eps, momentum=momentum), torch.nn.BatchNorm1d(3, eps=eps, momentum=momentum)
+    x = torch.randn(8, 3, dtype=torch.float32)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    ours.eps = np.float32(1e-4)  # set after construction: still a valid layer
+    bn.convert(torch.nn.Sequential(ours))
+
+
+def test_convert_refusing_a_layer_converts_none():
+    """convert checks every layer before changing any: a refused layer (eps=0) leaves the whole
+    model as it was, not half converted."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4, eps=0.0))
+    with pytest.raises(BnlabError, match="eps"):
+        bn.convert(model)
+    assert [type(m) for m in model] == [torch.nn.BatchNorm2d, torch.nn.BatchNorm2d]

@@ -60,10 +60,7 @@ def _dims_of(module: nn.Module) -> int | None:
 def _swap_class(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
     """Make ``module`` an instance of ``cls`` in place: bnlab's BN classes subclass torch.nn's and add
     no state, so the same object keeps its Parameters, buffers, hooks, device, dtype and mode."""
-    if cls in _BNLAB_BN.values():
-        check_eps(module.eps)  # bnlab refuses what torch.nn accepts silently (eps <= 0, momentum > 1)
-        check_momentum(module.momentum)
-    module.__class__ = cls
+    module.__class__ = cls  # eps/momentum checked by convert first (bnlab refuses eps <= 0, momentum > 1)
     return module
 
 
@@ -77,16 +74,20 @@ def convert(model: nn.Module, to: str = "bnlab") -> nn.Module:
     custom BN layers) are left alone: their behaviour is not that of the plain class.
 
     Raises ConfigError for an unknown ``to``, or (to="bnlab") for a layer whose eps or momentum
-    bnlab refuses (the message names the value and the fix).
+    bnlab refuses (the message names the value and the fix); then no layer has been converted.
     """
     if to not in ("bnlab", "torch"):
         raise ConfigError(f"convert(to=...) must be 'bnlab' or 'torch', got {to!r}")
     target = _BNLAB_BN if to == "bnlab" else _TORCH_BN
     source = _TORCH_BN if to == "bnlab" else _BNLAB_BN
-    for module in model.modules():
-        dims = _dims_of(module)
-        if dims is not None and type(module) is source[dims]:
-            _swap_class(module, target[dims])
+    layers = [(m, _dims_of(m)) for m in model.modules()]
+    layers = [(m, d) for m, d in layers if d is not None and type(m) is source[d]]
+    if to == "bnlab":  # check every layer before changing any: a refused layer leaves the model as it was
+        for module, _ in layers:
+            check_eps(module.eps)
+            check_momentum(module.momentum)
+    for module, dims in layers:
+        _swap_class(module, target[dims])
     return model
 
 

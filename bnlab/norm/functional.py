@@ -53,11 +53,13 @@ Numerics (composite path):
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 import warnings
 from typing import List, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -80,9 +82,10 @@ class BatchNormOutput(NamedTuple):
 
 
 def _is_number(value) -> bool:
-    """A real number argument: a Python int/float, or the symbolic float/int that ``torch.compile``
-    (``dynamic=True``) and ``torch.export`` pass for a module's float attributes (bools refused)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float, torch.SymInt, torch.SymFloat))
+    """A real number argument: a Python or NumPy int/float (``numbers.Real``, as torch.nn accepts), or
+    the symbolic float/int that ``torch.compile`` (``dynamic=True``) and ``torch.export`` pass for a
+    module's float attributes (bools refused)."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat))
 
 
 def check_eps(eps: float) -> float:
@@ -384,7 +387,9 @@ def eval_core(
     centered = x - per_channel(running_mean.to(cdtype), x.dim())  # promotes half precision
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad))
-    if needs_grad:
+    # Out of place also while tracing: torch.jit.trace's check re-runs the graph and refuses the
+    # in-place tail below (torch.nn's eval BN traces fine, so ours must too).
+    if needs_grad or torch.jit.is_tracing():
         if bias is None:
             return (centered * scale).to(x.dtype)
         return torch.addcmul(per_channel(bias.to(cdtype), x.dim()), centered, scale).to(x.dtype)
