@@ -230,6 +230,12 @@ def write_verdict_and_plots(exp: Any, run_dirs: Sequence[Path], out: Path, profi
     return rows
 
 
+def _write_verdicts(root: Path, rows: list[dict[str, Any]]) -> None:
+    """The rows a report shows, one ``verdict.json`` per experiment (so the two never disagree)."""
+    for name in dict.fromkeys(r.get("experiment") for r in rows if r.get("experiment")):
+        write_verdict_json(root, name, [r for r in rows if r.get("experiment") == name])
+
+
 def write_verdict_json(out: Path, experiment: str, rows: list[dict[str, Any]]) -> Path:
     """``<out>/<experiment>/verdict.json``: the verdict rows (see bnlab.report.verdicts)."""
     from bnlab.train.rundir import atomic_write_json, json_safe
@@ -371,10 +377,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             progress.close()
     report = collect(root, [e.name for e in exps], args.output, profile=profile)
     path = write_report(report)
-    for exp in exps:  # the same rows the report shows, one file per experiment
-        rows = [r for r in report.rows if r.get("experiment") == exp.name]
-        if rows:
-            write_verdict_json(root, exp.name, rows)
+    _write_verdicts(root, report.rows)
     print_verdict(report.rows, title=f"verdicts ({profile} profile)")
     print()
     print(summary_text(path, report.rows))
@@ -403,6 +406,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     for root, profile in targets:
         report = collect(root, args.experiments or None, args.output, profile=profile)
         path = write_report(report)
+        _write_verdicts(root, report.rows)  # verdict.json always says what the report says
         if len(targets) > 1:
             print(f"\n[{profile or 'all profiles'}]")
         print(summary_text(path, report.rows))

@@ -47,9 +47,14 @@ def test_reproduce_twice_trains_once_and_rewrites_the_same_report(tmp_path, caps
     assert {p: p.read_bytes() for p in root.glob("*/*/seed*/metrics.jsonl")} == metrics  # no training
     assert _without_time(report.read_text(encoding="utf-8")) == _without_time(html)
 
-    # `bnlab report` rebuilds the same page from the stored runs only
+    # `bnlab report` rebuilds the same page from the stored runs only, and refreshes verdict.json
+    # to the rows it shows (a stale file from older code must not disagree with the report)
+    stale = root / "ioffe_mnist" / "verdict.json"
+    fresh = stale.read_text()
+    stale.write_text("[]")
     code, text, _ = _cli(capsys, "report", str(out), "--profile", "smoke", "-o", str(tmp_path / "again.html"))
     assert code == 0 and "again.html" in text
+    assert stale.read_text() == fresh
     assert _without_time((tmp_path / "again.html").read_text(encoding="utf-8")) == _without_time(html)
     code, text, _ = _cli(capsys, "report", str(root), "-o", str(tmp_path / "again2.html"))  # the profile folder
     assert code == 0
