@@ -27,3 +27,15 @@ def test_tutorial_snippets_run(tmp_path, monkeypatch, capsys):
     for line in DOC.read_text().splitlines():
         if line.startswith("![") and "](" in line:
             assert (DOC.parent / line.split("](")[1].rstrip(")")).exists()
+
+
+def test_readme_library_snippet_runs(tmp_path, monkeypatch):
+    """The README's "Using the library" block runs as written (a new user copies it)."""
+    readme = DOC.parent.parent / "README.md"
+    text = readme.read_text()
+    section = text[text.index("## Using the library"):]
+    code = python_blocks(section)[0]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "readme"}
+    exec(compile(code, "README.md library block", "exec"), namespace)
+    assert namespace["out"].shape == namespace["h"].shape

@@ -93,8 +93,13 @@ def test_fx_symbolic_trace_and_fuse_give_the_eager_result():
     model = _resnet_block()
     x = torch.randn(4, 3, 6, 6)
     expected = model(x)
+    # independent oracle: the same weights as torch.nn layers, in float64
+    oracle = bn.convert(copy.deepcopy(model).double(), to="torch")(x.double())
+    torch.testing.assert_close(expected.double(), oracle, rtol=1e-5, atol=1e-5)
     traced = torch.fx.symbolic_trace(model)
     torch.testing.assert_close(traced(x), expected, rtol=0, atol=0)
+    # bnlab BN is traced through (not a leaf module: torch's tracer keeps only torch.nn's own
+    # modules whole), so fuse() leaves it unfused; the result is still the eager one
     fused = fuse(model)
     torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
     # after convert(to="torch") FX fusion folds the BN layers away; same result
