@@ -21,6 +21,7 @@ import argparse
 import difflib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
@@ -540,11 +541,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("run", "reproduce"):
         from bnlab.train.memory import apply_policy
         apply_policy()  # reuse freed memory across steps (opt out: BNLAB_MALLOC=default)
+        # `kill PID` (SIGTERM) ends the command like Ctrl-C: the worker pool is terminated and the
+        # runs keep their last checkpoints (Python's default SIGTERM would leave the workers running,
+        # still holding their runs' locks).
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return args.func(args)
     except BnlabError as err:

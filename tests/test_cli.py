@@ -571,3 +571,36 @@ def test_resumed_run_says_so_in_words(tmp_path, capsys, with_experiment):
     assert code == 0 and "1 to resume" in out
     line = next(ln for ln in out.splitlines() if ln.startswith("bn "))
     assert " done " in line and "(resumed from the checkpoint at step 20)" in line and "@" not in line, line
+
+
+def test_sigterm_ends_the_worker_pool_and_frees_the_runs(tmp_path):
+    """`kill PID` of `bnlab run --workers 2` ends it like Ctrl-C (exit 130) and leaves no worker
+    training on: every run's lock is free right after, so the same command resumes at once."""
+    import os
+    import signal
+    import time
+
+    from bnlab.train.rundir import RunLock
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "bnlab.cli", "run", "ioffe_mnist", "--profile", "smoke",
+                             "--set", "steps=1000000", "--set", "checkpoint_every=1000000", "--workers", "2",
+                             "--quiet", "--out", str(tmp_path)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and len(list(tmp_path.glob("smoke/ioffe_mnist/*/seed0/metrics.jsonl"))) < 2:
+            time.sleep(0.2)
+        runs = [p.parent for p in tmp_path.glob("smoke/ioffe_mnist/*/seed0/metrics.jsonl")]
+        assert len(runs) == 2, "both workers should have started training"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130
+        assert "interrupted" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for run in runs:  # an orphaned worker would still hold its lock
+        lock = RunLock(run)
+        lock.acquire(10)
+        lock.release()

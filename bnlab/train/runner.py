@@ -19,6 +19,8 @@ import math
 import multiprocessing as mp
 import os
 import pickle
+import signal
+import sys
 import textwrap
 import queue as queue_mod
 from dataclasses import dataclass, field, replace
@@ -223,8 +225,24 @@ def _default_threads(workers: int) -> int:
 _progress_queue: Any = None
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel send this worker SIGTERM when its parent dies (even by SIGKILL), so a
+    killed command leaves no worker training on, holding its run's lock. Best effort elsewhere."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            if os.getppid() == 1:  # the parent died before prctl took effect
+                os._exit(1)
+        except (OSError, AttributeError):
+            pass
+
+
 def _init_worker(threads: int, progress_queue: Any) -> None:
     global _progress_queue
+    _die_with_parent()
     torch.set_num_threads(threads)
     _progress_queue = progress_queue
 
