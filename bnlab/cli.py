@@ -225,7 +225,11 @@ def write_verdict_and_plots(exp: Any, run_dirs: Sequence[Path], out: Path, profi
     if getattr(exp, "figures", ()) or exp.plots is not None:  # figures declared as data, then any plots
         from bnlab.report.figures import experiment_figures
 
-        for p in experiment_figures(exp, results, out / exp.name / "figures"):
+        from bnlab.report.build import Section
+
+        # one robustness setting (the primary one): curves of different settings are never averaged
+        for p in experiment_figures(exp, Section(exp.name, profile, exp, results).figure_runs,
+                                    out / exp.name / "figures"):
             print(f"figure: {p}")
     return rows
 
@@ -375,10 +379,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
-    report = collect(root, [e.name for e in exps], args.output, profile=profile)
+    # The profile folder's report covers every experiment with runs there, whichever command made
+    # them (a later `reproduce ioffe` must not drop the Santurkar sections); -o with a list of
+    # experiments writes a report of those only.
+    named = [e.name for e in exps]
+    report = collect(root, named if args.output is not None else None, args.output, profile=profile)
     path = write_report(report)
     _write_verdicts(root, report.rows)
-    print_verdict(report.rows, title=f"verdicts ({profile} profile)")
+    print_verdict([r for r in report.rows if r.get("experiment") in named],
+                  title=f"verdicts ({profile} profile)")
     print()
     print(summary_text(path, report.rows))
     return 0

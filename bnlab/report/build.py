@@ -113,6 +113,34 @@ class Section:
     def diverged(self) -> list[RunResult]:
         return [r for r in self.results.runs if r.status == "diverged"]
 
+    @property
+    def collapsed(self) -> list[RunResult]:
+        return [r for r in self.results.runs if r.status == "collapsed"]
+
+    @property
+    def figure_setting(self) -> str | None:
+        """The robustness setting the figures show when the runs hold several (the primary one:
+        curves of different settings are never averaged together); None when there is one."""
+        names = list(dict.fromkeys(r.setting for r in self.results.runs))
+        if len(names) < 2:
+            return None
+        exp = self.experiment
+        if exp is not None and getattr(exp, "primary_setting", None) is not None:
+            return exp.primary_setting
+        return "" if "" in names else names[0]
+
+    @property
+    def figure_runs(self) -> ExperimentResults:
+        """The finished runs the figures (and their seed counts and reference lines) are drawn from:
+        those of ``figure_setting`` only; runs that name no setting belong to the primary one."""
+        done = self.finished
+        setting = self.figure_setting
+        if setting is None:
+            return done
+        primary = getattr(self.experiment, "primary_setting", None)
+        keep = [r for r in done.runs if r.setting == setting or (not r.setting and setting == primary)]
+        return ExperimentResults(done.experiment, keep, done.out_dir)
+
 
 @dataclass
 class Report:
@@ -290,7 +318,7 @@ def _run_plots(section: Section, out_dir: Path, several_profiles: bool) -> None:
     before = set(plt.get_fignums()) if plt is not None else set()
     try:
         figdir.mkdir(parents=True, exist_ok=True)
-        paths = list(fn(section.finished, figdir) or [])
+        paths = list(fn(section.figure_runs, figdir) or [])
     except Exception as err:
         section.plot_error = _format_error(err)
         paths = []
@@ -299,6 +327,12 @@ def _run_plots(section: Section, out_dir: Path, several_profiles: bool) -> None:
         if plt is not None:  # figures an experiment left open in pyplot would pile up over a report
             for num in set(plt.get_fignums()) - before:
                 plt.close(num)
+    setting = section.figure_setting
+    if setting is not None and paths:
+        n = len(section.figure_runs.runs)
+        section.notes.append(
+            f"The figures show the primary robustness setting ({setting or 'unnamed'}) only: {n} finished "
+            f"run{'s' if n != 1 else ''}; the outcomes of every setting are in the Robustness table.")
     for p in paths:
         p = Path(p)
         if not p.is_file():

@@ -28,6 +28,7 @@ from bnlab.report.markdown import (ANCHOR_PREFIX, claim_anchor, claim_id_of, ren
 from bnlab.report.verdicts import (PROFILE_NOTES, UNDECIDING_PROFILES, counts, estimate_text, interval_text,
                                    outcome_of, ours_text, per_seed_compact, per_seed_table, robustness_grid,
                                    seeds_text, short_reason)
+from bnlab.train.results import RUN_STATUSES
 from bnlab.train.config import NOT_HASHED, TrainConfig, config_diff, config_to_dict
 
 __all__ = ["CSS", "esc", "format_cell", "render", "settings_fields", "verdict_label"]
@@ -67,8 +68,8 @@ pre { background: var(--bg2); border: 1px solid var(--line); padding: 8px 10px; 
 .PASS { background: var(--pass); } .FAIL { background: var(--fail); } .TIE { background: var(--tie); }
 .UNDECIDED { background: var(--undecided); } .ERROR { background: var(--error); }
 .claim-id { font-weight: 700; white-space: nowrap; }
-.status-diverged { color: var(--fail); font-weight: 600; } .status-incomplete { color: var(--undecided);
-  font-weight: 600; } .status-done { color: var(--pass); }
+.status-diverged, .status-collapsed { color: var(--fail); font-weight: 600; }
+.status-incomplete { color: var(--undecided); font-weight: 600; } .status-done { color: var(--pass); }
 .counts span { margin-right: 14px; }
 .note { border-left: 4px solid var(--undecided); background: #fff8c5; padding: 6px 10px; margin: 8px 0; }
 .error { border-left: 4px solid var(--error); background: #fbefff; padding: 6px 10px; margin: 8px 0; }
@@ -272,8 +273,8 @@ def _results_view(s: Any) -> dict[str, Any]:
             used = "no (unfinished)"
         else:
             used = "yes"
-        cells: list[Any] = [variant, Markup(f"<code>{esc(h[:8])}</code>"), len(done),
-                            sum(r.status == "diverged" for r in runs), sum(r.status == "incomplete" for r in runs)]
+        cells: list[Any] = [variant, Markup(f"<code>{esc(h[:8])}</code>"),
+                            *(sum(r.status == st for r in runs) for st in RUN_STATUSES)]
         for key in ("acc", "loss"):
             vals = [(r.done_info.get("test") or {}).get(key) for r in done]
             vals = [float(v) for v in vals if isinstance(v, (int, float))]
@@ -289,7 +290,7 @@ def _results_view(s: Any) -> dict[str, Any]:
                                     f"[{esc(fmt_value(min(vals), d))}, {esc(fmt_value(max(vals), d))}]</span>"))
         cells.append(used)
         rows.append(cells)
-    return {"headers": ["variant", "config", "done", "diverged", "incomplete", "test accuracy", "test loss",
+    return {"headers": ["variant", "config", *RUN_STATUSES, "test accuracy", "test loss",
                         "in verdict"], "rows": rows}
 
 
@@ -372,6 +373,8 @@ def _seed_status(runs: list[Any]) -> Markup:
             parts.append(esc(r.seed))
         elif r.status == "diverged":
             parts.append(f'<span class="status-diverged">{esc(r.seed)} (diverged at step {esc(r.diverged_step)})</span>')
+        elif r.status == "collapsed":
+            parts.append(f'<span class="status-collapsed">{esc(r.seed)} (collapsed)</span>')
         else:
             parts.append(f'<span class="status-incomplete">{esc(r.seed)} (incomplete)</span>')
     return Markup(", ".join(parts))
@@ -474,6 +477,10 @@ def _runs_view(s: Any, out_dir: Path) -> dict[str, Any]:
         elif r.status == "diverged":
             status = Markup(f'<span class="status-diverged">diverged at step {esc(r.diverged_step)}</span>')
             steps = r.diverged_step
+        elif r.status == "collapsed":
+            status = Markup('<span class="status-collapsed">collapsed</span> <span class="muted">(finite loss, '
+                            "test accuracy at chance level)</span>")
+            steps = r.done_info.get("steps", r.config.steps)
         else:
             status = Markup('<span class="status-incomplete">incomplete</span> <span class="muted">(no done '
                             "marker: killed or still running; <code>bnlab run</code> resumes it)</span>")
@@ -550,7 +557,8 @@ def _section_view(s: Any, out_dir: Path, anchors: dict[tuple, str], claim_anchor
         "description": render_inline(getattr(exp, "description", "")) if exp is not None else "",
         "paper": render_inline(getattr(exp, "paper", "")) if exp is not None else "",
         "n_runs": len(s.results.runs), "n_done": sum(r.status == "done" for r in s.results.runs),
-        "n_diverged": len(s.diverged), "n_incomplete": len(s.incomplete), "notes": s.notes,
+        "n_diverged": len(s.diverged), "n_collapsed": len(s.collapsed), "n_incomplete": len(s.incomplete),
+        "notes": s.notes,
         "diverged": [{"variant": r.variant, "hash": r.config_hash[:8], "seed": r.seed, "step": r.diverged_step,
                       "loss": r.done_info.get("diverged_loss") or "non-finite"}
                      for r in sorted(s.diverged, key=lambda r: (r.variant, r.config_hash, r.seed))],

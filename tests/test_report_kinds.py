@@ -1,0 +1,93 @@
+"""The report over a robust run (several settings), run statuses (done/diverged/collapsed/incomplete),
+what a profile folder's report covers, and the texts a reader sees. Tiny real runs (digits, 4 steps)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import bnlab.experiments as registry
+from bnlab.cli import main
+from bnlab.experiments.base import Experiment
+from bnlab.experiments.figures import Curve, FigureSpec, Panel
+from bnlab.report.build import collect, write_report
+from bnlab.train.config import TrainConfig
+from bnlab.train.results import load_results
+from bnlab.train.runner import run_experiment
+
+TINY = TrainConfig(dataset="digits", model="ioffe_mlp", widths=(8,), batch_size=32, lr=0.1, steps=4,
+                   eval_every=2, eval_subset=64, log_every=1, checkpoint_every=4, probe_schedule="none")
+
+
+def _grid_experiment(seen: list) -> Experiment:
+    def figures(results):  # what the report hands to the figures: recorded, one simple curve drawn
+        seen.append([(r.setting, r.seed, r.config.lr) for r in results.runs])
+        return (FigureSpec("acc", f"{len(results.runs)} runs", (Panel("p", "step", "acc", (
+            Curve("a", "a", split="eval", key="acc"),)),)),)
+
+    return Experiment(name="grid2", description="a grid of two settings", base=TINY, variants={"a": {}},
+                      settings={"as declared": {}, "lr 0.3": {"lr": 0.3}}, robust_seeds=(5, 6),
+                      figures=figures, verdict=lambda results: [])
+
+
+@pytest.fixture(scope="module")
+def robust_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("robust")
+    run_experiment(_grid_experiment([]), "robust", out=out, quiet=True, threads=1, echo=lambda *_: None)
+    return out
+
+
+def test_figures_use_the_primary_setting_only(robust_out):
+    seen: list = []
+    exp = _grid_experiment(seen)
+    assert len(load_results(robust_out, "grid2").runs) == 5  # 3 seeds primary + 2 of "lr 0.3"
+    report = collect(robust_out, [exp])
+    assert seen == [[("as declared", s, 0.1) for s in (0, 1, 2)]]  # never the lr 0.3 runs
+    (section,) = report.sections
+    assert any("primary robustness setting (as declared) only: 3 finished runs" in n for n in section.notes)
+    # the caption computed from the runs counts the primary setting's runs
+    assert section.figures and section.figures[0].caption.startswith("3 runs ")
+
+
+def _set_status(run_dir: Path, status: str) -> None:
+    done = json.loads((run_dir / "done").read_text())
+    done["status"] = status
+    (run_dir / "done").write_text(json.dumps(done))
+
+
+def test_collapsed_runs_are_counted_and_shown_everywhere(robust_out, tmp_path):
+    import shutil
+
+    out = tmp_path / "runs"
+    shutil.copytree(robust_out, out)
+    runs = sorted((out / "grid2").glob("*/seed*"))
+    _set_status(runs[0], "collapsed")
+    (runs[1] / "done").unlink()  # killed: incomplete
+    report = collect(out, [_grid_experiment([])])
+    write_report(report)
+    html = report.output.read_text(encoding="utf-8")
+    assert "5 runs: 3 done, 0 diverged, 1 collapsed, 1 incomplete." in html
+    # Results over seeds: a column per status; Runs table and Settings name the collapsed seed
+    assert "<th>done</th><th>diverged</th><th>collapsed</th><th>incomplete</th>" in html
+    assert '<span class="status-collapsed">collapsed</span>' in html
+    assert re.search(r'<span class="status-collapsed">\d+ \(collapsed\)</span>', html)
+    assert html.count("(no done marker") == 2  # the killed run (its note and its row), never the collapsed one
+
+
+@pytest.fixture
+def two_registered(monkeypatch):
+    registry.all_experiments()
+    for name in ("tiny_one", "tiny_two"):
+        monkeypatch.setitem(registry._REGISTRY, name, Experiment(name=name, description=name, base=TINY))
+
+
+def test_profile_report_covers_every_experiment_whichever_command_wrote_it(tmp_path, capsys, two_registered):
+    out = tmp_path / "runs"
+    common = ["--profile", "smoke", "--out", str(out), "--quiet"]
+    assert main(["reproduce", "tiny_one", "tiny_two", *common]) == 0
+    assert main(["reproduce", "tiny_one", *common]) == 0  # a later command for one experiment only
+    html = (out / "smoke" / "report.html").read_text(encoding="utf-8")
+    assert 'id="exp-tiny_one-smoke"' in html and 'id="exp-tiny_two-smoke"' in html
+    capsys.readouterr()
