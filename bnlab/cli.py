@@ -268,6 +268,7 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
 def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> None:
     """One block per claim: outcome, claim, ours, estimate with its CI, seeds, data."""
     from bnlab.report.markdown import claim_id_of
+    from bnlab.numfmt import fmt_value
     from bnlab.report.verdicts import ci_text, outcome_of, ours_text, seeds_text
 
     from bnlab.report.verdicts import PROFILE_NOTES, UNDECIDING_PROFILES
@@ -287,6 +288,8 @@ def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> Non
             print(f"              paper: {r['paper']}")
         print(f"              ours:  {ours_text(r.get('ours', ''))}")
         ci = ci_text(r)
+        if ci.startswith("none") and isinstance(r.get("estimate"), (int, float)):
+            print(f"              estimate: {fmt_value(r['estimate'])}")  # the CI line holds intervals only
         if ci:
             print(f"              CI:    {ci}")
         extra = [seeds_text(r)] + ([f"data: {r['dataset']}"] if r.get("dataset") else [])

@@ -91,3 +91,33 @@ def test_profile_report_covers_every_experiment_whichever_command_wrote_it(tmp_p
     html = (out / "smoke" / "report.html").read_text(encoding="utf-8")
     assert 'id="exp-tiny_one-smoke"' in html and 'id="exp-tiny_two-smoke"' in html
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("row, ci_line, estimate_line", [
+    ({"estimate": 0.25, "no_ci_reason": "1 seed: no interval can be formed (needs >= 2)"},
+     "CI:    none: 1 seed: no interval can be formed (needs >= 2)", "estimate: 0.25"),
+    ({"estimate": 0.8047}, "CI:    none: the verdict gives no interval for this estimate", "estimate: 0.8047"),
+    ({"estimate": 0.08123, "ci": [0.05234, 0.11012], "ci_level": 0.95}, "CI:    0.081 [0.052, 0.110] (95% CI)", None),
+])
+def test_console_ci_line_is_an_interval_or_none_with_a_reason(capsys, row, ci_line, estimate_line):
+    from bnlab.cli import print_verdict
+
+    print_verdict([{"claim": "c", "ours": "o", "outcome": "TIE", "n_seeds": 1, **row}])
+    out = capsys.readouterr().out
+    (line,) = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("CI:")]
+    assert line == ci_line
+    assert re.fullmatch(r"CI:\s+(none: .+|\S+ \[\S+, \S+\] \(95% CI\))", line)
+    if estimate_line:
+        assert estimate_line in out
+
+
+def test_report_of_a_wrong_folder_suggests_commands_that_fit_the_layout(robust_out, tmp_path, capsys):
+    exp_dir = robust_out / "grid2"  # one experiment's folder, not a folder of experiments
+    assert main(["report", str(exp_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"`bnlab report {robust_out}`" in err and f"--out {exp_dir}" not in err
+    profile_dir = tmp_path / "runs" / "smoke"  # an empty profile folder: runs go to its parent
+    profile_dir.mkdir(parents=True)
+    assert main(["report", str(profile_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"--profile smoke --out {tmp_path / 'runs'}`" in err and f"--out {profile_dir}" not in err

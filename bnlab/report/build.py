@@ -198,7 +198,20 @@ def profile_roots(out_dir: Path | str) -> dict[str, Path]:
 # --- finding runs -------------------------------------------------------------------------------------
 
 def _no_runs_message(out_dir: Path, what: str, example: str = "ioffe_mnist") -> str:
-    return (f"{what}; produce runs first, e.g. `bnlab run {example} --profile quick --out {out_dir}` "
+    """``what`` and the commands that fix it here: ``bnlab run``/``reproduce`` write
+    ``<out>/<profile>/<experiment>/``, so for a profile folder ``--out`` is its parent, and an
+    experiment's own folder is reported through its profile folder."""
+    if out_dir.is_dir() and any(out_dir.glob("*/seed*/config.json")):  # <profile>/<experiment>/ itself
+        return (f"{what}: {out_dir} is the folder of one experiment's runs; build the report of its "
+                f"profile folder instead: `bnlab report {out_dir.parent}`")
+    profile, out = "quick", out_dir
+    try:
+        from bnlab.experiments.base import PROFILES
+    except Exception:  # a broken experiment module must not hide the message
+        PROFILES = PROFILE_ORDER
+    if out_dir.name in PROFILES:  # a profile folder: the runs go to <parent>/<profile>/
+        profile, out = out_dir.name, out_dir.parent
+    return (f"{what}; produce runs first, e.g. `bnlab run {example} --profile {profile} --out {out}` "
             f"(`bnlab list` names every experiment), then build the report with `bnlab report {out_dir}`")
 
 
