@@ -121,3 +121,20 @@ def test_report_of_a_wrong_folder_suggests_commands_that_fit_the_layout(robust_o
     assert main(["report", str(profile_dir)]) == 2
     err = capsys.readouterr().err
     assert f"--profile smoke --out {tmp_path / 'runs'}`" in err and f"--out {profile_dir}" not in err
+
+
+def test_css_wraps_at_words_and_wide_tables_scroll_in_their_own_box(robust_out, tmp_path):
+    from bnlab.report.html import CSS
+
+    assert "anywhere" not in CSS and "break-all" not in CSS and "word-break" not in CSS
+    rules = {k.strip(): v for k, v in re.findall(r"([^{}]+)\{([^}]*)\}", CSS)}
+    assert "overflow-wrap: break-word" in rules["th, td"]
+    assert "white-space: nowrap" in rules[".badge"]
+    assert "overflow-x: auto" in rules[".table-wrap"]
+    report = collect(robust_out, [_grid_experiment([])], tmp_path / "r.html")
+    html = write_report(report).read_text(encoding="utf-8")
+    tables = [m.start() for m in re.finditer("<table", html)]
+    # the report's own tables sit in a scrolling box; Markdown tables (docstrings, claims) scroll themselves
+    assert tables and all(html[:t].endswith('<div class="table-wrap">') or html[t:].startswith("<table>\n<thead>")
+                          for t in tables)
+    assert "overflow-x: auto" in rules[".doc table, .claims-doc table, td table"]

@@ -33,6 +33,8 @@ from bnlab.train.config import NOT_HASHED, TrainConfig, config_diff, config_to_d
 
 __all__ = ["CSS", "esc", "format_cell", "render", "settings_fields", "verdict_label"]
 
+# Words wrap at word boundaries only (overflow-wrap: break-word breaks a word only when it alone is
+# wider than its column); a table wider than the page scrolls inside its own .table-wrap box.
 CSS = """
 :root { --pass: #1a7f37; --fail: #cf222e; --tie: #0550ae; --undecided: #7d6608; --error: #8250df;
         --muted: #57606a; --line: #d0d7de; --bg2: #f6f8fa; }
@@ -46,7 +48,10 @@ h2 .muted { font-size: 16px; font-weight: 500; }
 .data-used { font-size: 16px; background: var(--bg2); border: 1px solid var(--line); padding: 6px 10px; }
 table { border-collapse: collapse; margin: 8px 0 12px; font-size: 13.5px; width: 100%; }
 th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top;
-         overflow-wrap: anywhere; }
+         overflow-wrap: break-word; }
+.table-wrap { overflow-x: auto; max-width: 100%; margin: 8px 0 12px; }
+.table-wrap > table { margin: 0; }
+.doc table, .claims-doc table, td table { display: block; overflow-x: auto; width: auto; max-width: 100%; }
 th { background: var(--bg2); font-weight: 600; } td.num { font-variant-numeric: tabular-nums; }
 .rule { color: var(--muted); font-size: 12.5px; margin-top: 2px; white-space: normal; }
 table.verdicts { table-layout: fixed; }
@@ -62,9 +67,9 @@ dt { font-weight: 600; color: var(--muted); } dd { margin: 0; }
 table.per-seed { width: auto; font-size: 12.5px; } table.per-seed td, table.per-seed th { padding: 2px 6px; }
 code, pre { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px; }
 pre { background: var(--bg2); border: 1px solid var(--line); padding: 8px 10px; overflow-x: auto;
-      white-space: pre-wrap; word-break: break-word; }
+      white-space: pre-wrap; overflow-wrap: break-word; }
 .badge { display: inline-block; min-width: 86px; text-align: center; padding: 1px 8px; border-radius: 10px;
-         color: #fff; font-weight: 700; font-size: 12px; letter-spacing: .03em; }
+         color: #fff; font-weight: 700; font-size: 12px; letter-spacing: .03em; white-space: nowrap; }
 .PASS { background: var(--pass); } .FAIL { background: var(--fail); } .TIE { background: var(--tie); }
 .UNDECIDED { background: var(--undecided); } .ERROR { background: var(--error); }
 .claim-id { font-weight: 700; white-space: nowrap; }
