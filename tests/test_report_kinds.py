@@ -138,3 +138,31 @@ def test_css_wraps_at_words_and_wide_tables_scroll_in_their_own_box(robust_out, 
     assert tables and all(html[:t].endswith('<div class="table-wrap">') or html[t:].startswith("<table>\n<thead>")
                           for t in tables)
     assert "overflow-x: auto" in rules[".doc table, .claims-doc table, td table"]
+
+
+def test_grid_settings_are_labelled_as_such_not_as_set_overrides(robust_out, tmp_path):
+    html = write_report(collect(robust_out, [_grid_experiment([])], tmp_path / "r.html")).read_text(encoding="utf-8")
+    assert "<strong>Robustness-grid setting</strong> <em>lr 0.3</em>" in html
+    assert "lr=0.3 (primary setting: 0.1)" in html
+    assert "Overridden settings" not in html  # no --set was given
+
+
+def test_report_texts_are_clean_sentences():
+    from types import SimpleNamespace
+
+    from bnlab.report.html import _binarize_caveat, _declared_text, _note_html
+
+    stored = ("To use CIFAR-10: extract it with `mkdir -p /c && tar xzf c.tar.gz -C /c` (a torchvision "
+              "download works too).; binarize=true applies to MNIST only, so Fashion-MNIST keeps its grey levels.")
+    out = str(_note_html(stored))
+    assert "`" not in out and not re.search(r"[.)]\s*;", out)
+    assert "<code>mkdir -p /c &amp;&amp; tar xzf c.tar.gz -C /c</code>" in out
+    assert "works too). binarize=true applies to MNIST only" in out
+    assert str(_note_html("<b>x</b>")) == "&lt;b&gt;x&lt;/b&gt;"  # still escaped
+    assert _declared_text("init_std", None) == "the model's default, N(0, 1/fan_in)"
+    assert _declared_text("lr", 0.5) == "0.5"
+    fashion = SimpleNamespace(dataset={"used": "fashion_mnist"})
+    mnist = SimpleNamespace(dataset={"used": "mnist"})
+    assert _binarize_caveat("binarize", True, [fashion, mnist]) == \
+        " (applies to MNIST only: Fashion-MNIST kept its grey levels)"
+    assert _binarize_caveat("binarize", True, [mnist]) == "" and _binarize_caveat("binarize", False, [fashion]) == ""

@@ -402,11 +402,12 @@ def _settings_view(s: Any) -> dict[str, Any]:
         d = dicts[(variant, h)]
         data = " / ".join(dict.fromkeys(_run_dataset(r) for r in rs))
         rows.append([variant, Markup(f"<code>{esc(h[:8])}</code>"), _seed_status(rs), data]
-                    + [_setting_value(d[k]) for k in varying])
+                    + [_setting_value(d[k]) + _binarize_caveat(k, d[k], rs) for k in varying])
     note = ""
     if shared and dicts:
         first = next(iter(dicts.values()))
-        items = ", ".join(f"{k}={_setting_value(first[k])}" for k in shared)
+        all_runs = [r for rs in groups.values() for r in rs]
+        items = ", ".join(f"{k}={_setting_value(first[k])}{_binarize_caveat(k, first[k], all_runs)}" for k in shared)
         note = Markup(f"Shared by every run: <code>{esc(items)}</code>. ") + (
             Markup("Columns after <em>data used</em> are the settings that differ between the configs. ")
             if varying else "") + Markup(
@@ -415,6 +416,26 @@ def _settings_view(s: Any) -> dict[str, Any]:
             "for; <em>data used</em> is what the run really loaded (from its env.json).")
     full = [{"variant": v, "hash": h[:8], "json": json.dumps(dicts[(v, h)], indent=2)} for v, h in groups]
     return {"headers": headers, "rows": rows, "shared_note": note, "full": full}
+
+
+def _binarize_caveat(key: str, value: Any, runs: list[Any]) -> str:
+    """binarize=true thresholds real MNIST only: say so where runs used other data (grey levels)."""
+    if key != "binarize" or value is not True:
+        return ""
+    other = []
+    for r in runs:
+        try:
+            used = r.dataset.get("used")
+        except BnlabError:
+            continue
+        if used and used != "mnist" and used not in other:
+            other.append(used)
+    if not other:
+        return ""
+    from bnlab.data.locate import dataset_title
+
+    return (f" (applies to MNIST only: {', '.join(dataset_title(u) for u in other)} "
+            f"kept {'its' if len(other) == 1 else 'their'} grey levels)")
 
 
 def _run_dataset(r: Any) -> str:
@@ -447,21 +468,56 @@ def _deviations_view(s: Any) -> list[Markup]:
         who = esc(_who(runs))
         if requested and used and requested != used:
             items.append(Markup(f"<strong>Dataset fallback</strong> ({who}): asked for <code>{esc(requested)}</code>, "
-                                f"used <code>{esc(used)}</code>. {esc(note)}"))
+                                f"used <code>{esc(used)}</code>. ") + _note_html(note))
         elif note:
-            items.append(Markup(f"<strong>Dataset</strong> ({who}): <code>{esc(used)}</code>. {esc(note)}"))
+            items.append(Markup(f"<strong>Dataset</strong> ({who}): <code>{esc(used)}</code>. ") + _note_html(note))
         if source:
             items.append(Markup(f"Data source ({who}): {esc(source)}"))
     for (variant, h), rs in _config_groups(s).items():
+        grid = _grid_deviation(exp, rs[0])
+        if grid:
+            changes = ", ".join(f"{k}={_setting_value(b)} (primary setting: {_declared_text(k, a)})"
+                                for k, (a, b) in grid.items())
+            items.append(Markup(f"<strong>Robustness-grid setting</strong> <em>{esc(rs[0].setting)}</em> of "
+                                f"<code>{esc(variant)}</code> (<code>{esc(h[:8])}</code>, {esc(_who(rs))}): "
+                                f"{esc(changes)}"))
         dev = _config_deviation(exp, rs[0])
         if isinstance(dev, str):
             items.append(Markup(f"<code>{esc(variant)}</code> (<code>{esc(h[:8])}</code>): {esc(dev)}"))
         elif dev:
-            changes = ", ".join(f"{k}={_setting_value(b)} (declared {_setting_value(a)})" for k, (a, b) in dev.items())
+            changes = ", ".join(f"{k}={_setting_value(b)} (declared {_declared_text(k, a)})" for k, (a, b) in dev.items())
             items.append(Markup(f"<strong>Overridden settings</strong> (<code>--set</code>) of "
                                 f"<code>{esc(variant)}</code> (<code>{esc(h[:8])}</code>, {esc(_who(rs))}): "
                                 f"{esc(changes)}"))
     return items
+
+
+# What a field left at None (null) means, where the model or loop fills it in.
+_NONE_MEANS = {"init_std": "the model's default, N(0, 1/fan_in)"}
+
+
+def _declared_text(key: str, value: Any) -> str:
+    if value is None:
+        return _NONE_MEANS.get(key, "null: the model's default")
+    return _setting_value(value)
+
+
+def _note_html(note: str) -> Markup:
+    """A stored dataset note as clean sentences: `code` as <code> (safe inline Markdown), and the
+    ".;" of notes joined with "; " by older versions as a sentence break."""
+    text = re.sub(r"([.!?)])\s*;\s+", r"\1 ", str(note or "")).strip()
+    return Markup(render_inline(text)) if text else Markup("")
+
+
+def _grid_deviation(exp: Any, r: Any) -> dict[str, tuple[Any, Any]] | None:
+    """The fields a robustness-grid setting changes against the primary setting (None for the
+    primary setting, or when that cannot be resolved)."""
+    if exp is None or not r.setting or r.setting == getattr(exp, "primary_setting", r.setting):
+        return None
+    try:
+        return config_diff(exp.config(r.variant, r.profile), exp.config(r.variant, r.profile, setting=r.setting))
+    except Exception:  # variant, profile or setting no longer declared: _config_deviation says so
+        return None
 
 
 def _last_step(r: Any) -> Any:
@@ -538,9 +594,9 @@ def _config_deviation(exp: Any, r: Any) -> dict[str, tuple[Any, Any]] | str | No
     profile (``--set`` overrides); a string when that cannot be compared."""
     if exp is None:
         return None
-    try:
-        declared = exp.config(r.variant, r.profile)
-    except Exception as err:  # variant or profile no longer declared
+    try:  # against the run's own robustness setting: grid settings are not --set overrides
+        declared = exp.config(r.variant, r.profile, setting=r.setting or None)
+    except Exception as err:  # variant, profile or setting no longer declared
         why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         return f"cannot compare with the declared config ({why})"
     return config_diff(declared, r.config)
