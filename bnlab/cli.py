@@ -151,9 +151,14 @@ def show_config(exp: Any, profile: str, overrides: dict[str, Any]) -> None:
         rows.append((key, _type_name(types_[key]).replace(" (comma-separated)", ""), text))
     wk = max(len(r[0]) for r in rows)
     wt = max(len(r[1]) for r in rows)
+    # a field no part of this experiment reads is marked, not hidden: --set still accepts it
+    unused = set()
+    if getattr(exp, "probes", ()) and not any(getattr(p, "uses_probe_batch", True) for p in exp.probes):
+        unused.add("probe_batch_size")
     print(f"{'key':<{wk}}  {'type':<{wt}}  value")
     for key, tp, text in rows:
-        print(f"{key:<{wk}}  {tp:<{wt}}  {text}")
+        mark = "  (unused by this experiment's probes)" if key in unused else ""
+        print(f"{key:<{wk}}  {tp:<{wt}}  {text}{mark}")
     print("\nchange any of them with --set key=value (e.g. --set lr=0.05 steps=2000); values as JSON "
           "(null = the model's default)")
 

@@ -166,3 +166,20 @@ def test_report_texts_are_clean_sentences():
     assert _binarize_caveat("binarize", True, [fashion, mnist]) == \
         " (applies to MNIST only: Fashion-MNIST kept its grey levels)"
     assert _binarize_caveat("binarize", True, [mnist]) == "" and _binarize_caveat("binarize", False, [fashion]) == ""
+
+
+def test_probe_cost_text_matches_its_definition_and_unused_fields_are_marked(capsys):
+    from types import SimpleNamespace
+
+    from bnlab.experiments import get_experiment
+    from bnlab.report.html import _definitions_view
+
+    exp = get_experiment("ioffe_mnist")
+    (probe,) = exp.probes
+    assert "no backward" in (probe.fn.__doc__ or "") and not probe.uses_probe_batch
+    rows = _definitions_view(SimpleNamespace(experiment=exp, results=SimpleNamespace(runs=[])))
+    cost = next(r["cost"] for r in rows if r["quantity"] == "probe: sigmoid_input")
+    assert "forward only, no backward" in cost and "1.6 forward+backward pass equivalents" in cost
+    assert main(["run", "ioffe_mnist", "--show-config"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("probe_batch_size"))
+    assert line.endswith("(unused by this experiment's probes)")

@@ -343,8 +343,10 @@ def _definitions_view(s: Any) -> list[dict[str, Any]]:
         calls = sorted({len(probe.steps(c)) for c in cfgs})
         calls_txt = "/".join(str(c) for c in calls) or "?"
         # The probe's own docstring says on which examples it runs; here only what the runner knows.
-        cost = (f"{probe.cost:g} forward+backward pass equivalents per call (declared by the probe); "
-                f"{calls_txt} calls per run")
+        note = getattr(probe, "cost_note", "")
+        cost = (f"{probe.cost:g} forward+backward pass equivalents per call "
+                + (f"({note}; declared by the probe)" if note else "(declared by the probe)")
+                + f"; {calls_txt} calls per run")
         rows.append({"quantity": f"probe: {probe.name}", "definition": render_markdown(doc), "cost": cost})
     ev = _same([c.eval_subset for c in cfgs], "all", "eval_subset (see Settings)")
     every = _same([c.eval_every for c in cfgs], "?", "eval_every (see Settings)")
