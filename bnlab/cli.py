@@ -152,9 +152,14 @@ def show_config(exp: Any, profile: str, overrides: dict[str, Any]) -> None:
         rows.append((key, _type_name(types_[key]).replace(" (comma-separated)", ""), text))
     wk = max(len(r[0]) for r in rows)
     wt = max(len(r[1]) for r in rows)
+    # a field no part of this experiment reads is marked, not hidden: --set still accepts it
+    unused = set()
+    if getattr(exp, "probes", ()) and not any(getattr(p, "uses_probe_batch", True) for p in exp.probes):
+        unused.add("probe_batch_size")
     print(f"{'key':<{wk}}  {'type':<{wt}}  value")
     for key, tp, text in rows:
-        print(f"{key:<{wk}}  {tp:<{wt}}  {text}")
+        mark = "  (unused by this experiment's probes)" if key in unused else ""
+        print(f"{key:<{wk}}  {tp:<{wt}}  {text}{mark}")
     print("\nchange any of them with --set key=value (e.g. --set lr=0.05 steps=2000); values as JSON "
           "(null = the model's default)")
 
@@ -226,7 +231,11 @@ def write_verdict_and_plots(exp: Any, run_dirs: Sequence[Path], out: Path, profi
     if getattr(exp, "figures", ()) or exp.plots is not None:  # figures declared as data, then any plots
         from bnlab.report.figures import experiment_figures
 
-        for p in experiment_figures(exp, results, out / exp.name / "figures"):
+        from bnlab.report.build import Section
+
+        # one robustness setting (the primary one): curves of different settings are never averaged
+        for p in experiment_figures(exp, Section(exp.name, profile, exp, results).figure_runs,
+                                    out / exp.name / "figures"):
             print(f"figure: {p}")
     return rows
 
@@ -265,6 +274,7 @@ def print_table(title: str, rows: list[dict[str, Any]]) -> None:
 def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> None:
     """One block per claim: outcome, claim, ours, estimate with its CI, seeds, data."""
     from bnlab.report.markdown import claim_id_of
+    from bnlab.numfmt import fmt_value
     from bnlab.report.verdicts import ci_text, outcome_of, ours_text, seeds_text
 
     from bnlab.report.verdicts import PROFILE_NOTES, UNDECIDING_PROFILES
@@ -284,6 +294,8 @@ def print_verdict(rows: Sequence[dict[str, Any]], title: str = "verdict") -> Non
             print(f"              paper: {r['paper']}")
         print(f"              ours:  {ours_text(r.get('ours', ''))}")
         ci = ci_text(r)
+        if ci.startswith("none") and isinstance(r.get("estimate"), (int, float)):
+            print(f"              estimate: {fmt_value(r['estimate'])}")  # the CI line holds intervals only
         if ci:
             print(f"              CI:    {ci}")
         extra = [seeds_text(r)] + ([f"data: {r['dataset']}"] if r.get("dataset") else [])
@@ -376,10 +388,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
-    report = collect(root, [e.name for e in exps], args.output, profile=profile)
+    # The profile folder's report covers every experiment with runs there, whichever command made
+    # them (a later `reproduce ioffe` must not drop the Santurkar sections); -o with a list of
+    # experiments writes a report of those only.
+    named = [e.name for e in exps]
+    report = collect(root, named if args.output is not None else None, args.output, profile=profile)
     path = write_report(report)
     _write_verdicts(root, report.rows)
-    print_verdict(report.rows, title=f"verdicts ({profile} profile)")
+    print_verdict([r for r in report.rows if r.get("experiment") in named],
+                  title=f"verdicts ({profile} profile)")
     print()
     print(summary_text(path, report.rows))
     return 0

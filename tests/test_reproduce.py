@@ -77,7 +77,7 @@ def test_verdict_table_prints_outcome_claim_ours_and_ci(capsys):
     assert "[     PASS] ioffe_mnist: D.8a BN is ahead early" in out
     assert "CI:    0.081 [0.052, 0.110] (95% CI)" in out  # digits from the interval's width
     assert "5 seeds (1 diverged); data: Fashion-MNIST (MNIST not installed: fallback); robustness: holds in 3/4" in out
-    assert "[      TIE] ioffe_lr_study: D.10c x5 without BN fails" in out and "no CI: count outcome" in out
+    assert "[      TIE] ioffe_lr_study: D.10c x5 without BN fails" in out and "CI:    none: count outcome" in out
     assert "[     FAIL] D.9 old-style row" in out and "0.60 ± 0.14 (mean ± std, n=2)" in out and "why:   w" in out
 
 

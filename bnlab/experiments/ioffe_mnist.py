@@ -343,7 +343,12 @@ EXPERIMENT = Experiment(
     settings=SETTINGS,
     robust_seeds=(0, 1, 2),
     # 1200 images forward only ~ 1.6 forward+backward passes of a 256-example probe batch
-    probes=(Probe("sigmoid_input", sigmoid_input_percentiles, cost=1.6),),
+    # forward only: 1200 images = 4.7 forward passes of a 256-image batch; a forward pass is about a
+    # third of a forward+backward pass, so ~1.6 training-pass equivalents
+    probes=(Probe("sigmoid_input", sigmoid_input_percentiles, cost=1.6, uses_probe_batch=False,
+                  cost_note="forward only, no backward: one forward pass over 1200 images is about 1.6 "
+                            "forward+backward passes of a 256-image batch (a forward pass costs about a "
+                            "third of forward+backward)"),),
     definitions=(
         ("test accuracy curve (Fig. 1a, D.8a)",
          f"fraction of a fixed random subset of {EVAL_SUBSET} test images (the same for every seed) classified "

@@ -113,6 +113,34 @@ class Section:
     def diverged(self) -> list[RunResult]:
         return [r for r in self.results.runs if r.status == "diverged"]
 
+    @property
+    def collapsed(self) -> list[RunResult]:
+        return [r for r in self.results.runs if r.status == "collapsed"]
+
+    @property
+    def figure_setting(self) -> str | None:
+        """The robustness setting the figures show when the runs hold several (the primary one:
+        curves of different settings are never averaged together); None when there is one."""
+        names = list(dict.fromkeys(r.setting for r in self.results.runs))
+        if len(names) < 2:
+            return None
+        exp = self.experiment
+        if exp is not None and getattr(exp, "primary_setting", None) is not None:
+            return exp.primary_setting
+        return "" if "" in names else names[0]
+
+    @property
+    def figure_runs(self) -> ExperimentResults:
+        """The finished runs the figures (and their seed counts and reference lines) are drawn from:
+        those of ``figure_setting`` only; runs that name no setting belong to the primary one."""
+        done = self.finished
+        setting = self.figure_setting
+        if setting is None:
+            return done
+        primary = getattr(self.experiment, "primary_setting", None)
+        keep = [r for r in done.runs if r.setting == setting or (not r.setting and setting == primary)]
+        return ExperimentResults(done.experiment, keep, done.out_dir)
+
 
 @dataclass
 class Report:
@@ -170,7 +198,20 @@ def profile_roots(out_dir: Path | str) -> dict[str, Path]:
 # --- finding runs -------------------------------------------------------------------------------------
 
 def _no_runs_message(out_dir: Path, what: str, example: str = "ioffe_mnist") -> str:
-    return (f"{what}; produce runs first, e.g. `bnlab run {example} --profile quick --out {out_dir}` "
+    """``what`` and the commands that fix it here: ``bnlab run``/``reproduce`` write
+    ``<out>/<profile>/<experiment>/``, so for a profile folder ``--out`` is its parent, and an
+    experiment's own folder is reported through its profile folder."""
+    if out_dir.is_dir() and any(out_dir.glob("*/seed*/config.json")):  # <profile>/<experiment>/ itself
+        return (f"{what}: {out_dir} is the folder of one experiment's runs; build the report of its "
+                f"profile folder instead: `bnlab report {out_dir.parent}`")
+    profile, out = "quick", out_dir
+    try:
+        from bnlab.experiments.base import PROFILES
+    except Exception:  # a broken experiment module must not hide the message
+        PROFILES = PROFILE_ORDER
+    if out_dir.name in PROFILES:  # a profile folder: the runs go to <parent>/<profile>/
+        profile, out = out_dir.name, out_dir.parent
+    return (f"{what}; produce runs first, e.g. `bnlab run {example} --profile {profile} --out {out}` "
             f"(`bnlab list` names every experiment), then build the report with `bnlab report {out_dir}`")
 
 
@@ -290,7 +331,7 @@ def _run_plots(section: Section, out_dir: Path, several_profiles: bool) -> None:
     before = set(plt.get_fignums()) if plt is not None else set()
     try:
         figdir.mkdir(parents=True, exist_ok=True)
-        paths = list(fn(section.finished, figdir) or [])
+        paths = list(fn(section.figure_runs, figdir) or [])
     except Exception as err:
         section.plot_error = _format_error(err)
         paths = []
@@ -299,6 +340,12 @@ def _run_plots(section: Section, out_dir: Path, several_profiles: bool) -> None:
         if plt is not None:  # figures an experiment left open in pyplot would pile up over a report
             for num in set(plt.get_fignums()) - before:
                 plt.close(num)
+    setting = section.figure_setting
+    if setting is not None and paths:
+        n = len(section.figure_runs.runs)
+        section.notes.append(
+            f"The figures show the primary robustness setting ({setting or 'unnamed'}) only: {n} finished "
+            f"run{'s' if n != 1 else ''}; the outcomes of every setting are in the Robustness table.")
     for p in paths:
         p = Path(p)
         if not p.is_file():

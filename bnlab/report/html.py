@@ -28,10 +28,13 @@ from bnlab.report.markdown import (ANCHOR_PREFIX, claim_anchor, claim_id_of, ren
 from bnlab.report.verdicts import (PROFILE_NOTES, UNDECIDING_PROFILES, counts, estimate_text, interval_text,
                                    outcome_of, ours_text, per_seed_compact, per_seed_table, robustness_grid,
                                    seeds_text, short_reason)
+from bnlab.train.results import RUN_STATUSES
 from bnlab.train.config import NOT_HASHED, TrainConfig, config_diff, config_to_dict
 
 __all__ = ["CSS", "esc", "format_cell", "render", "settings_fields", "verdict_label"]
 
+# Words wrap at word boundaries only (overflow-wrap: break-word breaks a word only when it alone is
+# wider than its column); a table wider than the page scrolls inside its own .table-wrap box.
 CSS = """
 :root { --pass: #1a7f37; --fail: #cf222e; --tie: #0550ae; --undecided: #7d6608; --error: #8250df;
         --muted: #57606a; --line: #d0d7de; --bg2: #f6f8fa; }
@@ -45,7 +48,10 @@ h2 .muted { font-size: 16px; font-weight: 500; }
 .data-used { font-size: 16px; background: var(--bg2); border: 1px solid var(--line); padding: 6px 10px; }
 table { border-collapse: collapse; margin: 8px 0 12px; font-size: 13.5px; width: 100%; }
 th, td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top;
-         overflow-wrap: anywhere; }
+         overflow-wrap: break-word; }
+.table-wrap { overflow-x: auto; max-width: 100%; margin: 8px 0 12px; }
+.table-wrap > table { margin: 0; }
+.doc table, .claims-doc table, td table { display: block; overflow-x: auto; width: auto; max-width: 100%; }
 th { background: var(--bg2); font-weight: 600; } td.num { font-variant-numeric: tabular-nums; }
 .rule { color: var(--muted); font-size: 12.5px; margin-top: 2px; white-space: normal; }
 table.verdicts { table-layout: fixed; }
@@ -61,14 +67,14 @@ dt { font-weight: 600; color: var(--muted); } dd { margin: 0; }
 table.per-seed { width: auto; font-size: 12.5px; } table.per-seed td, table.per-seed th { padding: 2px 6px; }
 code, pre { font-family: "DejaVu Sans Mono", Menlo, Consolas, monospace; font-size: 12.5px; }
 pre { background: var(--bg2); border: 1px solid var(--line); padding: 8px 10px; overflow-x: auto;
-      white-space: pre-wrap; word-break: break-word; }
+      white-space: pre-wrap; overflow-wrap: break-word; }
 .badge { display: inline-block; min-width: 86px; text-align: center; padding: 1px 8px; border-radius: 10px;
-         color: #fff; font-weight: 700; font-size: 12px; letter-spacing: .03em; }
+         color: #fff; font-weight: 700; font-size: 12px; letter-spacing: .03em; white-space: nowrap; }
 .PASS { background: var(--pass); } .FAIL { background: var(--fail); } .TIE { background: var(--tie); }
 .UNDECIDED { background: var(--undecided); } .ERROR { background: var(--error); }
 .claim-id { font-weight: 700; white-space: nowrap; }
-.status-diverged { color: var(--fail); font-weight: 600; } .status-incomplete { color: var(--undecided);
-  font-weight: 600; } .status-done { color: var(--pass); }
+.status-diverged, .status-collapsed { color: var(--fail); font-weight: 600; }
+.status-incomplete { color: var(--undecided); font-weight: 600; } .status-done { color: var(--pass); }
 .counts span { margin-right: 14px; }
 .note { border-left: 4px solid var(--undecided); background: #fff8c5; padding: 6px 10px; margin: 8px 0; }
 .error { border-left: 4px solid var(--error); background: #fbefff; padding: 6px 10px; margin: 8px 0; }
@@ -272,8 +278,8 @@ def _results_view(s: Any) -> dict[str, Any]:
             used = "no (unfinished)"
         else:
             used = "yes"
-        cells: list[Any] = [variant, Markup(f"<code>{esc(h[:8])}</code>"), len(done),
-                            sum(r.status == "diverged" for r in runs), sum(r.status == "incomplete" for r in runs)]
+        cells: list[Any] = [variant, Markup(f"<code>{esc(h[:8])}</code>"),
+                            *(sum(r.status == st for r in runs) for st in RUN_STATUSES)]
         for key in ("acc", "loss"):
             vals = [(r.done_info.get("test") or {}).get(key) for r in done]
             vals = [float(v) for v in vals if isinstance(v, (int, float))]
@@ -289,7 +295,7 @@ def _results_view(s: Any) -> dict[str, Any]:
                                     f"[{esc(fmt_value(min(vals), d))}, {esc(fmt_value(max(vals), d))}]</span>"))
         cells.append(used)
         rows.append(cells)
-    return {"headers": ["variant", "config", "done", "diverged", "incomplete", "test accuracy", "test loss",
+    return {"headers": ["variant", "config", *RUN_STATUSES, "test accuracy", "test loss",
                         "in verdict"], "rows": rows}
 
 
@@ -337,8 +343,10 @@ def _definitions_view(s: Any) -> list[dict[str, Any]]:
         calls = sorted({len(probe.steps(c)) for c in cfgs})
         calls_txt = "/".join(str(c) for c in calls) or "?"
         # The probe's own docstring says on which examples it runs; here only what the runner knows.
-        cost = (f"{probe.cost:g} forward+backward pass equivalents per call (declared by the probe); "
-                f"{calls_txt} calls per run")
+        note = getattr(probe, "cost_note", "")
+        cost = (f"{probe.cost:g} forward+backward pass equivalents per call "
+                + (f"({note}; declared by the probe)" if note else "(declared by the probe)")
+                + f"; {calls_txt} calls per run")
         rows.append({"quantity": f"probe: {probe.name}", "definition": render_markdown(doc), "cost": cost})
     ev = _same([c.eval_subset for c in cfgs], "all", "eval_subset (see Settings)")
     every = _same([c.eval_every for c in cfgs], "?", "eval_every (see Settings)")
@@ -372,6 +380,8 @@ def _seed_status(runs: list[Any]) -> Markup:
             parts.append(esc(r.seed))
         elif r.status == "diverged":
             parts.append(f'<span class="status-diverged">{esc(r.seed)} (diverged at step {esc(r.diverged_step)})</span>')
+        elif r.status == "collapsed":
+            parts.append(f'<span class="status-collapsed">{esc(r.seed)} (collapsed)</span>')
         else:
             parts.append(f'<span class="status-incomplete">{esc(r.seed)} (incomplete)</span>')
     return Markup(", ".join(parts))
@@ -394,11 +404,12 @@ def _settings_view(s: Any) -> dict[str, Any]:
         d = dicts[(variant, h)]
         data = " / ".join(dict.fromkeys(_run_dataset(r) for r in rs))
         rows.append([variant, Markup(f"<code>{esc(h[:8])}</code>"), _seed_status(rs), data]
-                    + [_setting_value(d[k]) for k in varying])
+                    + [_setting_value(d[k]) + _binarize_caveat(k, d[k], rs) for k in varying])
     note = ""
     if shared and dicts:
         first = next(iter(dicts.values()))
-        items = ", ".join(f"{k}={_setting_value(first[k])}" for k in shared)
+        all_runs = [r for rs in groups.values() for r in rs]
+        items = ", ".join(f"{k}={_setting_value(first[k])}{_binarize_caveat(k, first[k], all_runs)}" for k in shared)
         note = Markup(f"Shared by every run: <code>{esc(items)}</code>. ") + (
             Markup("Columns after <em>data used</em> are the settings that differ between the configs. ")
             if varying else "") + Markup(
@@ -407,6 +418,26 @@ def _settings_view(s: Any) -> dict[str, Any]:
             "for; <em>data used</em> is what the run really loaded (from its env.json).")
     full = [{"variant": v, "hash": h[:8], "json": json.dumps(dicts[(v, h)], indent=2)} for v, h in groups]
     return {"headers": headers, "rows": rows, "shared_note": note, "full": full}
+
+
+def _binarize_caveat(key: str, value: Any, runs: list[Any]) -> str:
+    """binarize=true thresholds real MNIST only: say so where runs used other data (grey levels)."""
+    if key != "binarize" or value is not True:
+        return ""
+    other = []
+    for r in runs:
+        try:
+            used = r.dataset.get("used")
+        except BnlabError:
+            continue
+        if used and used != "mnist" and used not in other:
+            other.append(used)
+    if not other:
+        return ""
+    from bnlab.data.locate import dataset_title
+
+    return (f" (applies to MNIST only: {', '.join(dataset_title(u) for u in other)} "
+            f"kept {'its' if len(other) == 1 else 'their'} grey levels)")
 
 
 def _run_dataset(r: Any) -> str:
@@ -439,21 +470,56 @@ def _deviations_view(s: Any) -> list[Markup]:
         who = esc(_who(runs))
         if requested and used and requested != used:
             items.append(Markup(f"<strong>Dataset fallback</strong> ({who}): asked for <code>{esc(requested)}</code>, "
-                                f"used <code>{esc(used)}</code>. {esc(note)}"))
+                                f"used <code>{esc(used)}</code>. ") + _note_html(note))
         elif note:
-            items.append(Markup(f"<strong>Dataset</strong> ({who}): <code>{esc(used)}</code>. {esc(note)}"))
+            items.append(Markup(f"<strong>Dataset</strong> ({who}): <code>{esc(used)}</code>. ") + _note_html(note))
         if source:
             items.append(Markup(f"Data source ({who}): {esc(source)}"))
     for (variant, h), rs in _config_groups(s).items():
+        grid = _grid_deviation(exp, rs[0])
+        if grid:
+            changes = ", ".join(f"{k}={_setting_value(b)} (primary setting: {_declared_text(k, a)})"
+                                for k, (a, b) in grid.items())
+            items.append(Markup(f"<strong>Robustness-grid setting</strong> <em>{esc(rs[0].setting)}</em> of "
+                                f"<code>{esc(variant)}</code> (<code>{esc(h[:8])}</code>, {esc(_who(rs))}): "
+                                f"{esc(changes)}"))
         dev = _config_deviation(exp, rs[0])
         if isinstance(dev, str):
             items.append(Markup(f"<code>{esc(variant)}</code> (<code>{esc(h[:8])}</code>): {esc(dev)}"))
         elif dev:
-            changes = ", ".join(f"{k}={_setting_value(b)} (declared {_setting_value(a)})" for k, (a, b) in dev.items())
+            changes = ", ".join(f"{k}={_setting_value(b)} (declared {_declared_text(k, a)})" for k, (a, b) in dev.items())
             items.append(Markup(f"<strong>Overridden settings</strong> (<code>--set</code>) of "
                                 f"<code>{esc(variant)}</code> (<code>{esc(h[:8])}</code>, {esc(_who(rs))}): "
                                 f"{esc(changes)}"))
     return items
+
+
+# What a field left at None (null) means, where the model or loop fills it in.
+_NONE_MEANS = {"init_std": "the model's default, N(0, 1/fan_in)"}
+
+
+def _declared_text(key: str, value: Any) -> str:
+    if value is None:
+        return _NONE_MEANS.get(key, "null: the model's default")
+    return _setting_value(value)
+
+
+def _note_html(note: str) -> Markup:
+    """A stored dataset note as clean sentences: `code` as <code> (safe inline Markdown), and the
+    ".;" of notes joined with "; " by older versions as a sentence break."""
+    text = re.sub(r"([.!?)])\s*;\s+", r"\1 ", str(note or "")).strip()
+    return Markup(render_inline(text)) if text else Markup("")
+
+
+def _grid_deviation(exp: Any, r: Any) -> dict[str, tuple[Any, Any]] | None:
+    """The fields a robustness-grid setting changes against the primary setting (None for the
+    primary setting, or when that cannot be resolved)."""
+    if exp is None or not r.setting or r.setting == getattr(exp, "primary_setting", r.setting):
+        return None
+    try:
+        return config_diff(exp.config(r.variant, r.profile), exp.config(r.variant, r.profile, setting=r.setting))
+    except Exception:  # variant, profile or setting no longer declared: _config_deviation says so
+        return None
 
 
 def _last_step(r: Any) -> Any:
@@ -474,6 +540,10 @@ def _runs_view(s: Any, out_dir: Path) -> dict[str, Any]:
         elif r.status == "diverged":
             status = Markup(f'<span class="status-diverged">diverged at step {esc(r.diverged_step)}</span>')
             steps = r.diverged_step
+        elif r.status == "collapsed":
+            status = Markup('<span class="status-collapsed">collapsed</span> <span class="muted">(finite loss, '
+                            "test accuracy at chance level)</span>")
+            steps = r.done_info.get("steps", r.config.steps)
         else:
             status = Markup('<span class="status-incomplete">incomplete</span> <span class="muted">(no done '
                             "marker: killed or still running; <code>bnlab run</code> resumes it)</span>")
@@ -526,9 +596,9 @@ def _config_deviation(exp: Any, r: Any) -> dict[str, tuple[Any, Any]] | str | No
     profile (``--set`` overrides); a string when that cannot be compared."""
     if exp is None:
         return None
-    try:
-        declared = exp.config(r.variant, r.profile)
-    except Exception as err:  # variant or profile no longer declared
+    try:  # against the run's own robustness setting: grid settings are not --set overrides
+        declared = exp.config(r.variant, r.profile, setting=r.setting or None)
+    except Exception as err:  # variant, profile or setting no longer declared
         why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         return f"cannot compare with the declared config ({why})"
     return config_diff(declared, r.config)
@@ -550,7 +620,8 @@ def _section_view(s: Any, out_dir: Path, anchors: dict[tuple, str], claim_anchor
         "description": render_inline(getattr(exp, "description", "")) if exp is not None else "",
         "paper": render_inline(getattr(exp, "paper", "")) if exp is not None else "",
         "n_runs": len(s.results.runs), "n_done": sum(r.status == "done" for r in s.results.runs),
-        "n_diverged": len(s.diverged), "n_incomplete": len(s.incomplete), "notes": s.notes,
+        "n_diverged": len(s.diverged), "n_collapsed": len(s.collapsed), "n_incomplete": len(s.incomplete),
+        "notes": s.notes,
         "diverged": [{"variant": r.variant, "hash": r.config_hash[:8], "seed": r.seed, "step": r.diverged_step,
                       "loss": r.done_info.get("diverged_loss") or "non-finite"}
                      for r in sorted(s.diverged, key=lambda r: (r.variant, r.config_hash, r.seed))],

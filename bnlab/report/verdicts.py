@@ -61,17 +61,17 @@ def counts(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
 
 
 def ci_text(row: dict[str, Any]) -> str:
-    """"0.081 [0.052, 0.110] (95% CI)", or the stated reason for no interval, or ""."""
+    """"0.081 [0.052, 0.110] (95% CI)" (the estimate with its interval), else "none: <reason>" when
+    the row has an estimate or a stated reason (never a bare estimate), else ""."""
     ci = row.get("ci")
     if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) for v in ci):
         level = row.get("ci_level")
         tag = f" ({level * 100:g}% CI)" if isinstance(level, (int, float)) else " (CI)"
         return fmt_ci(row.get("estimate"), ci[0], ci[1]) + tag
     if row.get("no_ci_reason"):
-        est = row.get("estimate")
-        return (f"{fmt_value(est)}; " if isinstance(est, (int, float)) else "") + f"no CI: {row['no_ci_reason']}"
+        return f"none: {row['no_ci_reason']}"
     if isinstance(row.get("estimate"), (int, float)):
-        return fmt_value(row["estimate"])
+        return "none: the verdict gives no interval for this estimate"
     return ""
 
 

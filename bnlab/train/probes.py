@@ -59,7 +59,10 @@ class Probe:
     for the cost estimate printed before a run. ``pairs=True`` also runs the probe at s + 1 for every
     scheduled step s < steps, so that it can measure a change over one training step (Santurkar
     Fig. 8's per-step |Δμ|, |Δσ²|) while running only every so many steps; ``ProbeContext.state``
-    carries the first call's numbers to the second.
+    carries the first call's numbers to the second. ``cost_note``: how ``cost`` was derived, shown
+    next to it in the report (e.g. a forward-only probe over its own images, in training-pass units).
+    ``uses_probe_batch``: False for a probe that never reads ``ProbeContext.probe_batch`` (so the
+    config's ``probe_batch_size`` does not change what it measures).
     """
 
     name: str
@@ -69,6 +72,8 @@ class Probe:
     points: int | None = None
     cost: float = 1.0
     pairs: bool = False
+    cost_note: str = ""
+    uses_probe_batch: bool = True
 
     def scheduled(self, cfg: TrainConfig) -> list[int]:
         """The steps of the schedule alone (without the ``pairs`` partners)."""

@@ -21,6 +21,9 @@ from bnlab.errors import CorruptDataError, DataNotFoundError
 from bnlab.train.config import TrainConfig, config_from_dict
 from bnlab.train.rundir import ARRAYS, CONFIG, DONE, ENV, METRICS, MODEL, read_json, read_metrics
 
+# Every status a stored run can have, in the order the report counts and shows them.
+RUN_STATUSES = ("done", "diverged", "collapsed", "incomplete")
+
 
 @dataclass(eq=False)
 class RunResult:
