@@ -41,6 +41,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from bnlab.numfmt import fmt_pm
+
 OUTCOMES = ("PASS", "FAIL", "TIE", "UNDECIDED")
 STATUSES = ("done", "diverged", "collapsed", "incomplete")
 CI_LEVEL = 0.95
@@ -179,6 +181,8 @@ def fmt_mean_sd(values: Iterable[float | None]) -> str:
     if v.size == 1:
         return f"{fmt(float(v[0]))} (1 seed)"
     sd = float(v.std(ddof=1))
+    if sd <= 1e-9 * abs(float(v.mean())):  # identical seeds (e.g. all at chance): not "0.100 ± 0.000"
+        return fmt_pm(float(v.mean()), 0.0)
     d = decimals_for(sd, float(v.mean()))
     return f"{v.mean():.{d}f} ± {sd:.{d}f}"
 
