@@ -52,39 +52,14 @@ def test_dynamo_sees_no_graph_break(training, momentum, dynamic):
     assert explanation.graph_count == 1
 
 
-def test_compile_fullgraph_equals_eager_in_training_and_eval():
-    """Inductor (C++ on CPU), fullgraph, one model with momentum None and 0.1 layers (compiling is
-    slow, so one model covers both): outputs, gradients, running statistics and counters equal eager's."""
+def _compiled_equals_eager(train_sizes: tuple[int, ...], eval_sizes: tuple[int, ...], **compile_kw) -> None:
+    """Train eager and compiled copies of one model (momentum None and 0.1 layers) on the same
+    batches, then evaluate: outputs, gradients, running statistics and counters must agree."""
     torch._dynamo.reset()
     eager = _conv_model(None, second_momentum=0.1)
     compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=False)
-    for step in range(2):
-        x = torch.randn(8, 3, 8, 8) * (step + 1) + step
-        y_c, y_e = compiled(x), eager(x)
-        torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
-        y_c.pow(2).sum().backward()
-        y_e.pow(2).sum().backward()
-    for (name, p_c), p_e in zip(compiled_model.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-4, msg=name)
-    for k, v in _bn_state(eager).items():
-        torch.testing.assert_close(compiled_model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
-    assert compiled_model[1].num_batches_tracked.item() == 2
-    eager.eval(), compiled_model.eval()
-    x = torch.randn(8, 3, 8, 8)
-    torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
-
-
-def test_compile_dynamic_fullgraph_equals_eager_in_training_and_eval():
-    """torch.compile(dynamic=True, fullgraph=True): symbolic batch size and symbolic eps/momentum.
-    AOTAutograd with the eager backend (dynamo capture, functionalization and the joint graph with
-    symbols, without Inductor's code generation, which the static test above covers); two batch
-    sizes through one compiled graph; momentum None and 0.1 layers in one model."""
-    torch._dynamo.reset()
-    eager = _conv_model(None, second_momentum=0.1)
-    compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, fullgraph=True, dynamic=True, backend="aot_eager")
-    for step, n in enumerate((8, 5)):
+    compiled = torch.compile(compiled_model, fullgraph=True, **compile_kw)
+    for step, n in enumerate(train_sizes):
         x = torch.randn(n, 3, 8, 8) * (step + 1) + step
         y_c, y_e = compiled(x), eager(x)
         torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
@@ -94,11 +69,25 @@ def test_compile_dynamic_fullgraph_equals_eager_in_training_and_eval():
         torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-4, msg=name)
     for k, v in _bn_state(eager).items():
         torch.testing.assert_close(compiled_model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
-    assert compiled_model[1].num_batches_tracked.item() == 2
+    assert compiled_model[1].num_batches_tracked.item() == len(train_sizes)
     eager.eval(), compiled_model.eval()
-    for n in (8, 3):
+    for n in eval_sizes:
         x = torch.randn(n, 3, 8, 8)
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_fullgraph_equals_eager_in_training_and_eval():
+    """Inductor (C++ on CPU), fullgraph, one model with momentum None and 0.1 layers (compiling is
+    slow, so one model covers both): outputs, gradients, running statistics and counters equal eager's."""
+    _compiled_equals_eager((8, 8), (8,), dynamic=False)
+
+
+def test_compile_dynamic_fullgraph_equals_eager_in_training_and_eval():
+    """torch.compile(dynamic=True, fullgraph=True): symbolic batch size and symbolic eps/momentum.
+    AOTAutograd with the eager backend (dynamo capture, functionalization and the joint graph with
+    symbols, without Inductor's code generation, which the static test above covers); two batch
+    sizes through one compiled graph; momentum None and 0.1 layers in one model."""
+    _compiled_equals_eager((8, 5), (8, 3), dynamic=True, backend="aot_eager")
 
 
 def _pair_1d(track=True):

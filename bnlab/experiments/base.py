@@ -251,6 +251,34 @@ DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": 
                  "digits": "scikit-learn 8x8 digits", "gaussian_regression": "Gaussian regression (synthetic)"}
 
 
+class SettingRuns:
+    """The finished runs of one robustness setting, by variant and seed, as a verdict reads them.
+
+    ``declared``: the seeds the profile declares; each is in ``seeds`` whether or not it ran (a
+    declared seed without a finished run is "missing" and leaves its rows UNDECIDED).
+    ``rows`` collects the rows; ``need`` adds an UNDECIDED row when a variant has no finished run."""
+
+    def __init__(self, results: ExperimentResults, declared: Sequence[int] | None = None) -> None:
+        self.groups = {v: {r.seed: r for r in rs if r.status != "incomplete"}
+                       for v, rs in results.by_variant().items()}
+        self.dataset = dataset_text([r for rs in self.groups.values() for r in rs.values()])
+        self.seeds = sorted({s for rs in self.groups.values() for s in rs} | set(declared or ()))
+        self.rows: list[dict[str, Any]] = []
+
+    def run(self, variant: str, seed: int) -> RunResult | None:
+        return self.groups.get(variant, {}).get(seed)
+
+    def status(self, seed: int, *variants: str) -> dict[str, str]:
+        return {v: (r.status if (r := self.run(v, seed)) else "missing") for v in variants}
+
+    def need(self, claim: Claim, *variants: str) -> bool:
+        missing = [v for v in variants if not self.groups.get(v)]
+        if missing:
+            self.rows.append(undecided(claim, f"needs finished runs of {', '.join(missing)}", dataset=self.dataset))
+            return False
+        return True
+
+
 def dataset_text(runs: Sequence[RunResult]) -> str:
     """The data the runs really used, for titles and verdict rows, e.g.
     "Fashion-MNIST, grey levels (MNIST not installed)" or "MNIST, binarized at 0.5"."""

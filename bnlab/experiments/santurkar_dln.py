@@ -48,10 +48,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from bnlab.experiments.base import Experiment, ExperimentResults, Probe, ProbeContext, dataset_text
+from bnlab.experiments.base import Experiment, ExperimentResults, Probe, ProbeContext, SettingRuns
 from bnlab.experiments.figures import (Curve, FigureSpec, Panel, grad_change_panels, ics_panels,
                                        landscape_panels)
-from bnlab.experiments.verdict import Claim, Seed, paired_difference, undecided
+from bnlab.experiments.verdict import Claim, Seed, paired_difference
 from bnlab.train.config import TrainConfig
 from bnlab.train.probes import instrument_probe
 
@@ -203,25 +203,9 @@ def _geo(values: list[float | None]) -> float | None:
 def verdict_setting(results: ExperimentResults, declared: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """The claim rows for the runs of one setting; ``declared``: the seeds the profile declares (one
     without a finished run is listed as "missing" and leaves its rows UNDECIDED)."""
-    groups = {v: {r.seed: r for r in rs if r.status != "incomplete"} for v, rs in results.by_variant().items()}
-    all_runs = [r for rs in groups.values() for r in rs.values()]
-    dataset = dataset_text(all_runs)
-    seeds = sorted({s for rs in groups.values() for s in rs} | set(declared or ()))
-
-    def run(variant: str, seed: int):
-        return groups.get(variant, {}).get(seed)
-
-    def status(seed: int, *variants: str) -> dict[str, str]:
-        return {v: (run(v, seed).status if run(v, seed) else "missing") for v in variants}
-
-    rows = []
-
-    def need(claim: Claim, *variants: str) -> bool:
-        missing = [v for v in variants if not groups.get(v)]
-        if missing:
-            rows.append(undecided(claim, f"needs finished runs of {', '.join(missing)}", dataset=dataset))
-            return False
-        return True
+    sr = SettingRuns(results, declared)
+    groups, dataset, seeds, rows = sr.groups, sr.dataset, sr.seeds, sr.rows
+    run, status, need = sr.run, sr.status, sr.need
 
     finals = {v: [final_loss(run(v, s)) for s in seeds] for v in groups}
     paper_vs_ours = "; ".join(f"{v} {_sci(_geo(finals.get(v, [])))} (paper ≈{_sci(p)})"

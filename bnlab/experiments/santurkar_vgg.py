@@ -57,7 +57,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from bnlab.experiments.base import Experiment, ExperimentResults, Probe, ProbeContext, dataset_text
+from bnlab.experiments.base import Experiment, ExperimentResults, Probe, ProbeContext, SettingRuns
 from bnlab.experiments.figures import (Curve, FigureSpec, Panel, grad_change_panels, ics_panels,
                                        landscape_panels)
 from bnlab.experiments.verdict import Claim, Seed, fmt_mean_sd, paired_difference, undecided
@@ -383,24 +383,9 @@ def _fmt(values: Sequence[float | None]) -> str:
 def verdict_setting(results: ExperimentResults, declared: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """The claim rows for the runs of one setting; ``declared``: the seeds the profile declares (one
     without a finished run is listed as "missing" and leaves its rows UNDECIDED)."""
-    groups = {v: {r.seed: r for r in rs if r.status != "incomplete"} for v, rs in results.by_variant().items()}
-    all_runs = [r for rs in groups.values() for r in rs.values()]
-    dataset = dataset_text(all_runs)
-    seeds = sorted({s for rs in groups.values() for s in rs} | set(declared or ()))
-    rows: list[dict[str, Any]] = []
-
-    def run(variant: str, seed: int):
-        return groups.get(variant, {}).get(seed)
-
-    def status(seed: int, *variants: str) -> dict[str, str]:
-        return {v: (run(v, seed).status if run(v, seed) else "missing") for v in variants}
-
-    def need(claim: Claim, *variants: str) -> bool:
-        missing = [v for v in variants if not groups.get(v)]
-        if missing:
-            rows.append(undecided(claim, f"needs finished runs of {', '.join(missing)}", dataset=dataset))
-            return False
-        return True
+    sr = SettingRuns(results, declared)
+    groups, dataset, seeds, rows = sr.groups, sr.dataset, sr.seeds, sr.rows
+    run, status, need = sr.run, sr.status, sr.need
 
     def pair(cid: str, a: str, b: str, value, describe: str, va: str | None = None, vb: str | None = None,
              note=None) -> dict[str, Any] | None:
@@ -416,7 +401,7 @@ def verdict_setting(results: ExperimentResults, declared: Sequence[int] | None =
         return r
 
     # D.11a: steps to the target training accuracy at LR 0.1
-    used = {r.dataset.get("used") for r in all_runs}
+    used = {r.dataset.get("used") for rs in groups.values() for r in rs.values()}
     target = TARGET_ACC.get(next(iter(used)), None) if len(used) == 1 else None
     c = CLAIMS["D.11a"]
     if target is None:
@@ -476,7 +461,7 @@ def verdict_setting(results: ExperimentResults, declared: Sequence[int] | None =
                  f"log10 median {key}, standard - BN")
         if r is not None:
             r["ours"] += "; " + _landscape_text(run, seeds, key)
-    steps = next((x.config.steps for x in all_runs), None)
+    steps = next((x.config.steps for rs in groups.values() for x in rs.values()), None)
     until = None if steps is None else EARLY_FRACTION * steps
     pair("D.15g", "standard", "bn",
          lambda r: _log10(probe_median(r, "landscape", "predictiveness_max", until=until)),
