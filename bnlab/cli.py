@@ -67,6 +67,14 @@ def profile_root(out: str | Path, profile: str) -> Path:
     return out / profile
 
 
+def sibling_profile_roots(root: Path, no_reuse: bool = False) -> list[Path]:
+    """The other profiles' folders next to ``root`` (``runs/quick`` for ``runs/robust``), whose finished
+    runs of an identical config and seed a run may copy instead of training again; none with --no-reuse."""
+    if no_reuse:
+        return []
+    return [root.parent / p for p in profiles() if p != root.name and (root.parent / p).is_dir()]
+
+
 def parse_overrides(groups: list[list[str]] | None) -> dict[str, str]:
     """--set key=value ... -> {key: value}; refuses a key given twice and suggests the closest
     field for an unknown key (the full list of valid keys follows)."""
@@ -184,6 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         exp, profile, out=root, seeds=seeds, overrides=overrides, variants=variants,
         workers=args.workers, threads=args.threads, max_minutes=args.max_minutes, quiet=args.quiet,
         tensorboard=args.tensorboard, data_dir=args.data_dir, wait=args.wait, shard=shard,
+        share_from=sibling_profile_roots(root, args.no_reuse),
     )
     if shard is not None or variants:
         print("verdict: skipped for a partial run (--shard/--variants); run without them once every "
@@ -359,15 +368,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     check_data_dir(args.data_dir)
     root = profile_root(args.out, profile)
     # The whole plan first: one estimate for everything, and an overall ETA between experiments.
-    plans = {e.name: plan_runs(e, profile, out=root, seeds=seeds) for e in exps}
+    share_from = sibling_profile_roots(root, args.no_reuse)
+    plans = {e.name: plan_runs(e, profile, out=root, seeds=seeds, share_from=share_from) for e in exps}
     tasks = []
     for ps in plans.values():  # every dataset and model of every experiment, before any output
-        tasks += check_configs([p for p in ps if p.state != "done"], args.data_dir)
-    todo = {n: sum(p.est_seconds for p in ps if p.state != "done") for n, ps in plans.items()}
+        tasks += check_configs([p for p in ps if p.computes], args.data_dir)
+    todo = {n: sum(p.est_seconds for p in ps if p.computes) for n, ps in plans.items()}
     total_runs = sum(len(ps) for ps in plans.values())
     n_done = sum(p.state == "done" for ps in plans.values() for p in ps)
-    print(f"reproduce [{profile}]: {', '.join(plans)}: {total_runs} runs, {n_done} already done; "
-          f"estimated {format_seconds(sum(todo.values()) / args.workers)} -> {root}")
+    n_copy = sum(p.state == "copy" for ps in plans.values() for p in ps)
+    print(f"reproduce [{profile}]: {', '.join(plans)}: {total_runs} runs, {n_done} already done"
+          + (f", {n_copy} to copy from another profile's folder" if n_copy else "")
+          + f"; estimated {format_seconds(sum(todo.values()) / args.workers)} -> {root}")
     for line in fallback_notices(tasks):  # once for the whole command, not once per experiment
         print(line)
     work = sum(todo.values())
@@ -384,7 +396,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             echo(f"\n[{i}/{len(exps)}] {exp.name}  ({state})")
             run_experiment(exp, profile, out=root, seeds=seeds, workers=args.workers,
                            max_minutes=args.max_minutes, quiet=args.quiet, data_dir=args.data_dir,
-                           echo=echo, progress=progress, announce_data=False)
+                           echo=echo, progress=progress, announce_data=False, share_from=share_from)
     finally:
         if progress is not None:
             progress.close()
@@ -525,6 +537,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="wait for runs that another process is writing instead of skipping them")
     p.add_argument("--shard", default=None, metavar="I/N", help="run only every N-th run, from the I-th")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="train every run here, even one that another profile's folder under OUT already holds finished "
+                        "with the same config and seed (by default such a run is copied, e.g. quick's runs "
+                        "into robust, whose primary setting they are)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("doctor", help="versions, threads, dataset search paths and what was found")
@@ -543,6 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--data-dir", default=None, help="look for datasets here first (must exist)")
     p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: OUT/PROFILE/report.html)")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="train every run here, even one that another profile's folder under OUT already holds finished "
+                        "with the same config and seed (by default such a run is copied, e.g. quick's runs "
+                        "into robust, whose primary setting they are)")
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild the HTML report from stored runs only (never trains)")

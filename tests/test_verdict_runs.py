@@ -75,3 +75,50 @@ def test_bad_settings_are_refused_when_the_experiment_is_defined():
         Experiment(name="g", description="", base=FROZEN, settings={"p": {}, "again": {"lr": 0.0}})
     with pytest.raises(ConfigError, match="lrr"):
         Experiment(name="g", description="", base=FROZEN, settings={"p": {}, "typo": {"lrr": 0.1}})
+
+
+def test_robust_copies_the_finished_quick_runs_of_its_primary_setting(tmp_path):
+    """robust's primary setting is the quick profile's protocol: with the quick folder given as
+    share_from, those runs are copied (same config hash and seed), the rest are trained."""
+    import torch
+
+    from bnlab.cli import sibling_profile_roots
+    from bnlab.train.rundir import read_json
+
+    exp = Experiment(name="grid", description="a grid", base=FROZEN.__class__(**{**FROZEN.__dict__, "steps": 4}),
+                     variants={"a": {}}, settings={"as declared": {}, "lr 0.1": {"lr": 0.1}},
+                     robust_seeds=(0,))
+    quiet = {"quiet": True, "threads": 1, "echo": lambda *_: None}
+    quick = run_experiment(exp, "quick", out=tmp_path / "quick", **quiet)
+    assert len(quick.outcomes) == 3
+    (tmp_path / "robust").mkdir()
+    roots = sibling_profile_roots(tmp_path / "robust")
+    assert roots == [tmp_path / "quick"] and sibling_profile_roots(tmp_path / "robust", no_reuse=True) == []
+    lines = []
+    robust = run_experiment(exp, "robust", out=tmp_path / "robust", share_from=roots,
+                            **{**quiet, "echo": lines.append})
+    assert sorted(p.state for p in robust.planned) == ["copy", "copy", "copy", "new"]
+    assert [(o.variant, o.seed) for o in robust.outcomes] == [("a", 0)]  # only lr 0.1 trained
+    assert any(line.startswith("copied 3 finished run(s)") for line in lines)
+    assert any("3 copied from another profile's folder" in line for line in lines)
+    src = {p.spec.seed: p.spec.run_dir for p in quick.planned}
+    for p in robust.planned:
+        if p.state != "copy":
+            continue
+        dst = p.spec.run_dir
+        assert (dst / "metrics.jsonl").read_bytes() == (src[p.spec.seed] / "metrics.jsonl").read_bytes()
+        a, b = torch.load(dst / "model.pt", weights_only=True), torch.load(src[p.spec.seed] / "model.pt", weights_only=True)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        meta = read_json(dst / "config.json")
+        assert (meta["profile"], meta["setting"], meta["copied_from"]["profile"]) == ("robust", "as declared", "quick")
+        assert not (dst / "lock").exists()
+    assert not list((tmp_path / "robust").rglob(".*copy-*")), "no half-copied folder is left"
+    results = load_results(tmp_path / "robust", "grid", profile="robust")
+    assert sorted((r.setting, r.seed) for r in results.runs) == [
+        ("as declared", 0), ("as declared", 1), ("as declared", 2), ("lr 0.1", 0)]
+    assert {r.status for r in results.runs} == {"done"}
+    again = run_experiment(exp, "robust", out=tmp_path / "robust", share_from=roots, **quiet)
+    assert all(p.state == "done" for p in again.planned) and again.outcomes == []
+    # without share_from (--no-reuse) every run trains
+    fresh = run_experiment(exp, "robust", out=tmp_path / "fresh", **quiet)
+    assert len(fresh.outcomes) == 4 and all(p.state == "new" for p in fresh.planned)

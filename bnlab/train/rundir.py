@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -36,7 +37,7 @@ from typing import Any, Mapping
 import torch
 
 from bnlab.atomic import atomic_write_bytes
-from bnlab.errors import CorruptDataError, RunLockedError
+from bnlab.errors import ConfigError, CorruptDataError, RunLockedError
 
 CONFIG, ENV, METRICS, ARRAYS = "config.json", "env.json", "metrics.jsonl", "arrays.npz"
 CHECKPOINT, MODEL, DONE, LOCK = "checkpoint.pt", "model.pt", "done", "lock"
@@ -44,6 +45,32 @@ CHECKPOINT, MODEL, DONE, LOCK = "checkpoint.pt", "model.pt", "done", "lock"
 
 def run_dir_path(out: Path | str, experiment: str, variant: str, cfg_hash: str, seed: int) -> Path:
     return Path(out) / experiment / f"{variant}-{cfg_hash[:8]}" / f"seed{seed}"
+
+
+def copy_finished_run(src: Path | str, dst: Path | str, **meta: Any) -> None:
+    """Copy the finished run ``src`` to the new run directory ``dst`` (which must not exist), all at
+    once: the files go to a hidden sibling first, which is then renamed, so ``dst`` is either absent
+    or complete (with its ``done`` marker). The lock file is not copied. Used when another profile's
+    folder already holds a finished run of exactly the same config and seed (same config hash).
+
+    ``meta``: config.json fields to set in the copy (its ``profile`` and ``setting`` where it now
+    belongs); the copy's config.json also records ``copied_from`` (the source's profile and path)."""
+    src, dst = Path(src), Path(dst)
+    if not (src / DONE).exists():
+        raise ConfigError(f"{src} is not a finished run (no {DONE} marker); it cannot be copied")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.copy-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(LOCK, CHECKPOINT))
+    info = read_json(tmp / CONFIG)
+    info = {**info, **meta, "copied_from": {"profile": info.get("profile"), "path": str(src)}}
+    atomic_write_json(tmp / CONFIG, info)
+    try:
+        os.rename(tmp, dst)  # atomic; fails if dst appeared meanwhile (another process made it)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dst / DONE).exists():
+            raise
 
 
 # --- atomic writes -----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from bnlab.train.config import config_hash
 from bnlab.train.cost import format_seconds
 from bnlab.train.loop import RunOptions, RunOutcome, RunSpec, train_run
 from bnlab.train.progress import Progress
-from bnlab.train.rundir import CHECKPOINT, RunDir, run_dir_path
+from bnlab.train.rundir import CHECKPOINT, RunDir, copy_finished_run, run_dir_path
 from bnlab.train.task import build_network, build_task
 
 DEFAULT_SINGLE_RUN_THREADS = 2
@@ -43,9 +43,15 @@ DEFAULT_SINGLE_RUN_THREADS = 2
 @dataclass
 class PlannedRun:
     spec: RunSpec
-    state: str  # "done" | "resume" | "new"
+    state: str  # "done" | "resume" | "new" | "copy" (finished in another profile's folder: copied)
     start_step: int = 0
     est_seconds: float = 0.0
+    source: Path | None = None  # for "copy": the finished run with the same config hash and seed
+
+    @property
+    def computes(self) -> bool:
+        """Whether this run trains (new or resumed), as opposed to being done or copied."""
+        return self.state in ("new", "resume")
 
 
 @dataclass
@@ -98,11 +104,14 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def plan_runs(exp: Any, profile: str, *, out: Path | str = "runs", seeds: Sequence[int] | None = None,
               overrides: Mapping[str, Any] | None = None, variants: Sequence[str] | None = None,
-              shard: tuple[int, int] | None = None) -> list[PlannedRun]:
+              shard: tuple[int, int] | None = None, share_from: Sequence[Path | str] = ()) -> list[PlannedRun]:
     """Every (setting, variant, seed) run of ``exp`` at ``profile`` with its state and estimated cost.
 
     Only the ``robust`` profile has more than one setting (the experiment's robustness grid); each
-    run's setting is stored in its config.json so verdicts can group by it.
+    run's setting is stored in its config.json so verdicts can group by it. ``share_from``: other
+    output folders (e.g. the quick profile's, whose runs are robust's primary setting) whose finished
+    runs of exactly the same config and seed are copied ("copy") instead of computed again; only for
+    a run directory that does not exist yet. Creates nothing.
     """
     settings = exp.setting_names(profile) if hasattr(exp, "setting_names") else [""]
     planned = []
@@ -142,7 +151,14 @@ def plan_runs(exp: Any, profile: str, *, out: Path | str = "runs", seeds: Sequen
                 p.state = "resume"
             except BnlabError:
                 p.state = "resume"  # the run itself reports the corrupt checkpoint with its fix
-        p.est_seconds = 0.0 if p.state == "done" else exp.run_cost(p.spec.cfg, p.start_step)
+        elif not p.spec.run_dir.exists():
+            h = config_hash(p.spec.cfg)
+            for root in share_from:
+                src = run_dir_path(root, exp.name, p.spec.variant, h, p.spec.seed)
+                if Path(root).resolve() != Path(out).resolve() and RunDir(src).is_done():
+                    p.state, p.source = "copy", src
+                    break
+        p.est_seconds = exp.run_cost(p.spec.cfg, p.start_step) if p.computes else 0.0
     return planned
 
 
@@ -167,7 +183,7 @@ def check_configs(planned: Sequence[PlannedRun], data_dir: str | None) -> list[A
     seen: set[tuple] = set()
     tasks: dict[int, Any] = {}
     for p in planned:
-        if p.state == "done":
+        if not p.computes:
             continue
         cfg, spec = p.spec.cfg, p.spec
         task = (spec.build_task or build_task)(cfg, data_dir)
@@ -288,7 +304,7 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
                    max_minutes: float | None = None, quiet: bool = False, tensorboard: bool = False,
                    data_dir: str | None = None, wait: bool = False, shard: tuple[int, int] | None = None,
                    echo: Callable[[str], None] = print, progress: Progress | None = None,
-                   announce_data: bool = True) -> ExperimentRun:
+                   announce_data: bool = True, share_from: Sequence[Path | str] = ()) -> ExperimentRun:
     """Plan, check, estimate, run (see module docstring); runs go to ``out/<experiment>/...``.
 
     Everything that can be checked is checked before the first line is printed or the first file is
@@ -309,8 +325,9 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
 
         require_tensorboard()
     planned = plan_runs(exp, profile, out=out, seeds=seeds, overrides=overrides, variants=variants,
-                        shard=shard)
-    todo = [p for p in planned if p.state != "done"]
+                        shard=shard, share_from=share_from)
+    todo = [p for p in planned if p.computes]
+    copies = [p for p in planned if p.state == "copy"]
     n_resume = sum(p.state == "resume" for p in todo)
     serial = sum(p.est_seconds for p in todo)
     parallel = min(workers, max(len(todo), 1))
@@ -322,8 +339,16 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
         )
     tasks = check_configs(todo, data_dir)  # before any output: a bad value prints nothing, creates nothing
     write = progress.write if progress is not None else echo
-    write(f"{exp.name} [{profile}]: {len(planned)} runs ({len(planned) - len(todo)} done, "
-          f"{n_resume} to resume, {len(todo) - n_resume} new) -> {Path(out) / exp.name}")
+    n_done = sum(p.state == "done" for p in planned)
+    write(f"{exp.name} [{profile}]: {len(planned)} runs ({n_done} done, "
+          + (f"{len(copies)} copied, " if copies else "")
+          + f"{n_resume} to resume, {len(todo) - n_resume} new) -> {Path(out) / exp.name}")
+    if copies:
+        for p in copies:
+            copy_finished_run(p.source, p.spec.run_dir, profile=profile, setting=p.spec.setting)
+        roots = sorted({str(p.source.parents[2]) for p in copies})
+        write(f"copied {len(copies)} finished run(s) with the same config and seed from {', '.join(roots)} "
+              "instead of training them again (--no-reuse trains them here)")
     result = ExperimentRun(exp.name, profile, planned)
     if not todo:
         write(f"nothing to do: all {len(planned)} runs are done (delete a run directory to redo it)")
@@ -358,6 +383,9 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
         if p.state == "done":
             write(_ROW.format(variant=p.spec.variant[:18], seed=p.spec.seed, steps=p.spec.cfg.steps,
                               state="skipped", result="already done"))
+        elif p.state == "copy":
+            write(_ROW.format(variant=p.spec.variant[:18], seed=p.spec.seed, steps=p.spec.cfg.steps,
+                              state="copied", result=f"from {p.source.parents[2].name}/"))
     try:
         if workers == 1 or len(todo) == 1:
             for i, p in enumerate(todo):
@@ -424,6 +452,9 @@ def _summary(result: ExperimentRun, echo: Callable[[str], None]) -> None:
     parts = [f"{counts.get('done', 0)} done", f"{counts.get('diverged', 0)} diverged",
              f"{counts.get('collapsed', 0)} collapsed",
              f"{skipped} skipped (already done)"]
+    copied = sum(p.state == "copy" for p in result.planned)
+    if copied:
+        parts.append(f"{copied} copied from another profile's folder")
     if counts.get("locked"):
         parts.append(f"{counts['locked']} locked by another process")
     echo(f"{result.experiment}: " + ", ".join(parts))
