@@ -357,7 +357,7 @@ def expand_targets(targets: Sequence[str]) -> list[str]:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from bnlab.experiments import get_experiment
     from bnlab.report.build import collect, summary_text, write_report
-    from bnlab.train.cost import format_seconds
+    from bnlab.train.cost import EXPERIMENT_OVERHEAD_S, format_seconds, wall_seconds
     from bnlab.train.progress import Progress
     from bnlab.train.runner import (check_configs, check_data_dir, fallback_notices, parse_seeds, plan_runs,
                                     run_experiment)
@@ -371,18 +371,20 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     share_from = sibling_profile_roots(root, args.no_reuse)
     plans = {e.name: plan_runs(e, profile, out=root, seeds=seeds, share_from=share_from) for e in exps}
     tasks = []
-    for ps in plans.values():  # every dataset and model of every experiment, before any output
-        tasks += check_configs([p for p in ps if p.computes], args.data_dir)
-    todo = {n: sum(p.est_seconds for p in ps if p.computes) for n, ps in plans.items()}
+    for e in exps:  # every dataset and model of every experiment, before any output
+        tasks += check_configs([p for p in plans[e.name] if p.computes], args.data_dir, e.run_cost)
+    # Per experiment: its runs on the workers (the busiest worker decides), then its verdict and figures.
+    todo = {n: wall_seconds([p.est_seconds for p in ps if p.computes], args.workers)
+            + (EXPERIMENT_OVERHEAD_S if any(p.computes for p in ps) else 0.0) for n, ps in plans.items()}
     total_runs = sum(len(ps) for ps in plans.values())
     n_done = sum(p.state == "done" for ps in plans.values() for p in ps)
     n_copy = sum(p.state == "copy" for ps in plans.values() for p in ps)
     print(f"reproduce [{profile}]: {', '.join(plans)}: {total_runs} runs, {n_done} already done"
           + (f", {n_copy} to copy from another profile's folder" if n_copy else "")
-          + f"; estimated {format_seconds(sum(todo.values()) / args.workers)} -> {root}")
+          + f"; estimated {format_seconds(sum(todo.values()))} -> {root}")
     for line in fallback_notices(tasks):  # once for the whole command, not once per experiment
         print(line)
-    work = sum(todo.values())
+    work = sum(p.est_seconds for ps in plans.values() for p in ps if p.computes)  # CPU seconds, as runs report
     progress = None
     if not args.quiet and work > 0:  # one progress over every run of every experiment, in estimated seconds
         progress = Progress(work, desc="reproduce", unit=None)
@@ -392,7 +394,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             if progress is not None:  # measured throughput only; "estimating…" until it is measured
                 state = f"elapsed {format_seconds(progress.elapsed())}, {progress.left_text() or 'done'}"
             else:
-                state = f"estimated {format_seconds(sum(list(todo.values())[i - 1:]) / args.workers)} left"
+                state = f"estimated {format_seconds(sum(list(todo.values())[i - 1:]))} left"
             echo(f"\n[{i}/{len(exps)}] {exp.name}  ({state})")
             run_experiment(exp, profile, out=root, seeds=seeds, workers=args.workers,
                            max_minutes=args.max_minutes, quiet=args.quiet, data_dir=args.data_dir,

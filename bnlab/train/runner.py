@@ -31,7 +31,7 @@ import torch
 
 from bnlab.errors import BnlabError, ConfigError, RunLockedError
 from bnlab.train.config import config_hash
-from bnlab.train.cost import format_seconds
+from bnlab.train.cost import EXPERIMENT_OVERHEAD_S, format_seconds, wall_seconds
 from bnlab.train.loop import RunOptions, RunOutcome, RunSpec, train_run
 from bnlab.train.progress import Progress
 from bnlab.train.rundir import CHECKPOINT, RunDir, copy_finished_run, run_dir_path
@@ -174,12 +174,15 @@ def check_data_dir(data_dir: str | os.PathLike | None) -> None:
                           "datasets are looked for)")
 
 
-def check_configs(planned: Sequence[PlannedRun], data_dir: str | None) -> list[Any]:
+def check_configs(planned: Sequence[PlannedRun], data_dir: str | None,
+                  estimate: Callable[[Any, int], float] | None = None) -> list[Any]:
     """Load every dataset and build every model once, in this process, before any run starts or
     anything is printed or created; returns the distinct Tasks (for the dataset-fallback notice).
 
     Catches: unknown dataset/norm/model, missing data, a batch larger than the training set, and
-    shape mismatches (one forward pass on two examples)."""
+    shape mismatches (one forward pass on two examples). ``estimate(cfg, start_step)`` (the
+    experiment's ``run_cost``): re-estimates a run whose dataset falls back to another one (CIFAR-10
+    -> Fashion-MNIST changes the pixels and the cost) for the dataset actually used."""
     seen: set[tuple] = set()
     tasks: dict[int, Any] = {}
     for p in planned:
@@ -188,6 +191,8 @@ def check_configs(planned: Sequence[PlannedRun], data_dir: str | None) -> list[A
         cfg, spec = p.spec.cfg, p.spec
         task = (spec.build_task or build_task)(cfg, data_dir)
         tasks.setdefault(id(task), task)
+        if estimate is not None and task.name != cfg.dataset and task.requested != task.name:
+            p.est_seconds = estimate(replace(cfg, dataset=task.name), p.start_step)
         n_train = int(task.x_train.shape[0])
         if cfg.batch_size > n_train:
             raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {n_train} training examples of "
@@ -329,15 +334,17 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
     todo = [p for p in planned if p.computes]
     copies = [p for p in planned if p.state == "copy"]
     n_resume = sum(p.state == "resume" for p in todo)
+    # Data and models first (before any output: a bad value prints nothing, creates nothing); the
+    # estimates then know which dataset each run really uses.
+    tasks = check_configs(todo, data_dir, exp.run_cost)
     serial = sum(p.est_seconds for p in todo)
     parallel = min(workers, max(len(todo), 1))
-    wall = serial / parallel
+    wall = wall_seconds([p.est_seconds for p in todo], workers) + (EXPERIMENT_OVERHEAD_S if todo else 0.0)
     if max_minutes is not None and wall > max_minutes * 60:
         raise ConfigError(
             f"estimated {format_seconds(wall)} exceeds --max-minutes {max_minutes:g}; use a smaller "
             f"--profile (smoke, quick), fewer --seeds or --variants, more --workers, or raise --max-minutes"
         )
-    tasks = check_configs(todo, data_dir)  # before any output: a bad value prints nothing, creates nothing
     write = progress.write if progress is not None else echo
     n_done = sum(p.state == "done" for p in planned)
     write(f"{exp.name} [{profile}]: {len(planned)} runs ({n_done} done, "
