@@ -357,7 +357,7 @@ def expand_targets(targets: Sequence[str]) -> list[str]:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from bnlab.experiments import get_experiment
     from bnlab.report.build import collect, summary_text, write_report
-    from bnlab.train.cost import EXPERIMENT_OVERHEAD_S, format_seconds, wall_seconds
+    from bnlab.train.cost import EXPERIMENT_OVERHEAD_S, REPORT_OVERHEAD_S, format_seconds, wall_seconds
     from bnlab.train.progress import Progress
     from bnlab.train.runner import (check_configs, check_data_dir, fallback_notices, parse_seeds, plan_runs,
                                     run_experiment)
@@ -381,7 +381,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     n_copy = sum(p.state == "copy" for ps in plans.values() for p in ps)
     print(f"reproduce [{profile}]: {', '.join(plans)}: {total_runs} runs, {n_done} already done"
           + (f", {n_copy} to copy from another profile's folder" if n_copy else "")
-          + f"; estimated {format_seconds(sum(todo.values()))} -> {root}")
+          + f"; estimated {format_seconds(sum(todo.values()) + REPORT_OVERHEAD_S)} -> {root}")
     for line in fallback_notices(tasks):  # once for the whole command, not once per experiment
         print(line)
     work = sum(p.est_seconds for ps in plans.values() for p in ps if p.computes)  # CPU seconds, as runs report

@@ -499,8 +499,9 @@ def test_progress_eta_ignores_startup_and_waits_for_a_measurement(startup, step_
 
 
 def test_reproduce_eta_in_estimated_seconds_is_measured_too():
-    """bnlab reproduce counts work in estimated seconds (7 s for a smoke plan that really takes 3 min):
-    the time left comes from the measured rate of that work, not from the estimate."""
+    """bnlab reproduce counts work in estimated seconds, which can be far off on another machine (here
+    7 s of estimated work that really takes 3 min): the time left comes from the measured rate of that
+    work, not from the estimate."""
     from bnlab.train.progress import Progress
 
     clock = FakeClock()

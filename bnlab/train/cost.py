@@ -5,7 +5,8 @@ engine's own work (``_ENGINE_MS``: batch gather, learning rate, NaN check, loggi
 forward+backward+update, plus the evaluations, probes and the final full-test pass. Several runs on
 ``workers`` processes finish when the busiest worker does (``wall_seconds``: the pool hands the next
 run to the first free worker); each worker pays its start-up once (``WORKER_START_S``), and each
-experiment its verdict, figures and report (``EXPERIMENT_OVERHEAD_S``).
+experiment its verdict, figures and report section (``EXPERIMENT_OVERHEAD_S``), and ``bnlab
+reproduce`` its checks and report (``REPORT_OVERHEAD_S``).
 
 The per-step times are measured on the project's reference machine (2 CPU cores, torch 2.13, one
 intra-op thread, two workers busy: the setting of ``bnlab reproduce``) and scaled by the obvious
@@ -47,8 +48,9 @@ _ENGINE_MS = 0.3  # per step: batch gather from the training tensor, lr, loss.it
 _LOAD_S = {"digits": 0.3, "fashion_mnist": 1.3, "mnist": 1.3, "cifar10": 3.0, "gaussian_regression": 0.1}
 _TEST_SIZE = {"mnist": 10000, "fashion_mnist": 10000, "cifar10": 10000, "digits": 360}
 _PIXELS = {"mnist": 784, "fashion_mnist": 784, "cifar10": 1024, "digits": 64}
-WORKER_START_S = 3.0  # a spawned worker imports torch and bnlab
+WORKER_START_S = 4.5  # a spawned worker imports torch and bnlab (~3.8 s alone)
 EXPERIMENT_OVERHEAD_S = 8.0  # the verdict, its figures (matplotlib) and the report section
+REPORT_OVERHEAD_S = 6.0  # bnlab reproduce: checking every dataset and model first, then the HTML report
 
 
 def ms_per_step(cfg: TrainConfig, batch: int | None = None) -> float:
