@@ -67,6 +67,11 @@ def profile_root(out: str | Path, profile: str) -> Path:
     return out / profile
 
 
+_NO_REUSE_HELP = ("train every run here, even one that another profile's folder under OUT already holds "
+                  "finished with the same config and seed (by default such a run is copied, e.g. quick's "
+                  "runs into robust, whose primary setting they are)")
+
+
 def sibling_profile_roots(root: Path, no_reuse: bool = False) -> list[Path]:
     """The other profiles' folders next to ``root`` (``runs/quick`` for ``runs/robust``), whose finished
     runs of an identical config and seed a run may copy instead of training again; none with --no-reuse."""
@@ -540,9 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait for runs that another process is writing instead of skipping them")
     p.add_argument("--shard", default=None, metavar="I/N", help="run only every N-th run, from the I-th")
     p.add_argument("--no-reuse", action="store_true",
-                   help="train every run here, even one that another profile's folder under OUT already holds finished "
-                        "with the same config and seed (by default such a run is copied, e.g. quick's runs "
-                        "into robust, whose primary setting they are)")
+                   help=_NO_REUSE_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("doctor", help="versions, threads, dataset search paths and what was found")
@@ -562,9 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="look for datasets here first (must exist)")
     p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: OUT/PROFILE/report.html)")
     p.add_argument("--no-reuse", action="store_true",
-                   help="train every run here, even one that another profile's folder under OUT already holds finished "
-                        "with the same config and seed (by default such a run is copied, e.g. quick's runs "
-                        "into robust, whose primary setting they are)")
+                   help=_NO_REUSE_HELP)
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild the HTML report from stored runs only (never trains)")
