@@ -364,8 +364,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from bnlab.report.build import collect, summary_text, write_report
     from bnlab.train.cost import EXPERIMENT_OVERHEAD_S, REPORT_OVERHEAD_S, format_seconds, wall_seconds
     from bnlab.train.progress import Progress
-    from bnlab.train.runner import (check_configs, check_data_dir, fallback_notices, parse_seeds, plan_runs,
-                                    run_experiment)
+    from bnlab.train.runner import (check_configs, check_data_dir, confirm_copies, fallback_notices, parse_seeds,
+                                    plan_runs, run_experiment)
 
     profile = check_profile(args.profile)
     exps = [get_experiment(n) for n in expand_targets(args.targets)]
@@ -377,6 +377,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     plans = {e.name: plan_runs(e, profile, out=root, seeds=seeds, share_from=share_from) for e in exps}
     tasks = []
     for e in exps:  # every dataset and model of every experiment, before any output
+        confirm_copies(plans[e.name], args.data_dir, e.run_cost)
         tasks += check_configs([p for p in plans[e.name] if p.computes], args.data_dir, e.run_cost)
     # Per experiment: its runs on the workers (the busiest worker decides), then its verdict and figures.
     todo = {n: wall_seconds([p.est_seconds for p in ps if p.computes], args.workers)

@@ -286,8 +286,10 @@ def test_robust_profile_plans_every_setting_with_its_seeds(tmp_path):
 
     need = max(c.min_seeds for c in CLAIMS.values() if c.kind == "seed_count")
     assert all(len(LR_STUDY.default_seeds("robust", s)) >= need for s in LR_STUDY.setting_names("robust"))
-    # Sized so that robust after quick (whose runs are robust's primary setting and are copied, not
-    # retrained) fits in 45 min on 2 workers: the other settings' estimated CPU time / 2.
+    # The target was "the whole robust run within 45 min"; it was relaxed to "robust after quick" when
+    # the Sec. 4.2 runs became 3x longer and the measured from-scratch run took 56.7 min (docs/claims.md,
+    # "Cost of the robust run"). Quick's runs are robust's primary setting and are copied, not retrained:
+    # the other settings' estimated CPU time / 2 must fit in 45 min.
     extra = sum(e.run_cost(cfg) * len(e.default_seeds("robust", s))
                 for e in (LR_STUDY, MNIST) for s in e.setting_names("robust")[1:]
                 for cfg in e.configs("robust", setting=s).values())

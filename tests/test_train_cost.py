@@ -14,8 +14,8 @@ from bnlab.train.runner import check_configs, plan_runs
 
 
 def _makespan(costs, workers):
-    """Independent oracle: try every assignment in pool order by brute force (runs go to the worker
-    that frees up first, ties to the lowest index)."""
+    """A second implementation of the pool's rule (not an exhaustive search): each run, in order, goes
+    to the worker that frees up first, ties to the lowest index; a plain loop instead of a heap."""
     free = [0.0] * workers
     for c in costs:
         i = min(range(workers), key=lambda k: (free[k], k))

@@ -119,6 +119,64 @@ def test_robust_copies_the_finished_quick_runs_of_its_primary_setting(tmp_path):
     assert {r.status for r in results.runs} == {"done"}
     again = run_experiment(exp, "robust", out=tmp_path / "robust", share_from=roots, **quiet)
     assert all(p.state == "done" for p in again.planned) and again.outcomes == []
+    # the report says which runs were copied, and from where
+    from bnlab.report.build import collect
+
+    section = next(s for s in collect(tmp_path / "robust", ["grid"]).sections if s.name == "grid")
+    assert any("3 of these 4 runs were copied from the quick profile's folder" in n for n in section.notes)
     # without share_from (--no-reuse) every run trains
     fresh = run_experiment(exp, "robust", out=tmp_path / "fresh", **quiet)
     assert len(fresh.outcomes) == 4 and all(p.state == "new" for p in fresh.planned)
+
+
+def test_only_a_finished_run_of_the_same_config_seed_and_dataset_is_copied(tmp_path):
+    """Negative cases: an unfinished source, a source trained on another dataset (a fallback, then the
+    real data installed), a source whose config.json names another config: each is trained here."""
+    import json
+
+    from bnlab.train.rundir import DONE, ENV
+
+    exp = Experiment(name="grid", description="a grid", base=FROZEN.__class__(**{**FROZEN.__dict__, "steps": 4}),
+                     variants={"a": {}}, settings={"as declared": {}, "lr 0.1": {"lr": 0.1}},
+                     robust_seeds=(0,))
+    quiet = {"quiet": True, "threads": 1, "echo": lambda *_: None}
+    quick = run_experiment(exp, "quick", out=tmp_path / "quick", **quiet)
+    src = {p.spec.seed: p.spec.run_dir for p in quick.planned}
+    (src[0] / DONE).unlink()  # seed 0: unfinished
+    env = json.loads((src[1] / ENV).read_text())  # seed 1: made on another dataset
+    env["dataset"]["used"] = "fashion_mnist"
+    (src[1] / ENV).write_text(json.dumps(env))
+    cfg = json.loads((src[2] / "config.json").read_text())  # seed 2: its config.json says another seed
+    cfg["seed"] = 7
+    (src[2] / "config.json").write_text(json.dumps(cfg))
+    robust = run_experiment(exp, "robust", out=tmp_path / "robust", share_from=[tmp_path / "quick"], **quiet)
+    assert all(p.state == "new" for p in robust.planned)
+    assert sorted((o.variant, o.seed) for o in robust.outcomes) == [("a", 0), ("a", 0), ("a", 1), ("a", 2)]
+    assert not any(r.copied_from for r in load_results(tmp_path / "robust", "grid").runs)
+
+
+def test_cli_copies_from_the_quick_folder_unless_no_reuse(tmp_path, capsys, monkeypatch):
+    from bnlab import cli
+    import bnlab.experiments as registry
+
+    registry.all_experiments()
+    exp = Experiment(name="gridcli", description="a grid",
+                     base=FROZEN.__class__(**{**FROZEN.__dict__, "steps": 4}), variants={"a": {}},
+                     settings={"as declared": {}, "lr 0.1": {"lr": 0.1}}, robust_seeds=(0,))
+    monkeypatch.setitem(registry._REGISTRY, "gridcli", exp)
+    out = str(tmp_path / "runs")
+    assert cli.main(["run", "gridcli", "--profile", "quick", "--out", out, "--quiet", "--threads", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "gridcli", "--profile", "robust", "--out", out, "--quiet", "--threads", "1",
+                     "--no-reuse"]) == 0
+    text = capsys.readouterr().out
+    assert "4 runs (0 done, 0 to resume, 4 new)" in text and "copied" not in text
+    assert cli.main(["run", "gridcli", "--profile", "robust", "--out", str(tmp_path / "other"), "--quiet",
+                     "--threads", "1"]) == 0  # no quick folder next to it: nothing to copy
+    capsys.readouterr()
+    import shutil
+    shutil.copytree(tmp_path / "runs" / "quick", tmp_path / "third" / "quick")
+    assert cli.main(["run", "gridcli", "--profile", "robust", "--out", str(tmp_path / "third"), "--quiet",
+                     "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "4 runs (0 done, 3 copied, 0 to resume, 1 new)" in text

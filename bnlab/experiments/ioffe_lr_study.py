@@ -32,7 +32,8 @@ Choices and deviations:
   2000. The "Baseline max" is therefore the best the Baseline reached, a lower bound on its limit,
   which makes "reaches the Baseline max sooner" (D.10a-c) easier than in the paper; every D.10a-c
   row prints the gain. The table's "steps" are ours, not millions; the 6x faster decay is relative
-  to that length. Inputs and weights are channels_last, which only makes the convolutions faster.
+  to that length. Inputs and weights are channels_last (faster convolutions; not bit-identical to
+  NCHW, as the convolution algorithms differ).
 * The Baseline learning rate ``BASE_LR`` is the no-BN network's own rate, as the paper's Inception
   baseline was already tuned, chosen by a rule fixed before the sweep: on the Baseline's exact
   config (seeds 100-102, disjoint from the verdict's), the largest rate of {0.01, 0.02, 0.05, 0.1,

@@ -405,6 +405,12 @@ def _sections_for(out_dir: Path, name: str, exp: Any, lookup_error: str | None) 
         elif getattr(exp, "verdict", None) is None:
             s.notes.append("this experiment declares no verdict function")
         _choose_configs(s)
+        copied = [r for r in sub.runs if r.copied_from]
+        if copied:
+            sources = sorted({str(r.copied_from.get("profile")) for r in copied})
+            s.notes.append(f"{len(copied)} of these {len(sub.runs)} runs were copied from the "
+                           f"{'/'.join(sources)} profile's folder, where they had finished with the same config, "
+                           "seed and dataset (their config.json says copied_from); they were not trained again")
         sections.append(s)
     return sections
 

@@ -40,6 +40,7 @@ class RunResult:
     diverged_step: int | None = None
     done_info: dict[str, Any] = field(default_factory=dict)
     setting: str = ""  # robustness setting the run belongs to ("" = the experiment's primary setting)
+    copied_from: dict[str, Any] | None = None  # {"profile", "path"} when copied from another profile's folder
 
     @functools.cached_property
     def env(self) -> dict[str, Any]:
@@ -165,6 +166,7 @@ def load_run(run_dir: Path) -> RunResult | None:
         profile=meta.get("profile", ""), config_hash=meta.get("config_hash", ""),
         config=config_from_dict(meta["config"]), run_dir=run_dir, status=status,
         diverged_step=done.get("diverged_step"), done_info=done, setting=meta.get("setting", ""),
+        copied_from=meta.get("copied_from"),
     )
 
 

@@ -59,8 +59,9 @@ def copy_finished_run(src: Path | str, dst: Path | str, **meta: Any) -> None:
     if not (src / DONE).exists():
         raise ConfigError(f"{src} is not a finished run (no {DONE} marker); it cannot be copied")
     dst.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dst.parent.glob(f".{dst.name}.copy-*"):  # left by a copy that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = dst.parent / f".{dst.name}.copy-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(LOCK, CHECKPOINT))
     info = read_json(tmp / CONFIG)
     info = {**info, **meta, "copied_from": {"profile": info.get("profile"), "path": str(src)}}
@@ -70,7 +71,8 @@ def copy_finished_run(src: Path | str, dst: Path | str, **meta: Any) -> None:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (dst / DONE).exists():
-            raise
+            raise ConfigError(f"cannot copy {src} to {dst}: {dst} appeared meanwhile and is not finished "
+                              "(another process is writing it?); run the command again, or pass --no-reuse") from None
 
 
 # --- atomic writes -----------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from bnlab.train.config import config_hash
 from bnlab.train.cost import EXPERIMENT_OVERHEAD_S, format_seconds, wall_seconds
 from bnlab.train.loop import RunOptions, RunOutcome, RunSpec, train_run
 from bnlab.train.progress import Progress
-from bnlab.train.rundir import CHECKPOINT, RunDir, copy_finished_run, run_dir_path
+from bnlab.train.rundir import CHECKPOINT, CONFIG, ENV, RunDir, copy_finished_run, read_json, run_dir_path
 from bnlab.train.task import build_network, build_task
 
 DEFAULT_SINGLE_RUN_THREADS = 2
@@ -160,6 +160,29 @@ def plan_runs(exp: Any, profile: str, *, out: Path | str = "runs", seeds: Sequen
                     break
         p.est_seconds = exp.run_cost(p.spec.cfg, p.start_step) if p.computes else 0.0
     return planned
+
+
+def confirm_copies(planned: Sequence[PlannedRun], data_dir: str | None,
+                   estimate: Callable[[Any, int], float]) -> None:
+    """Keep a planned "copy" only if its source really is this run: the source's config.json names the
+    same full config hash and seed, and it was trained on the dataset this machine resolves now (a run
+    made on a fallback, e.g. Fashion-MNIST for a missing CIFAR-10, is not copied once CIFAR-10 is
+    installed, and vice versa). Otherwise the run is trained here ("new", cost ``estimate``)."""
+    for p in planned:
+        if p.state != "copy" or p.source is None:
+            continue
+        ok = False
+        try:
+            meta = read_json(p.source / CONFIG)
+            used = (read_json(p.source / ENV).get("dataset") or {}).get("used")
+            if meta.get("config_hash") == config_hash(p.spec.cfg) and meta.get("seed") == p.spec.seed:
+                task = (p.spec.build_task or build_task)(p.spec.cfg, data_dir)
+                ok = used == task.name
+        except (OSError, ValueError, BnlabError):
+            ok = False  # unreadable source: train it here; a missing dataset is reported by check_configs
+        if not ok:
+            p.state, p.source = "new", None
+            p.est_seconds = estimate(p.spec.cfg, p.start_step)
 
 
 def check_data_dir(data_dir: str | os.PathLike | None) -> None:
@@ -331,6 +354,7 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
         require_tensorboard()
     planned = plan_runs(exp, profile, out=out, seeds=seeds, overrides=overrides, variants=variants,
                         shard=shard, share_from=share_from)
+    confirm_copies(planned, data_dir, exp.run_cost)
     todo = [p for p in planned if p.computes]
     copies = [p for p in planned if p.state == "copy"]
     n_resume = sum(p.state == "resume" for p in todo)
