@@ -385,9 +385,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     total_runs = sum(len(ps) for ps in plans.values())
     n_done = sum(p.state == "done" for ps in plans.values() for p in ps)
     n_copy = sum(p.state == "copy" for ps in plans.values() for p in ps)
+    total = sum(todo.values()) + REPORT_OVERHEAD_S
+    if args.max_minutes is not None and total > args.max_minutes * 60:  # the whole command, before any output
+        raise ConfigError(
+            f"estimated {format_seconds(total)} for {total_runs - n_done - n_copy} runs to train exceeds "
+            f"--max-minutes {args.max_minutes:g}; use a smaller --profile (smoke, quick), fewer --seeds or "
+            "experiments, more --workers, or raise --max-minutes")
     print(f"reproduce [{profile}]: {', '.join(plans)}: {total_runs} runs, {n_done} already done"
           + (f", {n_copy} to copy from another profile's folder" if n_copy else "")
-          + f"; estimated {format_seconds(sum(todo.values()) + REPORT_OVERHEAD_S)} -> {root}")
+          + f"; estimated {format_seconds(total)} -> {root}")
     for line in fallback_notices(tasks):  # once for the whole command, not once per experiment
         print(line)
     work = sum(p.est_seconds for ps in plans.values() for p in ps if p.computes)  # CPU seconds, as runs report
@@ -403,7 +409,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                 state = f"estimated {format_seconds(sum(list(todo.values())[i - 1:]))} left"
             echo(f"\n[{i}/{len(exps)}] {exp.name}  ({state})")
             run_experiment(exp, profile, out=root, seeds=seeds, workers=args.workers,
-                           max_minutes=args.max_minutes, quiet=args.quiet, data_dir=args.data_dir,
+                           quiet=args.quiet, data_dir=args.data_dir,
                            echo=echo, progress=progress, announce_data=False, share_from=share_from)
     finally:
         if progress is not None:
@@ -515,7 +521,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bnlab import __version__
+
     parser = _Parser(prog="bnlab", description="Batch normalization laboratory.")
+    parser.add_argument("--version", action="version", version=f"bnlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     known = ", ".join(profiles())
 
@@ -561,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs", help="output root (default: runs/); runs and the report go to OUT/PROFILE/")
     p.add_argument("--workers", type=_positive_int, default=2,
                    help="parallel run processes (default 2, 1 thread each)")
-    p.add_argument("--max-minutes", type=_positive_float, default=None, help="refuse an experiment estimated longer")
+    p.add_argument("--max-minutes", type=_positive_float, default=None,
+                   help="refuse to start if the whole command's estimated time exceeds this")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--data-dir", default=None, help="look for datasets here first (must exist)")
     p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: OUT/PROFILE/report.html)")

@@ -331,6 +331,29 @@ def test_max_minutes_refuses_before_running(capsys, tmp_path):
     assert not list(tmp_path.glob("*/ioffe_mnist/*/seed*/config.json"))
 
 
+def test_reproduce_max_minutes_is_for_the_whole_command(capsys, tmp_path):
+    """Each experiment of the smoke plan is estimated below the limit, the whole command above it:
+    reproduce refuses in one line, before any output, creating nothing."""
+    from bnlab.cli import profile_root
+    from bnlab.experiments import get_experiment
+    from bnlab.train.cost import EXPERIMENT_OVERHEAD_S, REPORT_OVERHEAD_S, wall_seconds
+    from bnlab.train.runner import check_configs, plan_runs
+
+    root = profile_root(tmp_path, "smoke")
+    walls = []
+    for name in ("ioffe_mnist", "ioffe_lr_study"):
+        exp = get_experiment(name)
+        plan = plan_runs(exp, "smoke", out=root)
+        check_configs(plan, None, exp.run_cost)
+        walls.append(wall_seconds([p.est_seconds for p in plan], 2) + EXPERIMENT_OVERHEAD_S)
+    total = sum(walls) + REPORT_OVERHEAD_S
+    limit = (max(walls) + total) / 2 / 60  # above every experiment, below the whole command
+    code, out, err = bnlab(capsys, "reproduce", "ioffe", "--profile", "smoke", "--out", str(tmp_path),
+                           "--max-minutes", f"{limit:.4f}")
+    assert_one_clear_error(code, err, "exceeds --max-minutes", "estimated ")
+    assert out == "" and not list(tmp_path.rglob("seed*"))
+
+
 def test_divergence_exit_code_zero_and_reported(capsys, tmp_path, with_experiment):
     with_experiment(Experiment(
         name="_test_dln_diverges", description="DLN at a huge learning rate",
@@ -608,3 +631,12 @@ def test_sigterm_ends_the_worker_pool_and_frees_the_runs(tmp_path):
         lock = RunLock(run)
         lock.acquire(10)
         lock.release()
+
+
+def test_version(capsys):
+    import bnlab
+
+    with pytest.raises(SystemExit) as exc:
+        from bnlab.cli import main
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"bnlab {bnlab.__version__}"

@@ -183,3 +183,22 @@ def test_probe_cost_text_matches_its_definition_and_unused_fields_are_marked(cap
     assert main(["run", "ioffe_mnist", "--show-config"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("probe_batch_size"))
     assert line.endswith("(unused by this experiment's probes)")
+
+
+def test_a_count_of_seeds_is_shown_as_a_count_not_as_a_bare_fraction():
+    """A per-seed-outcome row's estimate is the fraction of seeds (1.00); the compact table shows
+    "5/5 seeds" so that it cannot be read as an accuracy; paired rows keep their signed number."""
+    from bnlab.report.verdicts import estimate_text
+
+    row = {"kind": "seed_count", "estimate": 0.8, "ci": [0.28, 0.99],
+           "per_seed": [{"seed": s, "outcome": s != 0} for s in range(5)]}
+    assert estimate_text(row) == "4/5 seeds"
+    paired = {"estimate": 0.054, "ci": [0.008, 0.101], "per_seed": [{"seed": 0, "diff": 0.05}]}
+    assert estimate_text(paired) == "+0.054"
+
+
+def test_dataset_note_keeps_its_clause_breaks():
+    """Only an old ".;" sentence join is cleaned; "...mnist); used ..." keeps its semicolon."""
+    from bnlab.report.html import _note_html
+
+    assert str(_note_html("searched /a, /b); used Fashion-MNIST.; Next")) == "searched /a, /b); used Fashion-MNIST. Next"

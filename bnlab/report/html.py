@@ -507,7 +507,7 @@ def _declared_text(key: str, value: Any) -> str:
 def _note_html(note: str) -> Markup:
     """A stored dataset note as clean sentences: `code` as <code> (safe inline Markdown), and the
     ".;" of notes joined with "; " by older versions as a sentence break."""
-    text = re.sub(r"([.!?)])\s*;\s+", r"\1 ", str(note or "")).strip()
+    text = re.sub(r"([.!?])\s*;\s+", r"\1 ", str(note or "")).strip()  # not ");": a clause break
     return Markup(render_inline(text)) if text else Markup("")
 
 

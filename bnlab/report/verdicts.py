@@ -88,6 +88,10 @@ def estimate_text(row: dict[str, Any]) -> str:
     est = row.get("estimate")
     if not isinstance(est, (int, float)) or isinstance(est, bool):
         return ""
+    items = row.get("per_seed") if isinstance(row.get("per_seed"), list) else []
+    if row.get("kind") == "seed_count" and items:  # a count of seeds, not an accuracy: say so
+        yes = sum(it.get("outcome") is True for it in items if isinstance(it, dict))
+        return f"{yes}/{len(items)} seeds"
     ci = _ci_pair(row)
     text = fmt_value(est) if ci is None else fmt_ci(est, *ci).split(" [", 1)[0]
     paired = any("diff" in it for it in row.get("per_seed") or [] if isinstance(it, dict))
