@@ -115,7 +115,8 @@ class _Slots:
     back, exactly what ``torch.func.functional_call`` does per call (tied aliases get the same tensor)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        index = {id(p): i for i, p in enumerate(dict(model.named_parameters())[n] for n in names)}
+        named = dict(model.named_parameters())
+        index = {id(named[n]): i for i, n in enumerate(names)}
         self.params: list[tuple[dict, str, int]] = []
         self.buffers: list[tuple[dict, str, int]] = []
         buffer_ids: dict[int, int] = {}
@@ -238,7 +239,7 @@ class Objective:
         grads = torch.autograd.grad(loss, wrt, allow_unused=True)
         self.cost.backward += 1
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]  # no graph: already detached
-        return float(loss), grads
+        return float(loss.detach()), grads
 
     def gradient_graph(self, w: Sequence[Tensor] | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """(leaves, ∇L(leaves)) with the graph kept, for repeated Hessian-vector products."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Union
@@ -108,14 +109,36 @@ def _check_update(update: object) -> None:
                           f"update(params, grads) -> new params, got {type(update).__name__}")
 
 
+@functools.lru_cache(maxsize=None)
+def _constructor_keywords(cls: type) -> tuple[frozenset[str], bool]:
+    """The keyword names an optimizer class's constructor takes, and whether it takes **kwargs."""
+    accepted = inspect.signature(cls).parameters
+    return frozenset(accepted), any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+
+
+def _copy_state(state: Mapping[str, object], memo: dict[int, object]) -> dict[str, object]:
+    """A deep copy of one parameter's optimizer state: tensors cloned (``Tensor.__deepcopy__`` does the
+    same through several Python frames per tensor), anything else deep-copied; ``memo`` keeps tensors
+    shared between states shared."""
+    out: dict[str, object] = {}
+    for k, v in state.items():
+        if isinstance(v, Tensor):
+            if id(v) not in memo:
+                memo[id(v)] = v.detach().clone()
+            out[k] = memo[id(v)]
+        else:
+            out[k] = copy.deepcopy(v, memo)
+    return out
+
+
 def _optimizer_step(opt: torch.optim.Optimizer, model: nn.Module, w: Mapping[str, Tensor],
                     grads: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The optimizer's next step applied to copies of the parameters, with a copy of its state.
 
-    Each parameter's state (momentum buffer, Adam's moments and step) is deep-copied straight into the
+    Each parameter's state (momentum buffer, Adam's moments and step) is copied straight into the
     clone's ``state`` under the copy of that parameter: the same result as ``load_state_dict(deepcopy(
-    opt.state_dict()))`` without packing and unpacking the whole optimizer, which on a small model
-    costs more than a forward+backward pass."""
+    opt.state_dict()))`` without packing and unpacking the whole optimizer (bench/instruments.py:
+    the round trip costs a fifth of the Ioffe MLP's forward+backward pass)."""
     name_of = {id(p): n for n, p in model.named_parameters()}
     copies: dict[str, Tensor] = {}
     groups = []
@@ -133,12 +156,11 @@ def _optimizer_step(opt: torch.optim.Optimizer, model: nn.Module, w: Mapping[str
             copies[n] = c
             ps.append(c)
             if p in opt.state:
-                states.append((c, copy.deepcopy(opt.state[p], memo)))
+                states.append((c, _copy_state(opt.state[p], memo)))
         groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ps})
     # Every group carries all its hyperparameters; the constructor gets the defaults it accepts by name
     # (AdamW's defaults hold a key, decoupled_weight_decay, that its constructor does not take).
-    accepted = inspect.signature(type(opt)).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    accepted, takes_any = _constructor_keywords(type(opt))
     clone = type(opt)(groups, **{k: v for k, v in opt.defaults.items() if takes_any or k in accepted})
     for c, state in states:
         clone.state[c] = state
