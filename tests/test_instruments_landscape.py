@@ -113,6 +113,45 @@ def test_ics_layers_before_follow_the_execution_order():
     assert list(r.n_before) == [0, 1] and r.l2[0] == 0.0 and r.l2[1] > 0
 
 
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, maximize=True),
+    lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5, centered=True),
+    lambda ps: torch.optim.Adagrad(ps, lr=1e-2),
+], ids=["sgd-nesterov", "adam-amsgrad", "adamw-maximize", "rmsprop-centered", "adagrad"])
+def test_ics_update_is_the_optimizers_next_step(make_opt):
+    """W^(t+1) of an optimizer equals the real next step of a deep copy of model and optimizer (state
+    after two steps: momentum buffers, Adam's moments and step counts), bit for bit; the optimizer,
+    its state and the gradients given are left untouched."""
+    from bnlab.measure.ics import _optimizer_step
+
+    net = bn_mlp()
+    x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 3, dtype=torch.float64)
+    opt = make_opt(net.parameters())
+    for _ in range(2):
+        opt.zero_grad()
+        mse(net(x), y).backward()
+        opt.step()
+    names = [n for n, _ in net.named_parameters()]
+    grads = dict(zip(names, torch.autograd.grad(mse(net(x), y), list(net.parameters()))))
+    w = {n: p.detach() for n, p in net.named_parameters()}
+    before = copy.deepcopy(opt.state_dict())
+    grads_before = {n: g.clone() for n, g in grads.items()}
+    new = _optimizer_step(opt, net, w, grads)
+    ref_net, ref_opt = copy.deepcopy((net, opt))
+    for p, n in zip(ref_net.parameters(), names):
+        p.grad = grads[n].clone()
+    ref_opt.step()
+    for n, p in ref_net.named_parameters():
+        assert torch.equal(new[n], p.detach()), n
+    after = opt.state_dict()
+    for k, st in before["state"].items():
+        for key, v in st.items():
+            assert torch.equal(torch.as_tensor(after["state"][k][key]), torch.as_tensor(v)), (k, key)
+    assert all(torch.equal(grads[n], grads_before[n]) for n in names)
+
+
 # ---------------------------------------------------------------------------------------------
 # along the gradient: the quadratic ½ wᵀAw in closed form
 

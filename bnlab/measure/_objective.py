@@ -86,26 +86,26 @@ def select_params(model: nn.Module, params: Sequence[str] | None) -> list[str]:
     return names
 
 
+# The helpers below work on lists of parameter-shaped tensors with as few torch calls as possible: on
+# a small model every call costs about as much as a layer's arithmetic (a few microseconds), so one
+# concatenation and one conversion beat one conversion per tensor.
+
 def flat(ts: Sequence[Tensor], dtype: torch.dtype = torch.float64) -> Tensor:
-    return torch.cat([t.reshape(-1).to(dtype) for t in ts])
+    """The concatenation of ``ts`` (flattened) as one vector of ``dtype`` on the first one's device
+    (torch.cat promotes mixed dtypes, which only widens, so converting once at the end is exact)."""
+    device = ts[0].device
+    return torch.cat([t.reshape(-1) if t.device == device else t.reshape(-1).to(device) for t in ts]).to(dtype)
 
 
 def unflat(v: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    out, i = [], 0
-    for t in like:
-        out.append(v[i:i + t.numel()].view_as(t).to(t.dtype))
-        i += t.numel()
-    return out
-
-
-def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """<a, b> over lists of tensors, accumulated in float64."""
-    return torch.stack([(x * y.to(x.dtype)).sum(dtype=torch.float64) for x, y in zip(a, b)]).sum()
-
-
-def norm(a: Sequence[Tensor]) -> float:
-    """ℓ2 norm of the concatenation of ``a``, accumulated in float64."""
-    return float(torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in a]), dtype=torch.float64))
+    """Split the flat vector ``v`` into tensors shaped like ``like`` (views, converted to each one's
+    dtype and device: once for the whole vector when ``like`` has a single dtype and device)."""
+    kinds = {(t.dtype, t.device) for t in like}
+    if len(kinds) == 1:
+        dtype, device = kinds.pop()
+        v = v.to(device=device, dtype=dtype)
+        return [p.view_as(t) for p, t in zip(v.split([t.numel() for t in like]), like)]
+    return [p.view_as(t).to(device=t.device, dtype=t.dtype) for p, t in zip(v.split([t.numel() for t in like]), like)]
 
 
 class _Slots:
@@ -115,7 +115,8 @@ class _Slots:
     back, exactly what ``torch.func.functional_call`` does per call (tied aliases get the same tensor)."""
 
     def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
-        index = {id(p): i for i, p in enumerate(dict(model.named_parameters())[n] for n in names)}
+        named = dict(model.named_parameters())
+        index = {id(named[n]): i for i, n in enumerate(names)}
         self.params: list[tuple[dict, str, int]] = []
         self.buffers: list[tuple[dict, str, int]] = []
         buffer_ids: dict[int, int] = {}
@@ -225,7 +226,10 @@ class Objective:
         return loss.reshape(())
 
     def leaves(self, w: Sequence[Tensor] | None = None) -> list[Tensor]:
-        return [t.detach().clone().requires_grad_(True) for t in (self.w0 if w is None else w)]
+        """Fresh autograd leaves with the values of ``w`` (default: the model's parameters). ``detach``
+        makes a new tensor on the same storage, so no values are copied: the forward pass only reads
+        them, and autograd.grad never writes ``.grad``."""
+        return [t.detach().requires_grad_(True) for t in (self.w0 if w is None else w)]
 
     def loss_and_grad(self, w: Sequence[Tensor] | None = None, *, only: Sequence[int] | None = None) -> tuple[float, list[Tensor]]:
         """(L(w), ∇L(w)); ``only`` restricts the gradient to those parameter indices."""
@@ -234,7 +238,7 @@ class Objective:
         wrt = leaves if only is None else [leaves[i] for i in only]
         grads = torch.autograd.grad(loss, wrt, allow_unused=True)
         self.cost.backward += 1
-        grads = [torch.zeros_like(t) if g is None else g.detach() for t, g in zip(wrt, grads)]
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wrt, grads)]  # no graph: already detached
         return float(loss.detach()), grads
 
     def gradient_graph(self, w: Sequence[Tensor] | None = None) -> tuple[list[Tensor], list[Tensor]]:
@@ -247,11 +251,13 @@ class Objective:
         return leaves, grads
 
     def hvp(self, leaves: Sequence[Tensor], grads: Sequence[Tensor], v: Sequence[Tensor]) -> list[Tensor]:
-        """H v by double backward: the gradient of <∇L(w), v> with respect to w (Pearlmutter 1994)."""
-        inner = sum((g * vi.to(g.dtype)).sum() for g, vi in zip(grads, v))
-        if not inner.requires_grad:  # L is linear in w: H = 0
-            self.cost.double_backward += 1
-            return [torch.zeros_like(t) for t in leaves]
-        hv = torch.autograd.grad(inner, list(leaves), retain_graph=True, allow_unused=True)
+        """H v by double backward: the gradient of <∇L(w), v> with respect to w (Pearlmutter 1994),
+        computed as the vector-Jacobian product vᵀ ∂∇L/∂w (``grad_outputs=v``; H is symmetric), which
+        is the same backward without building the inner product's graph first."""
+        live = [(g, vi) for g, vi in zip(grads, v) if g.grad_fn is not None]
         self.cost.double_backward += 1
-        return [torch.zeros_like(t) if h is None else h.detach() for t, h in zip(leaves, hv)]
+        if not live:  # the gradient does not depend on w (L is linear in w): H = 0
+            return [torch.zeros_like(t) for t in leaves]
+        hv = torch.autograd.grad([g for g, _ in live], list(leaves), grad_outputs=[vi.to(g.dtype) for g, vi in live],
+                                 retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(t) if h is None else h for t, h in zip(leaves, hv)]

@@ -135,15 +135,19 @@ def _first_output(out: object) -> Tensor:
 
 
 def _rng_devices(model: nn.Module, x: Tensor) -> list[int]:
+    if not torch.cuda.is_initialized():  # no CUDA tensor can exist: skip the walk over every tensor
+        return []
     devs = {t.device.index or 0 for t in [x, *model.parameters(), *model.buffers()] if t.device.type == "cuda"}
     return sorted(devs)
 
 
 def _module_generators(model: nn.Module) -> list[torch.Generator]:
+    # `Generator in type(v).__mro__`, not isinstance: torch.Generator's metaclass answers isinstance in
+    # Python, which over every attribute of every module costs more than a small model's forward pass.
     gens: dict[int, torch.Generator] = {}
     for m in model.modules():
         for v in vars(m).values():
-            if isinstance(v, torch.Generator):
+            if torch.Generator in type(v).__mro__:
                 gens[id(v)] = v
     return list(gens.values())
 

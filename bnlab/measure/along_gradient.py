@@ -28,10 +28,11 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from torch import Tensor, nn
 
 from bnlab.errors import ConfigError
-from bnlab.measure._objective import Cost, LossFn, Objective, norm
+from bnlab.measure._objective import Cost, LossFn, Objective, flat
 from bnlab.measure._util import BnMode
 
 __all__ = ["AlongGradientResult", "along_gradient", "santurkar_grid"]
@@ -132,11 +133,12 @@ def along_gradient(
     losses, change, beta = [], [], []
     with obj.session():
         loss0, g = obj.loss_and_grad()
-        gnorm = norm(g)
+        g_flat = flat(g)  # float64: the differences below are exact, their norms accumulated in float64
+        gnorm = float(torch.linalg.vector_norm(g_flat))
         for eta in grid:
-            w = [t - float(eta) * gi.to(t.dtype) for t, gi in zip(obj.w0, g)]
+            w = [t - float(eta) * gi for t, gi in zip(obj.w0, g)]  # g has w's dtypes (autograd)
             loss, g_eta = obj.loss_and_grad(w)
-            diff = norm([a - b for a, b in zip(g, g_eta)])
+            diff = float(torch.linalg.vector_norm(g_flat - flat(g_eta)))
             losses.append(loss)
             change.append(diff)
             beta.append(diff / (float(eta) * gnorm) if gnorm > 0 else float("nan"))

@@ -231,13 +231,15 @@ def hessian_trace(
     obj = Objective(model, loss_fn, batch, bn_mode=bn_mode, params=params, seed=seed)
     gen = torch.Generator().manual_seed(int(seed))
     values = []
+    n = obj.numel
     with obj.session():
         leaves, grads = obj.gradient_graph()
         for _ in range(samples):
-            v = [(torch.randint(0, 2, t.shape, generator=gen) * 2 - 1).to(device=t.device, dtype=t.dtype)
-                 for t in obj.w0]
-            hv = obj.hvp(leaves, grads, v)
-            values.append(float(sum((a.double() * b.double()).sum() for a, b in zip(v, hv))))
+            # one draw for all parameters (the same values, in the same order, as one draw per tensor)
+            v = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
+            hv = obj.hvp(leaves, grads, unflat(v, obj.w0))
+            hv = flat(hv)
+            values.append(float(torch.dot(v.to(hv.device), hv)))  # exact products ±(Hv)_i, float64 sum
     vals = np.asarray(values)
     est = float(vals.mean())
     se = float(vals.std(ddof=1) / math.sqrt(samples))
