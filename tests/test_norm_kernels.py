@@ -265,3 +265,40 @@ def test_training_under_fake_tensor_mode_reads_no_values():
         layer = bn.BatchNorm2d(4)
         out = layer(torch.randn(8, 4, 3, 3))
     assert out.shape == (8, 4, 3, 3)
+
+
+def test_a_stale_build_lock_is_removed_and_a_live_one_waited_for(tmp_path, monkeypatch):
+    """torch waits forever on a build folder's lock file; one left by a killed build must not hang
+    every later process (it did, twice, on the project's own machine)."""
+    import os
+    import threading
+    import time
+
+    from bnlab.norm import kernels
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / "bnlab_kernels_test"
+    folder.mkdir()
+    lock = folder / "lock"
+    lock.touch()
+    old = time.time() - kernels.STALE_LOCK_SECONDS - 10
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        kernels._clear_stale_lock("bnlab_kernels_test")
+    assert not lock.exists()
+    lock.touch()  # a live build: its lock goes away when it ends, and nothing warns
+    threading.Timer(1.5, lock.unlink).start()
+    t0 = time.time()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels._clear_stale_lock("bnlab_kernels_test")
+    assert 1.0 < time.time() - t0 < 10
+
+
+def test_the_build_name_depends_on_the_python_environment(monkeypatch):
+    from bnlab.norm import kernels
+
+    a = kernels._build_name()
+    monkeypatch.setattr("sys.prefix", "/some/other/venv")
+    assert kernels._build_name() != a

@@ -52,7 +52,9 @@ import contextlib
 import hashlib
 import os
 import platform
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -121,7 +123,33 @@ def _build_name() -> str:
     except OSError:
         flags = ""
     h.update(flags.encode())
+    # One build per Python environment: torch rebuilds when a build folder's recorded include paths
+    # (which name the environment) differ, so two virtualenvs sharing the cache would rebuild in turn.
+    h.update(sys.prefix.encode())
     return f"bnlab_kernels_{h.hexdigest()[:12]}"
+
+
+STALE_LOCK_SECONDS = 300.0  # a build takes well under a minute here; a lock this old has no builder
+
+
+def _clear_stale_lock(name: str) -> None:
+    """torch's build waits forever on the build folder's ``lock`` file; a build that was killed (Ctrl-C,
+    SIGKILL) leaves it behind and every later process would hang at its first BN call. Wait while a
+    live build may hold it, then remove a lock older than STALE_LOCK_SECONDS, with a warning."""
+    from torch.utils import cpp_extension
+
+    lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    while lock.exists():
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            return  # removed meanwhile: the build finished
+        if age > STALE_LOCK_SECONDS:
+            warnings.warn(f"removing a stale build lock {lock} ({age:.0f} s old, left by a build that was "
+                          "killed); bnlab's kernels are built again", RuntimeWarning, stacklevel=3)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(1.0)
 
 
 def build(verbose: bool = False) -> None:
@@ -136,7 +164,9 @@ def build(verbose: bool = False) -> None:
         try:
             from torch.utils import cpp_extension
 
-            cpp_extension.load(name=_build_name(), sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+            name = _build_name()
+            _clear_stale_lock(name)
+            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
                                extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
             _register_python_parts()
         except Exception as exc:  # noqa: BLE001 - any build failure means: use the composite path
