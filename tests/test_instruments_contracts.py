@@ -14,8 +14,8 @@ from torch import nn
 
 from bnlab.errors import ConfigError, ShapeError
 from bnlab.experiments.base import Experiment
-from bnlab.measure import (along_gradient, hessian_eigenvalues, hessian_trace, hessian_vector_product, ics,
-                           santurkar_grid)
+from bnlab.measure import (CostModel, along_gradient, calibrate_cost, hessian_eigenvalues, hessian_trace,
+                           hessian_vector_product, ics, santurkar_grid)
 from bnlab.norm import convert, make_norm
 from bnlab.train.config import TrainConfig
 from bnlab.train.probes import instrument_probe
@@ -91,6 +91,11 @@ def test_instruments_have_no_side_effects(norm, kind, device):
         for r in results:
             assert r.bn_mode == bn_mode and r.batch_size == 8 and r.cost.passes > 0 and "Santurkar" in r.definition \
                 or "Hutchinson" in r.definition
+        cm = calibrate_cost(model, nn.functional.cross_entropy, (x, y), bn_mode=bn_mode, repeats=1)
+        assert_same(before, snapshot(model, opt))
+        assert 0 < cm.forward <= 1 and cm.graph_backward > 0 and cm.double_backward > 0 and cm.vector_op > 0 \
+            and cm.basis_dot >= 0 and cm.setup > 0
+        assert f"bn_mode {bn_mode}" in cm.source and "batch 8" in cm.source
     # bn_mode matters (batch vs running statistics) and results are reproducible
     a = along_gradient(model, nn.functional.cross_entropy, (x, y), [0.1])
     b = along_gradient(model, nn.functional.cross_entropy, (x, y), [0.1], bn_mode="running")
@@ -115,13 +120,26 @@ def test_costs_are_counted_as_stated():
     batch = (torch.randn(8, 2, 5, 5), torch.randint(0, 3, (8,)))
     lf = nn.functional.cross_entropy
     r = ics(model, lf, batch, ["0", "4"], update=0.1)
-    assert (r.cost.forward, r.cost.backward, r.cost.passes) == (3, 3, 3)
+    assert (r.cost.forward, r.cost.backward) == (3, 3) and r.cost.passes == pytest.approx(3, rel=1e-12)
     r = along_gradient(model, lf, batch, [0.1, 0.2, 0.4])
-    assert (r.cost.forward, r.cost.backward, r.cost.passes) == (4, 4, 4)
+    assert (r.cost.forward, r.cost.backward, r.cost.vector_ops) == (4, 4, 3 + 5 * 3)
+    assert r.cost.passes == pytest.approx(4, rel=1e-12)  # generic: vector work not counted
     e = hessian_eigenvalues(model, lf, batch, k=1, max_iter=5, tol=1e-12)
-    assert (e.cost.forward, e.cost.backward, e.cost.double_backward) == (1, 1, e.iterations) and e.iterations == 5
+    assert (e.cost.forward, e.cost.backward, e.cost.graph_backward, e.cost.double_backward) == (1, 0, 1, 5)
+    assert e.iterations == 5 and e.cost.vector_ops == 5 * 10 and e.cost.basis_dots == sum(1 + 4 * (j + 1) for j in range(5))
     t = hessian_trace(model, lf, batch, samples=4)
-    assert (t.cost.forward, t.cost.backward, t.cost.double_backward) == (1, 1, 4)
+    assert (t.cost.forward, t.cost.backward, t.cost.graph_backward, t.cost.double_backward, t.cost.vector_ops,
+            t.cost.basis_dots) == (1, 0, 1, 4, 12, 4)
+    # passes are the counts weighted by the cost model, which the caller may give
+    cm = CostModel(forward=0.25, graph_backward=2.0, double_backward=5.0, vector_op=0.01, basis_dot=0.001,
+                   setup=0.5, source="test")
+    t = hessian_trace(model, lf, batch, samples=4, cost_model=cm)
+    assert t.cost.model is cm
+    assert t.cost.setups == 1
+    assert t.cost.passes == pytest.approx(0.25 + 2.0 + 4 * 5.0 + 12 * 0.01 + 4 * 0.001 + 0.5, rel=1e-12)
+    assert t.cost.as_dict()["cost_model"] == "test"
+    with pytest.raises(ConfigError, match="CostModel"):
+        hessian_trace(model, lf, batch, samples=4, cost_model={"double_backward": 2.0})
 
 
 def test_bad_arguments_are_clear_errors():
@@ -207,7 +225,9 @@ def test_training_with_every_instrument_scheduled_is_bit_identical(tmp_path, tor
 def test_probe_costs_enter_the_estimate():
     exp = _experiment(PROBES, False)
     cfg = exp.config("bn", "smoke")
-    assert [p.cost for p in PROBES] == [3.0, 4.0, pytest.approx(1 + 4 * 3.0), pytest.approx(1 + 3 * 3.0)]
+    g = CostModel()  # the generic constants: the graph-keeping gradient + one double backward per product
+    assert [p.cost for p in PROBES] == [3.0, 4.0, pytest.approx(g.forward + g.graph_backward + 4 * g.double_backward),
+                                        pytest.approx(g.forward + g.graph_backward + 3 * g.double_backward)]
     assert exp.run_cost(cfg) > _experiment((), False).run_cost(cfg)
 
 

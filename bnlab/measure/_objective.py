@@ -12,13 +12,13 @@ again, so stochastic layers draw the same noise each time and L is a determinist
 ``torch.autograd.grad``, which never writes ``.grad``; the model's parameters, buffers, flags and
 ``requires_grad`` are never touched.
 
-Every evaluation is counted in ``Cost``: forward passes, backward passes, and backward passes
-through a gradient's graph (a Hessian-vector product by double backward).
+Every evaluation is counted in ``Cost`` (bnlab.measure.cost): forward passes, backward passes,
+backward passes that keep their graph, and backward passes through a gradient's graph (a
+Hessian-vector product by double backward); ``cost_model`` converts the counts to passes.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -26,37 +26,9 @@ from torch import Tensor, nn
 
 from bnlab.errors import ConfigError, ShapeError
 from bnlab.measure._util import BnMode, _module_generators, _rng_devices, check_choice, isolated
+from bnlab.measure.cost import Cost, CostModel
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-
-# Cost of one backward through a gradient's graph (the second backward of a Hessian-vector product),
-# in forward+backward equivalents, as measured by bench/instruments.py on CPU (torch 2.13, timed
-# between plain passes): 3.2 for a conv net with BN, 2.0 for the Ioffe MLP with BN (small layers,
-# where per-op overhead dominates). Double backward through BN and convolutions differentiates the
-# backward formulas themselves, hence more than one pass.
-DOUBLE_BACKWARD_PASSES = 3.0
-
-
-@dataclasses.dataclass
-class Cost:
-    """Work done by an instrument, counted as it runs."""
-
-    forward: int = 0  # forward passes over the batch
-    backward: int = 0  # ordinary backward passes (one gradient)
-    double_backward: int = 0  # backward passes through a gradient's graph (one Hessian-vector product each)
-
-    @property
-    def passes(self) -> float:
-        """Forward+backward equivalents: one gradient evaluation costs 1; a forward alone 1/3; an
-        HVP's double backward ``DOUBLE_BACKWARD_PASSES`` (3.0, measured)."""
-        pairs = min(self.forward, self.backward)
-        return pairs + (self.forward - pairs) / 3 + (self.backward - pairs) * 2 / 3 \
-            + self.double_backward * DOUBLE_BACKWARD_PASSES
-
-    def as_dict(self) -> dict[str, float]:
-        return {"forward": self.forward, "backward": self.backward, "double_backward": self.double_backward,
-                "passes": self.passes}
-
 
 def check_batch(batch: object) -> tuple[Tensor, Tensor]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor)):
@@ -161,10 +133,15 @@ class Objective:
         params: the parameter names L is a function of (default: all that require grad); the
             other parameters are held at their current values.
         seed: seeds the forked global RNG of every evaluation (stochastic layers that use it).
+        cost_model: converts the counted work to passes (default ``CostModel()``, generic).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, batch: tuple[Tensor, Tensor], *, bn_mode: BnMode = "batch",
-                 params: Sequence[str] | None = None, seed: int | None = 0) -> None:
+                 params: Sequence[str] | None = None, seed: int | None = 0,
+                 cost_model: CostModel | None = None) -> None:
+        if cost_model is not None and not isinstance(cost_model, CostModel):
+            raise ConfigError(f"cost_model must be a bnlab.measure.CostModel (e.g. from calibrate_cost), got "
+                              f"{type(cost_model).__name__}")
         check_choice("bn_mode", bn_mode, ("batch", "running"))
         if not callable(loss_fn):
             raise ConfigError(f"loss_fn must be callable as loss_fn(model(x), y), got {type(loss_fn).__name__}")
@@ -174,7 +151,7 @@ class Objective:
         self.names = select_params(model, params)
         named = dict(model.named_parameters())
         self.w0 = [named[n].detach() for n in self.names]  # read only: never written
-        self.cost = Cost()
+        self.cost = Cost(model=cost_model if cost_model is not None else CostModel())
         self._gen_states: list[tuple[torch.Generator, Tensor]] = []
         self._active = False
 
@@ -190,6 +167,7 @@ class Objective:
     def session(self) -> Iterator[Objective]:
         # isolated() forks the global RNGs and seeds them once; their states (and those of module-owned
         # generators) are then set again before every evaluation, which is much cheaper than reseeding.
+        self.cost.setups += 1
         with isolated(self.model, self.x, bn_mode=self.bn_mode, seed=self.seed, grad=True):
             self._gen_states = [(g, g.get_state()) for g in _module_generators(self.model)]
             self._gen_states.append((torch.default_generator, torch.default_generator.get_state()))
@@ -246,7 +224,7 @@ class Objective:
         leaves = self.leaves(w)
         loss = self.loss_at(leaves)
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
-        self.cost.backward += 1
+        self.cost.graph_backward += 1
         grads = [torch.zeros_like(t, requires_grad=True) if g is None else g for t, g in zip(leaves, grads)]
         return leaves, grads
 

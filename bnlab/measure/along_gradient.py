@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.errors import ConfigError
-from bnlab.measure._objective import Cost, LossFn, Objective, flat
+from bnlab.measure._objective import LossFn, Objective, flat
+from bnlab.measure.cost import Cost, CostModel
 from bnlab.measure._util import BnMode
 
 __all__ = ["AlongGradientResult", "along_gradient", "santurkar_grid"]
@@ -115,6 +116,7 @@ def along_gradient(
     bn_mode: BnMode = "batch",
     params: Sequence[str] | None = None,
     seed: int | None = 0,
+    cost_model: CostModel | None = None,
 ) -> AlongGradientResult:
     """Loss, gradient predictiveness and effective β-smoothness along the gradient (module docstring).
 
@@ -124,21 +126,26 @@ def along_gradient(
         bn_mode: ``"batch"`` (default) or ``"running"``.
         params: parameter names w consists of (default: all that require grad).
         seed: seeds the global RNG inside every pass (all passes draw the same noise).
+        cost_model: converts the counted work to passes in ``result.cost`` (default generic; see
+            ``calibrate_cost``).
 
     Raises ConfigError for a bad grid/bn_mode/params, ShapeError for a bad batch or non-scalar loss.
-    Cost: ``1 + len(etas)`` forward+backward passes.
+    Cost: ``1 + len(etas)`` forward+backward passes, plus ``3 + 5 len(etas)`` parameter-length
+    vector operations (``result.cost``; they matter only when a pass takes about a millisecond).
     """
     grid = _check_etas(etas)
-    obj = Objective(model, loss_fn, batch, bn_mode=bn_mode, params=params, seed=seed)
+    obj = Objective(model, loss_fn, batch, bn_mode=bn_mode, params=params, seed=seed, cost_model=cost_model)
     losses, change, beta = [], [], []
     with obj.session():
         loss0, g = obj.loss_and_grad()
         g_flat = flat(g)  # float64: the differences below are exact, their norms accumulated in float64
         gnorm = float(torch.linalg.vector_norm(g_flat))
+        obj.cost.vector_ops += 3  # flattening (concatenate, convert), norm
         for eta in grid:
-            w = [t - float(eta) * gi for t, gi in zip(obj.w0, g)]  # g has w's dtypes (autograd)
+            w = [torch.add(t, gi, alpha=-float(eta)) for t, gi in zip(obj.w0, g)]  # g has w's dtypes (autograd)
             loss, g_eta = obj.loss_and_grad(w)
             diff = float(torch.linalg.vector_norm(g_flat - flat(g_eta)))
+            obj.cost.vector_ops += 5  # the step, flattening (2), difference, norm
             losses.append(loss)
             change.append(diff)
             beta.append(diff / (float(eta) * gnorm) if gnorm > 0 else float("nan"))

@@ -22,11 +22,13 @@ of least variance among i.i.d. choices: Var = 2 Σ_{i≠j} H_ij²), reported wit
 s / sqrt(n) and a 95 % Student-t confidence interval.
 
 Both take an explicit ``bn_mode`` (``"batch"`` default: the Hessian of the training objective) and
-never change the model. Cost: 1 forward + 1 backward (the gradient graph) + 1 double backward per
-iteration or sample; a double backward costs about 3 forward+backward passes
-(``DOUBLE_BACKWARD_PASSES``, measured by bench/instruments.py). Lanczos adds its
-orthogonalization, O(iterations x parameters) flops per iteration, which is not counted in passes and
-matters only for models whose pass takes about a millisecond.
+never change the model. Cost, counted in ``result.cost`` and converted to passes by a
+``CostModel`` (bnlab.measure.cost): 1 forward + 1 backward that keeps its graph (about 1.5 passes
+together) + 1 double backward per iteration or sample (generic constant 3 passes: 2.9-3.3 measured
+on a conv net with BN, 1.7-2.1 on a small MLP, so pass ``cost_model=calibrate_cost(...)`` for a
+statement within 25 % on your model) + the parameter-length vector work (conversions, and for
+Lanczos its orthogonalization, 4(j+1) dot products/axpys in iteration j; negligible unless a pass
+takes about a millisecond).
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ from scipy import stats
 from torch import Tensor, nn
 
 from bnlab.errors import ConfigError, ShapeError
-from bnlab.measure._objective import Cost, LossFn, Objective, flat, unflat
+from bnlab.measure._objective import LossFn, Objective, flat, unflat
+from bnlab.measure.cost import Cost, CostModel
 from bnlab.measure._util import BnMode, check_choice
 
 __all__ = ["HessianEigenResult", "HessianTraceResult", "hessian_eigenvalues", "hessian_trace",
@@ -115,7 +118,7 @@ def hessian_vector_product(
 ) -> list[Tensor]:
     """H v at the model's current parameters; ``v`` is a list shaped like the parameters (``params``
     order, default all trainable) or one flat vector. Returns a list shaped like the parameters.
-    Cost: 1 forward + 1 backward + 1 double backward."""
+    Cost: 1 forward + 1 graph-keeping backward + 1 double backward."""
     obj = Objective(model, loss_fn, batch, bn_mode=bn_mode, params=params, seed=seed)
     if isinstance(v, Tensor):
         if v.numel() != obj.numel:
@@ -145,6 +148,7 @@ def hessian_eigenvalues(
     seed: int = 0,
     bn_mode: BnMode = "batch",
     params: Sequence[str] | None = None,
+    cost_model: CostModel | None = None,
 ) -> HessianEigenResult:
     """The ``k`` top eigenvalues of the loss Hessian on ``batch`` (module docstring).
 
@@ -154,15 +158,19 @@ def hessian_eigenvalues(
         max_iter: most Hessian-vector products (Lanczos iterations).
         seed: seeds the start vector (the instrument's own generator) and the global RNG of the passes.
         params: parameter names (default all trainable); the Hessian is over their flattening.
+        cost_model: converts the counted work to passes in ``result.cost`` (default generic; see
+            ``calibrate_cost``).
 
-    Cost: 1 forward + 1 backward + ``iterations`` double backward passes.
+    Cost: 1 forward + 1 graph-keeping backward + ``iterations`` double backward passes, plus per
+    iteration j 10 parameter-length vector operations and 1 + 4(j+1) dot products/axpys with the
+    Lanczos basis (``result.cost``).
     """
     k = _check_int("k", k, 1)
     max_iter = _check_int("max_iter", max_iter, 1)
     check_choice("which", which, ("largest", "magnitude"))
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
         raise ConfigError(f"tol must be a positive number (relative residual), got {tol!r}")
-    obj = Objective(model, loss_fn, batch, bn_mode=bn_mode, params=params, seed=seed)
+    obj = Objective(model, loss_fn, batch, bn_mode=bn_mode, params=params, seed=seed, cost_model=cost_model)
     n = obj.numel
     if k > n:
         raise ConfigError(f"k={k} exceeds the number of parameters ({n})")
@@ -189,6 +197,12 @@ def hessian_eigenvalues(
             for _ in range(2):  # full reorthogonalization, twice is enough (Kahan-Parlett)
                 w -= Q.T @ (Q @ w)
             beta = float(w.norm())
+            # vector work of this iteration besides the product (whose conversions calibrate_cost times
+            # with it): 10 whole-vector operations (the recurrence's two scaled vectors and subtractions,
+            # the Gram-Schmidt results and subtractions, the scaled new basis vector and its copy) and
+            # 1 + 4(j+1) dots/axpys with the basis (alpha; two classical Gram-Schmidt passes)
+            obj.cost.vector_ops += 10
+            obj.cost.basis_dots += 1 + 4 * (j + 1)
             alphas.append(alpha)
             T = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
             ritz, vecs = np.linalg.eigh(T)
@@ -221,14 +235,16 @@ def hessian_trace(
     seed: int = 0,
     bn_mode: BnMode = "batch",
     params: Sequence[str] | None = None,
+    cost_model: CostModel | None = None,
 ) -> HessianTraceResult:
     """Hutchinson estimate of tr(H) with its standard error (module docstring).
 
     ``samples`` Rademacher probes (at least 2, for a standard error) drawn from the instrument's
-    own generator seeded with ``seed``. Cost: 1 forward + 1 backward + ``samples`` double backward.
+    own generator seeded with ``seed``. Cost: 1 forward + 1 graph-keeping backward + ``samples``
+    double backward passes, plus 3 parameter-length vector operations and 1 dot product per sample.
     """
     samples = _check_int("samples", samples, 2)
-    obj = Objective(model, loss_fn, batch, bn_mode=bn_mode, params=params, seed=seed)
+    obj = Objective(model, loss_fn, batch, bn_mode=bn_mode, params=params, seed=seed, cost_model=cost_model)
     gen = torch.Generator().manual_seed(int(seed))
     values = []
     n = obj.numel
@@ -240,6 +256,8 @@ def hessian_trace(
             hv = obj.hvp(leaves, grads, unflat(v, obj.w0))
             hv = flat(hv)
             values.append(float(torch.dot(v.to(hv.device), hv)))  # exact products ±(Hv)_i, float64 sum
+            obj.cost.vector_ops += 3  # the probe: draw, scale, shift (conversions: timed with the product)
+            obj.cost.basis_dots += 1
     vals = np.asarray(values)
     est = float(vals.mean())
     se = float(vals.std(ddof=1) / math.sqrt(samples))

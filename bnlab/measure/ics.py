@@ -45,7 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.errors import ConfigError
-from bnlab.measure._objective import Cost, LossFn, Objective, flat
+from bnlab.measure._objective import LossFn, Objective, flat
+from bnlab.measure.cost import Cost, CostModel
 from bnlab.measure._util import BnMode, ModuleSpec, resolve_modules
 
 __all__ = ["ICSResult", "ics"]
@@ -179,6 +180,7 @@ def ics(
     param: str = "weight",
     bn_mode: BnMode = "batch",
     seed: int | None = 0,
+    cost_model: CostModel | None = None,
 ) -> ICSResult:
     """Santurkar's gradient-based internal covariate shift of ``layers`` at the model's current weights.
 
@@ -190,14 +192,17 @@ def ics(
             function ``update(params, grads) -> new params``.
         bn_mode: ``"batch"`` (the definition's training mode) or ``"running"``.
         seed: seeds the global RNG inside both passes (layers that draw from it get the same draws).
+        cost_model: converts the counted work to passes in ``result.cost`` (default generic; see
+            ``calibrate_cost``).
 
     Returns an :class:`ICSResult`. Raises ConfigError for unknown layers, a layer without ``param``
     or with ``param`` frozen, a bad ``update``; ShapeError for a bad batch or a non-scalar loss.
-    Cost: ``1 + len(layers)`` forward+backward passes.
+    Cost: at most ``1 + len(layers)`` forward+backward passes, plus the update's parameter-length
+    vector operations (``result.cost``).
     """
     _check_update(update)
     targets = resolve_modules(model, layers)
-    obj = Objective(model, loss_fn, batch, bn_mode=bn_mode, seed=seed)
+    obj = Objective(model, loss_fn, batch, bn_mode=bn_mode, seed=seed, cost_model=cost_model)
     index = {n: i for i, n in enumerate(obj.names)}
     pnames = []
     for label, (mname, module) in targets.items():
@@ -228,14 +233,19 @@ def ics(
             g0 = dict(zip(obj.names, grads))
             if isinstance(update, torch.optim.Optimizer):
                 w1 = _optimizer_step(update, model, w0, g0)
+                # copies of the parameters and gradients, of each state tensor (momentum, moments), the step
+                state = next(iter(update.state.values()), {})
+                obj.cost.vector_ops += 4 + sum(isinstance(v, Tensor) and v.dim() > 0 for v in state.values())
             elif callable(update):
                 w1 = dict(update(dict(w0), dict(g0)))
+                obj.cost.vector_ops += 1
                 bad = [n for n in w1 if n not in w0]
                 if bad:
                     raise ConfigError(f"update returned unknown parameter names {bad[:5]}; return a dict keyed "
                                       f"like its params argument")
             else:
-                w1 = {n: w0[n] - float(update) * g0[n] for n in obj.names}
+                w1 = {n: torch.add(w0[n], g0[n], alpha=-float(update)) for n in obj.names}
+                obj.cost.vector_ops += 1
             l2, cos, gn, gn1, nb = [], [], [], [], []
             for pname in pnames:
                 mine = order.get(_owner(pname))

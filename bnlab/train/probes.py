@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from bnlab.errors import ConfigError
 from bnlab.measure._util import _module_generators
+from bnlab.measure.cost import CostModel
 from bnlab.train.config import TrainConfig
 from bnlab.train.schedule import probe_steps
 
@@ -212,15 +213,14 @@ _INSTRUMENT_OPTIONS = {
 def _stated_passes(instrument: str, opts: Mapping[str, Any]) -> float:
     """Forward+backward passes per call, as each instrument's docstring states them (upper bound
     for Lanczos, which may stop before max_iter)."""
-    from bnlab.measure._objective import DOUBLE_BACKWARD_PASSES
-
+    generic = CostModel()
     if instrument == "ics":
         layers = opts["layers"]
         return 1.0 + (1 if isinstance(layers, str) else len(layers))
     if instrument == "along_gradient":
         return 1.0 + len(opts["etas"] if opts.get("etas") is not None else opts["multipliers"])
     n = opts["max_iter"] if instrument == "hessian_eigenvalues" else opts["samples"]
-    return 1.0 + n * DOUBLE_BACKWARD_PASSES
+    return generic.forward + generic.graph_backward + n * generic.double_backward
 
 
 def _run_instrument(instrument: str, batch: str, bn_mode: str, opts: Mapping[str, Any],
