@@ -140,6 +140,15 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{e.name:<{width}}  {costs}  {e.description}")
     print("\ncosts: estimated serial CPU time per profile (all variants x default seeds); "
           "`bnlab run NAME --profile P` runs one")
+    print("\ngroups and selections for `bnlab reproduce` (default: headline):")
+    names = ["all", *GROUPS, *SELECTIONS]
+    w = max(len(n) for n in names)
+    print(f"  {'all':<{w}}  every experiment")
+    for n, members in GROUPS.items():
+        print(f"  {n:<{w}}  {', '.join(members)}")
+    for n, (description, parts) in SELECTIONS.items():
+        arms = "; ".join(f"{e} ({', '.join(v)})" if v else e for e, v in parts)
+        print(f"  {n:<{w}}  {description}\n  {'':<{w}}    {arms}")
     return 0
 
 
@@ -337,26 +346,71 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "santurkar": ("santurkar_dln", "santurkar_vgg"),
 }
 
+# Named selections: some arms (variants) of one or more experiments, runnable by name. Their runs are
+# the experiments' own (same folders, same configs), so running a selection and later the whole
+# experiment computes nothing twice, and the report shows each experiment's section with what has run.
+Selection = tuple[tuple[str, "tuple[str, ...] | None"], ...]
+# The README's first command: the core claims of both papers within about 20 minutes on 2 CPU cores
+# (quick profile): Ioffe's Fig. 1 (BN trains faster, stable activations); Santurkar's deep linear
+# network (ICS and the landscape, standard vs BN) and the VGG arms that carry the argument (BN trains
+# better; noisy BN trains as well despite more distributional change; ICS and smoothness).
+HEADLINE: Selection = (("ioffe_mnist", None), ("santurkar_dln", ("standard", "bn")),
+                       ("santurkar_vgg", ("standard", "bn", "noisy_bn")))
+HEADLINE_DESCRIPTION = ("the core claims of both papers, ~20 min on 2 cores: Ioffe Fig. 1; Santurkar's deep "
+                        "linear network (standard, BN) and VGG (standard, BN, noisy BN)")
+SELECTIONS: dict[str, tuple[str, Selection]] = {
+    "santurkar_noisy": ("Santurkar Figs. 2 and 8: standard, BN, noisy BN, standard + noise (VGG)",
+                        (("santurkar_vgg", ("standard", "bn", "noisy_bn", "standard_noise")),)),
+    "santurkar_ics": ("Santurkar Fig. 3: gradient-based ICS, VGG (3a) and the deep linear network (3b)",
+                      (("santurkar_vgg", ("standard", "bn")),
+                       ("santurkar_dln", ("standard", "bn", "standard_lr1e-7", "bn_lr1e-7")))),
+    "santurkar_landscape": ("Santurkar Figs. 4, 10, 11: the landscape along the gradient, VGG and the DLN",
+                            (("santurkar_vgg", ("standard", "bn")), ("santurkar_dln", ("standard", "bn")))),
+    "santurkar_lp": ("Santurkar Figs. 5 and 6: ℓ1, ℓ2, ℓ∞ normalization against BN and standard, VGG and the DLN",
+                     (("santurkar_vgg", ("standard", "bn", "l1", "l2", "linf")),
+                      ("santurkar_dln", ("standard", "bn", "l1", "l2", "linf")))),
+    "headline": (HEADLINE_DESCRIPTION, HEADLINE),
+}
 
-def expand_targets(targets: Sequence[str]) -> list[str]:
-    """Group names and experiment names -> experiment names, in order, without repeats."""
+
+def select_targets(targets: Sequence[str]) -> list[tuple[str, tuple[str, ...] | None]]:
+    """Group, selection and experiment names -> (experiment, variants or None for all), in order, one
+    entry per experiment (the union of the variants asked for)."""
     from bnlab.experiments import experiment_names, get_experiment
 
-    names: list[str] = []
-    for t in targets or ["ioffe"]:
+    chosen: dict[str, tuple[str, ...] | None] = {}
+
+    def add(name: str, variants: tuple[str, ...] | None) -> None:
+        prev = chosen.get(name, ())
+        if variants is None or prev is None:  # the whole experiment
+            chosen[name] = None
+        else:
+            chosen[name] = prev + tuple(v for v in variants if v not in prev)
+
+    for t in targets or ["headline"]:
         if t == "all":
-            found = experiment_names()
+            for n in experiment_names():
+                add(n, None)
         elif t in GROUPS:
-            found = list(GROUPS[t])
+            for n in GROUPS[t]:
+                add(n, None)
+        elif t in SELECTIONS:
+            for n, variants in SELECTIONS[t][1]:
+                add(n, variants)
         else:
             try:
-                found = [get_experiment(t).name]
+                add(get_experiment(t).name, None)
             except BnlabError:
-                choices = ["all", *GROUPS, *experiment_names()]
+                choices = ["all", *GROUPS, *SELECTIONS, *experiment_names()]
                 raise BnlabError(f"unknown experiment or group {t!r}{_did_you_mean(t, choices)}; groups: all, "
-                                 f"{', '.join(GROUPS)}; experiments: {', '.join(experiment_names())}") from None
-        names += [n for n in found if n not in names]
-    return names
+                                 f"{', '.join([*GROUPS, *SELECTIONS])}; experiments: "
+                                 f"{', '.join(experiment_names())}") from None
+    return list(chosen.items())
+
+
+def expand_targets(targets: Sequence[str]) -> list[str]:
+    """Group, selection and experiment names -> experiment names, in order, without repeats."""
+    return [n for n, _ in select_targets(targets)]
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -368,13 +422,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                                     plan_runs, run_experiment)
 
     profile = check_profile(args.profile)
-    exps = [get_experiment(n) for n in expand_targets(args.targets)]
+    selected = select_targets(args.targets)
+    exps = [get_experiment(n) for n, _ in selected]
+    variants = dict(selected)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     check_data_dir(args.data_dir)
     root = profile_root(args.out, profile)
     # The whole plan first: one estimate for everything, and an overall ETA between experiments.
     share_from = sibling_profile_roots(root, args.no_reuse)
-    plans = {e.name: plan_runs(e, profile, out=root, seeds=seeds, share_from=share_from) for e in exps}
+    plans = {e.name: plan_runs(e, profile, out=root, seeds=seeds, variants=variants[e.name], share_from=share_from)
+             for e in exps}
     tasks = []
     for e in exps:  # every dataset and model of every experiment, before any output
         confirm_copies(plans[e.name], args.data_dir, e.run_cost)
@@ -391,7 +448,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             f"estimated {format_seconds(total)} for {total_runs - n_done - n_copy} runs to train exceeds "
             f"--max-minutes {args.max_minutes:g}; use a smaller --profile (smoke, quick), fewer --seeds or "
             "experiments, more --workers, or raise --max-minutes")
-    print(f"reproduce [{profile}]: {', '.join(plans)}: {total_runs} runs, {n_done} already done"
+    shown = [n if variants[n] is None else f"{n} ({', '.join(variants[n])})" for n in plans]
+    print(f"reproduce [{profile}]: {', '.join(shown)}: {total_runs} runs, {n_done} already done"
           + (f", {n_copy} to copy from another profile's folder" if n_copy else "")
           + f"; estimated {format_seconds(total)} -> {root}")
     for line in fallback_notices(tasks):  # once for the whole command, not once per experiment
@@ -408,7 +466,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             else:
                 state = f"estimated {format_seconds(sum(list(todo.values())[i - 1:]))} left"
             echo(f"\n[{i}/{len(exps)}] {exp.name}  ({state})")
-            run_experiment(exp, profile, out=root, seeds=seeds, workers=args.workers,
+            run_experiment(exp, profile, out=root, seeds=seeds, variants=variants[exp.name], workers=args.workers,
                            quiet=args.quiet, data_dir=args.data_dir,
                            echo=echo, progress=progress, announce_data=False, share_from=share_from)
     finally:

@@ -93,3 +93,41 @@ def test_unknown_reproduce_target_lists_groups_and_experiments(capsys):
     assert code == 2 and "unknown experiment or group 'imagenet'" in err and "ioffe" in err and "ioffe_mnist" in err
     code, _, err = _cli(capsys, "reproduce", "iofe", "--profile", "smoke")
     assert code == 2 and "did you mean 'ioffe'?" in err
+
+
+def test_selections_resolve_to_experiments_and_arms():
+    from bnlab.cli import SELECTIONS, select_targets
+    from bnlab.experiments import get_experiment
+
+    # every arm a selection names exists (a renamed variant must not silently drop out of one)
+    for name, (_, parts) in SELECTIONS.items():
+        for exp_name, variants in parts:
+            exp = get_experiment(exp_name)
+            assert variants is None or set(variants) <= set(exp.variants), (name, exp_name)
+    assert select_targets([]) == select_targets(["headline"])  # the default
+    assert select_targets(["santurkar_noisy"]) == [
+        ("santurkar_vgg", ("standard", "bn", "noisy_bn", "standard_noise"))]
+    # arms of one experiment asked by two selections are united, once per experiment, in order
+    assert select_targets(["santurkar_ics", "santurkar_lp"]) == [
+        ("santurkar_vgg", ("standard", "bn", "l1", "l2", "linf")),
+        ("santurkar_dln", ("standard", "bn", "standard_lr1e-7", "bn_lr1e-7", "l1", "l2", "linf"))]
+    # a whole experiment wins over a selection of its arms, whichever comes first
+    assert dict(select_targets(["santurkar_noisy", "santurkar"]))["santurkar_vgg"] is None
+    assert dict(select_targets(["santurkar", "santurkar_noisy"]))["santurkar_vgg"] is None
+
+
+def test_reproduce_a_selection_runs_only_its_arms_and_reports_the_rest_as_not_run(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, text, _ = _cli(capsys, "reproduce", "santurkar_noisy", "--profile", "smoke", "--out", str(out), "--quiet")
+    assert code == 0, text
+    assert "santurkar_vgg (standard, bn, noisy_bn, standard_noise)" in text
+    root = out / "smoke" / "santurkar_vgg"
+    assert sorted(d.name.rsplit("-", 1)[0] for d in root.iterdir() if d.is_dir() and d.name != "figures") == [
+        "bn", "noisy_bn", "standard", "standard_noise"]
+    rows = json.loads((root / "verdict.json").read_text())
+    ids = {r["claim_id"] for r in rows}
+    assert {"D.13a", "D.13e", "D.11b", "D.17c"} <= ids  # every claim has a row: the unrun ones say so
+    lp = next(r for r in rows if r["claim_id"] == "D.17c")
+    assert lp["outcome"] == "UNDECIDED"
+    html = (out / "smoke" / "report.html").read_text(encoding="utf-8")
+    assert "noisy" in html.lower()
