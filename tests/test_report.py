@@ -731,3 +731,35 @@ def test_every_internal_link_of_the_embedded_claims_document_has_its_target():
     hrefs = set(re.findall(r'href="#([^"]+)"', html))
     ids = set(re.findall(r'id="([^"]+)"', html))
     assert hrefs and hrefs <= ids, sorted(hrefs - ids)
+
+
+def test_santurkar_vgg_section_renders_in_chromium(tmp_path):
+    """The VGG section (smoke): every declared figure drawn and shown as an SVG, a row for every VGG
+    claim (D.11-D.17), the definitions with their pass costs, the notes, no request leaving the page,
+    no console message, and a page that fits a 1280-px window."""
+    from bnlab.experiments.santurkar_vgg import CLAIMS as VGG_CLAIMS
+    from bnlab.report.build import write_report
+
+    exp = get_experiment("santurkar_vgg")
+    run_experiment(exp, "smoke", out=tmp_path / "runs", quiet=True, echo=_quiet, threads=1)
+    data = collect(tmp_path / "runs", [exp], tmp_path / "report.html", profile="smoke")
+    report = write_report(data)
+    dom, console, external = _load(report, tmp_path)
+    assert console == [] and external == [], (console, external)
+    section = re.search(r'<section id="exp-santurkar_vgg-smoke">(.*?)</section>', dom, re.S)
+    assert section, "no Santurkar VGG section"
+    body = section.group(1)
+    assert [f.path.stem for s in data.sections for f in s.figures] == [f.name for f in exp.figures]
+    srcs = _img_srcs(body)
+    assert len(srcs) == len(exp.figures) and all(_assert_svg(s) for s in srcs)
+    text = _visible_text(body)
+    for fig in ("Fig. 1", "Fig. 2", "Fig. 3a", "Fig. 4", "Fig. 5a", "Fig. 6", "Fig. 8", "Fig. 11"):
+        assert fig in text, fig
+    for label, _, cost in exp.definitions:  # what each quantity is and what it costs
+        assert _visible_text(label) in text and _visible_text(cost) in text, label
+    ids = {r["claim_id"] for r in data.rows}
+    assert set(VGG_CLAIMS) <= ids
+    assert all(r["outcome"] == "UNDECIDED" for r in data.rows)  # smoke decides nothing
+    _assert_verdict_rows_are_compact(dom)
+    m = _measure_width(report, tmp_path)
+    assert m["scroll"] <= m["inner"] == 1280 and m["tables"] <= 1280, m
