@@ -57,7 +57,7 @@ def mlp(norm: str = "batch") -> nn.Module:
 
 
 def measure(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ics_layers: list[str],
-            repeats: int, calibration_repeats: int) -> list[tuple[str, float, float, float, float]]:
+            repeats: int, calibration_repeats: int) -> list[tuple[str, float, float, float, float, float, float]]:
     """Each instrument call is timed between two blocks of plain passes and compared with them, so
     the ratio is immune to the load of a shared machine drifting between measurements."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -79,6 +79,10 @@ def measure(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ics_l
     time_fn(one_pass, warmup=2, repeats=3)
     batch = (x, y)
     cm = calibrate_cost(model, F.cross_entropy, batch, repeats=calibration_repeats)
+    again = calibrate_cost(model, F.cross_entropy, batch, repeats=calibration_repeats)
+    drift = max(abs(getattr(again, k) / getattr(cm, k) - 1)
+                for k in ("forward", "backward", "graph_backward", "double_backward", "vector_op") if getattr(cm, k) > 0)
+    print(f"{name}: a second calibration moments later differs by up to {100 * drift:.0f} % per constant")
     print(f"{name}: {cm.source}\n  forward {cm.forward:.2f}, graph-keeping backward {cm.graph_backward:.2f}, "
           f"double backward {cm.double_backward:.2f}, vector op {cm.vector_op:.2e}, "
           f"basis dot {cm.basis_dot:.2e}, setup {cm.setup:.2f} passes "
@@ -107,7 +111,7 @@ def measure(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ics_l
             ratios.append(t / (res.cost.passes * unit))
             generic.append(t / (dataclasses.replace(res.cost, model=CostModel()).passes * unit))
         rows.append((f"{name}: {label}", statistics.median(times), res.cost.passes, statistics.median(ratios),
-                     statistics.median(generic)))
+                     statistics.median(generic), min(ratios), max(ratios)))
     print(f"{name}: one forward+backward pass = {time_fn(one_pass, warmup=1, repeats=5) * 1e3:.2f} ms")
     return rows
 
@@ -125,10 +129,11 @@ def main() -> None:
                     ["3", "10", "15"], args.repeats, args.calibration_repeats)
     rows += measure("Ioffe MLP BN, (60,784)", mlp(), torch.rand(60, 784), torch.randint(0, 10, (60,)),
                     ["4", "7", "10"], args.repeats, args.calibration_repeats)
-    print(f"\n{'instrument':48s} {'ms':>9s} {'stated passes':>14s} {'measured/stated':>16s} {'(generic)':>10s}")
+    print(f"\n{'instrument':48s} {'ms':>9s} {'stated passes':>14s} {'measured/stated':>16s} {'(range)':>11s} "
+          f"{'(generic)':>10s}")
     worst, worst_generic = 0.0, 0.0
-    for label, t, passes, ratio, generic in rows:
-        print(f"{label:48s} {t * 1e3:9.2f} {passes:14.2f} {ratio:16.2f} {generic:10.2f}")
+    for label, t, passes, ratio, generic, lo, hi in rows:
+        print(f"{label:48s} {t * 1e3:9.2f} {passes:14.2f} {ratio:16.2f} {f'{lo:.2f}-{hi:.2f}':>11s} {generic:10.2f}")
         worst = max(worst, abs(ratio - 1))
         worst_generic = max(worst_generic, abs(generic - 1))
     print(f"\ninstrument_cost_worst_deviation: {worst:.2f} (calibrated; target <= 0.25)")

@@ -188,3 +188,32 @@ def test_instruments_draw_from_their_own_generator():
     assert np.array_equal(hessian_trace(net, ce, batch, samples=5, seed=3).values, a.values)
     assert np.array_equal(hessian_eigenvalues(net, ce, batch, k=1, max_iter=5, seed=3).eigenvalues, b.eigenvalues)
     assert not np.array_equal(hessian_trace(net, ce, batch, samples=5, seed=4).values, a.values)
+
+
+class _Quadratic(nn.Module):
+    """L(w) = ½ wᵀ diag(d) w through a model whose output is its parameter: H = diag(d) exactly."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.d = torch.as_tensor(d, dtype=torch.float64)
+        self.w = nn.Parameter(torch.ones(len(d), dtype=torch.float64))
+
+    def forward(self, x):
+        return self.w
+
+
+def _half_quadratic(d):
+    return lambda out, y: 0.5 * (torch.as_tensor(d, dtype=torch.float64) * out ** 2).sum()
+
+
+def test_lanczos_continues_past_an_invariant_subspace_smaller_than_k():
+    """H = 2I: the Krylov space of any start vector is one-dimensional; k = 3 needs two restarts."""
+    d = [2.0] * 6
+    r = hessian_eigenvalues(_Quadratic(d), _half_quadratic(d), (torch.zeros(1), torch.zeros(1)), k=3, max_iter=10)
+    assert r.converged and r.iterations == 3 and np.allclose(r.eigenvalues, 2.0, rtol=1e-12)
+
+
+def test_lanczos_finds_one_copy_of_a_repeated_eigenvalue_as_documented():
+    d = [5.0, 5.0, 3.0, 1.0, 0.5]
+    r = hessian_eigenvalues(_Quadratic(d), _half_quadratic(d), (torch.zeros(1), torch.zeros(1)), k=2, max_iter=20)
+    assert np.allclose(r.eigenvalues, [5.0, 3.0], rtol=1e-9)

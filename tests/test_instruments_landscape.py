@@ -113,6 +113,57 @@ def test_ics_layers_before_follow_the_execution_order():
     assert list(r.n_before) == [0, 1] and r.l2[0] == 0.0 and r.l2[1] > 0
 
 
+def test_ics_before_is_the_order_of_first_use_of_each_parameter():
+    """A parameter the parent module owns and uses after its children (a LayerScale gamma, a root-level
+    temperature) is not "before" those children, and a layer BN follows is before it: an update that
+    moves only parameters used after 'inp' and 'block.fc' leaves their G' equal to G; one that moves
+    'inp' changes G' of 'block.fc' by the hand-computed amount (a fresh functional_call oracle)."""
+    class LayerScale(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.fc = nn.Linear(d, d)
+            self.gamma = nn.Parameter(torch.full((d,), 0.5))
+
+        def forward(self, x):
+            return x + self.gamma * torch.tanh(self.fc(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 6)
+            self.block = LayerScale(6)
+            self.out = nn.Linear(6, 3)
+            self.temperature = nn.Parameter(torch.tensor(2.0))  # owned by the root, used last
+
+        def forward(self, x):
+            return self.out(self.block(torch.tanh(self.inp(x)))) / self.temperature
+
+    torch.manual_seed(0)
+    net = Net().double()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    lf = nn.functional.cross_entropy
+    late = ("block.gamma", "temperature", "out.weight", "out.bias")
+
+    def only_late(w, g):
+        return {n: w[n] - 0.5 * g[n] if n in late else w[n] for n in w}
+
+    r = ics(net, lf, (x, y), ["inp", "block.fc"], update=only_late)
+    assert list(r.n_before) == [0, 2] and list(r.l2) == [0.0, 0.0]
+
+    # moving 'inp' (used before block.fc): G' of block.fc.weight by an independent functional_call
+    def only_inp(w, g):
+        return {n: w[n] - 0.5 * g[n] if n.startswith("inp.") else w[n] for n in w}
+
+    r = ics(net, lf, (x, y), ["block.fc"], update=only_inp)
+    params = dict(net.named_parameters())
+    g = torch.autograd.grad(lf(net(x), y), list(params.values()))
+    moved = {n: (p - 0.5 * gi if n.startswith("inp.") else p).detach().requires_grad_(True)
+             for (n, p), gi in zip(params.items(), g)}
+    g1 = torch.autograd.grad(lf(torch.func.functional_call(net, moved, (x,)), y), [moved["block.fc.weight"]])[0]
+    g0 = g[list(params).index("block.fc.weight")]
+    assert r.l2[0] == pytest.approx(float((g0 - g1).norm()), rel=1e-12) and r.l2[0] > 1e-4
+
+
 @pytest.mark.parametrize("make_opt", [
     lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2),
     lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),

@@ -23,9 +23,11 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 from bnlab.errors import ConfigError, ShapeError
-from bnlab.measure._util import BnMode, _module_generators, _rng_devices, check_choice, isolated
+from bnlab.measure._util import BnMode, GeneratorSnapshot, _rng_devices, check_choice, isolated
 from bnlab.measure.cost import Cost, CostModel
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -120,6 +122,27 @@ class _Slots:
             d[attr] = t
 
 
+class _FirstUse(TorchFunctionMode):
+    """Records the order in which tensors (by identity) are first passed to a torch op: the order in
+    which the forward pass uses each parameter, whichever module owns it and wherever it is called
+    (a parent's own parameter used after its children's, a parameter shared by two layers).
+    Attribute reads (``weight.shape``) are not uses."""
+
+    def __init__(self, ids: dict[int, int], order: dict[int, int]) -> None:
+        super().__init__()
+        self.ids, self.order = ids, order
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") != "__get__":
+            for t in pytree.tree_leaves((args, kwargs)):
+                if isinstance(t, Tensor):
+                    i = self.ids.get(id(t))
+                    if i is not None and i not in self.order:
+                        self.order[i] = len(self.order)
+        return func(*args, **kwargs)
+
+
 class Objective:
     """``L(w)`` on one batch; use inside ``with obj.session():``.
 
@@ -152,7 +175,6 @@ class Objective:
         named = dict(model.named_parameters())
         self.w0 = [named[n].detach() for n in self.names]  # read only: never written
         self.cost = Cost(model=cost_model if cost_model is not None else CostModel())
-        self._gen_states: list[tuple[torch.Generator, Tensor]] = []
         self._active = False
 
     @property
@@ -169,8 +191,8 @@ class Objective:
         # generators) are then set again before every evaluation, which is much cheaper than reseeding.
         self.cost.setups += 1
         with isolated(self.model, self.x, bn_mode=self.bn_mode, seed=self.seed, grad=True):
-            self._gen_states = [(g, g.get_state()) for g in _module_generators(self.model)]
-            self._gen_states.append((torch.default_generator, torch.default_generator.get_state()))
+            self._generators = GeneratorSnapshot(self.model)
+            self._global_state = torch.default_generator.get_state()
             devices = _rng_devices(self.model, self.x)
             self._cuda_states = [(d, torch.cuda.get_rng_state(d)) for d in devices]
             self._slots = _Slots(self.model, self.names)
@@ -181,19 +203,24 @@ class Objective:
                 self._active = False
 
     def _reset_randomness(self) -> None:
-        for g, state in self._gen_states:
-            g.set_state(state)
+        self._generators.restore()
+        torch.default_generator.set_state(self._global_state)
         for d, state in self._cuda_states:
             torch.cuda.set_rng_state(state, d)
 
-    def loss_at(self, w: Sequence[Tensor]) -> Tensor:
-        """L(w) with autograd graph to ``w`` (tensors shaped like the parameters)."""
+    def loss_at(self, w: Sequence[Tensor], first_use: dict[int, int] | None = None) -> Tensor:
+        """L(w) with autograd graph to ``w`` (tensors shaped like the parameters). ``first_use``: filled
+        with {parameter index: rank of its first use by an op in the forward pass}."""
         if not self._active:
             raise RuntimeError("Objective evaluated outside its session(); use `with obj.session():`")
         self._reset_randomness()
         self._slots.swap(w)
         try:
-            out = self.model(self.x)
+            if first_use is None:
+                out = self.model(self.x)
+            else:
+                with _FirstUse({id(t): i for i, t in enumerate(w)}, first_use):
+                    out = self.model(self.x)
         finally:
             self._slots.restore()
         loss = self.loss_fn(out, self.y)
@@ -209,10 +236,12 @@ class Objective:
         them, and autograd.grad never writes ``.grad``."""
         return [t.detach().requires_grad_(True) for t in (self.w0 if w is None else w)]
 
-    def loss_and_grad(self, w: Sequence[Tensor] | None = None, *, only: Sequence[int] | None = None) -> tuple[float, list[Tensor]]:
-        """(L(w), ∇L(w)); ``only`` restricts the gradient to those parameter indices."""
+    def loss_and_grad(self, w: Sequence[Tensor] | None = None, *, only: Sequence[int] | None = None,
+                      first_use: dict[int, int] | None = None) -> tuple[float, list[Tensor]]:
+        """(L(w), ∇L(w)); ``only`` restricts the gradient to those parameter indices; ``first_use`` as
+        in ``loss_at``."""
         leaves = self.leaves(w)
-        loss = self.loss_at(leaves)
+        loss = self.loss_at(leaves, first_use)
         wrt = leaves if only is None else [leaves[i] for i in only]
         grads = torch.autograd.grad(loss, wrt, allow_unused=True)
         self.cost.backward += 1

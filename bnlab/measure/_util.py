@@ -9,8 +9,8 @@ the training trajectory bit-identical. A forward pass can change a model in four
 2. ``.training`` flags: set explicitly from ``bn_mode`` and restored for every module in ``finally``;
 3. the global RNG (dropout, noisy BN): the pass runs inside ``torch.random.fork_rng`` and is
    re-seeded there, so it is also reproducible;
-4. module-owned ``torch.Generator`` attributes (a noisy BN with its own generator): their states are
-   saved and restored.
+4. module-owned ``torch.Generator`` attributes (a noisy BN with its own generator): which generator
+   each attribute holds, and its state, are saved and restored.
 
 Parameters are not cloned (a forward pass under ``no_grad`` does not write them). Other Python state
 a custom ``forward`` mutates (counters, caches) is outside what can be isolated generically.
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from bnlab.errors import ConfigError, ShapeError
 from bnlab.norm.modules import is_batchnorm  # noqa: F401  (re-exported for the probes)
+from bnlab.norm.noisy import NoiseOnly
 
 Where = Literal["input", "output"]
 BnMode = Literal["batch", "running"]
@@ -141,15 +142,27 @@ def _rng_devices(model: nn.Module, x: Tensor) -> list[int]:
     return sorted(devs)
 
 
-def _module_generators(model: nn.Module) -> list[torch.Generator]:
+def _generator_slots(model: nn.Module) -> list[tuple[dict, str, torch.Generator]]:
+    """(module ``__dict__``, attribute, generator) for every module-owned generator."""
     # `Generator in type(v).__mro__`, not isinstance: torch.Generator's metaclass answers isinstance in
     # Python, which over every attribute of every module costs more than a small model's forward pass.
-    gens: dict[int, torch.Generator] = {}
-    for m in model.modules():
-        for v in vars(m).values():
-            if torch.Generator in type(v).__mro__:
-                gens[id(v)] = v
-    return list(gens.values())
+    return [(d, k, v) for m in model.modules() for d in (vars(m),) for k, v in d.items()
+            if torch.Generator in type(v).__mro__]
+
+
+class GeneratorSnapshot:
+    """The module-owned generators (noisy BN's noise streams): which attribute holds which generator
+    and its state. ``restore`` puts both back: a layer may have *replaced* its generator meanwhile
+    (noisy BN continues its stream on a new generator on the first call on another device), and
+    restoring only the old object's state would leave the model holding the new, advanced one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.slots = [(d, k, g, g.get_state()) for d, k, g in _generator_slots(model)]
+
+    def restore(self) -> None:
+        for d, k, g, state in self.slots:
+            d[k] = g
+            g.set_state(state)
 
 
 @contextlib.contextmanager
@@ -159,8 +172,14 @@ def isolated(model: nn.Module, x: Tensor, *, bn_mode: BnMode, seed: int | None, 
     ``grad=False`` runs the body under ``no_grad`` (activation probes); ``grad=True`` enables autograd
     for the instruments that differentiate the loss (they never write ``.grad``)."""
     check_choice("bn_mode", bn_mode, _BN_MODES)
+    if bn_mode == "running":
+        stateless = [n for n, m in model.named_modules() if is_batchnorm(m) and getattr(m, "running_mean", None) is None]
+        if stateless:
+            raise ConfigError(f"bn_mode='running' but BN layer(s) {stateless[:5]} keep no running statistics "
+                              "(track_running_stats=False: they normalize with the batch's statistics in eval "
+                              "mode too); use bn_mode='batch', or measure a model whose BN tracks them")
     flags = [(m, m.training) for m in model.modules()]
-    gens = [(g, g.get_state()) for g in _module_generators(model)]
+    gens = GeneratorSnapshot(model)
     devices = _rng_devices(model, x)
     try:
         with torch.random.fork_rng(devices=devices):
@@ -170,8 +189,10 @@ def isolated(model: nn.Module, x: Tensor, *, bn_mode: BnMode, seed: int | None, 
                     with torch.cuda.device(d):
                         torch.cuda.manual_seed(seed)
             for m in model.modules():
-                if is_batchnorm(m):
-                    m.training = bn_mode == "batch"  # not .train(): that would recurse into children
+                if is_batchnorm(m) or isinstance(m, NoiseOnly):
+                    # not .train(): that would recurse into children. The noise of noisy BN and of the
+                    # noise-only layer (Santurkar Fig. 2's two noisy arms) follows bn_mode alike.
+                    m.training = bn_mode == "batch"
                 elif is_dropout(m):
                     m.training = False
             with torch.enable_grad() if grad else torch.no_grad():
@@ -179,8 +200,7 @@ def isolated(model: nn.Module, x: Tensor, *, bn_mode: BnMode, seed: int | None, 
     finally:
         for m, flag in flags:
             m.training = flag
-        for g, state in gens:
-            g.set_state(state)
+        gens.restore()
 
 
 def _chunks(x: Tensor, chunk_size: int | None) -> Sequence[Tensor]:

@@ -9,7 +9,7 @@ orthogonalization, done as matrix-vector products with its basis. ``CostModel`` 
 in "passes", where 1 pass = one plain forward+backward of the model on the batch.
 
 The kinds do not cost the same on every model, so no single set of constants is right for all: on
-CPU (torch 2.13, bench/instruments.py) a double backward costs 2.9-3.3 passes on a conv net with BN
+CPU (torch 2.13, bench/instruments.py) a double backward costs 2.3-3.3 passes on a conv net with BN
 (the backward formulas of BN and convolution are themselves differentiated, on large activations)
 but 1.6-2.1 on the Ioffe MLP (784-100-100-100-10, batch 60), whose pass time is per-op overhead;
 the vector work on that MLP's 89k parameters (a fresh 0.7 MB float64 vector costs page faults)

@@ -15,7 +15,10 @@ vector drawn from the instrument's own ``torch.Generator``; after every iteratio
 the tridiagonal matrix are computed, and the wanted k (algebraically largest, or largest in
 magnitude) count as converged when their residual norms |β_j s_j| are at most ``tol`` times
 max(|θ|, max Ritz magnitude * 1e-3). It stops when they converge, when an invariant subspace is
-found (exact), after ``max_iter`` iterations, or at the number of parameters.
+found (exact; with fewer than k Ritz values it continues from a fresh random direction orthogonal to
+that subspace), after ``max_iter`` iterations, or at the number of parameters. Like every
+single-vector Krylov method it finds one copy of a repeated eigenvalue: for H = diag(5, 5, 3) and
+k = 2 it returns (5, 3); use it for the top of the spectrum, not for multiplicities.
 
 Trace. Hutchinson's estimator tr(H) ≈ mean_i v_iᵀ H v_i with Rademacher v_i (the unbiased estimator
 of least variance among i.i.d. choices: Var = 2 Σ_{i≠j} H_ij²), reported with its standard error
@@ -24,8 +27,8 @@ s / sqrt(n) and a 95 % Student-t confidence interval.
 Both take an explicit ``bn_mode`` (``"batch"`` default: the Hessian of the training objective) and
 never change the model. Cost, counted in ``result.cost`` and converted to passes by a
 ``CostModel`` (bnlab.measure.cost): 1 forward + 1 backward that keeps its graph (about 1.5 passes
-together) + 1 double backward per iteration or sample (generic constant 3 passes: 2.9-3.3 measured
-on a conv net with BN, 1.7-2.1 on a small MLP, so pass ``cost_model=calibrate_cost(...)`` for a
+together) + 1 double backward per iteration or sample (generic constant 3 passes: 2.3-3.3 measured
+on a conv net with BN, 1.6-2.1 on a small MLP, so pass ``cost_model=calibrate_cost(...)`` for a
 statement within 25 % on your model) + the parameter-length vector work (conversions, and for
 Lanczos its orthogonalization, 4(j+1) dot products/axpys in iteration j; negligible unless a pass
 takes about a millisecond).
@@ -217,6 +220,16 @@ def hessian_eigenvalues(
             if j + 1 == n:
                 converged = True  # the whole space: T is similar to H
                 break
+            if done_subspace:
+                # An invariant subspace with fewer than k Ritz values (e.g. H = cI): go on from a fresh
+                # random direction orthogonal to it; T becomes block diagonal (a zero off-diagonal).
+                q = torch.randn(n, generator=gen, dtype=torch.float64).to(device)
+                for _ in range(2):
+                    q -= Q.T @ (Q @ q)
+                obj.cost.basis_dots += 4 * (j + 1)
+                betas.append(0.0)
+                basis[j + 1] = q / q.norm()
+                continue
             betas.append(beta)
             basis[j + 1] = w / beta
     return HessianEigenResult(

@@ -14,10 +14,11 @@ Choices made here (the paper leaves them open):
 
 * "Layer i's parameters" = one parameter tensor of the chosen module, ``param="weight"`` by default
   (not its bias, nor a BN's gamma/beta).
-* "The layers before i" = every module with parameters whose first call in the forward pass comes
-  before layer i's first call (recorded by hooks during the G pass), with all of their parameters,
-  BN's gamma and beta included. For a chain this is the usual order; for branches it is the
-  execution order.
+* "The layers before i" = every parameter that the forward pass first uses (passes to a torch op)
+  before it first uses layer i's parameter, recorded during the G pass; BN's gamma and beta
+  included. For a chain this is the usual order of layers; for branches it is the execution order;
+  a parameter a block owns but uses after its children (a LayerScale gamma, a temperature) comes
+  after them.
 * W^(t+1) is the run's own update applied to a copy: ``update`` is a learning rate (plain SGD,
   W - lr * G), a ``torch.optim.Optimizer`` (cloned with a deep copy of its state, so momentum
   buffers, weight decay and per-group learning rates act exactly as in the next real step; the
@@ -27,9 +28,11 @@ Choices made here (the paper leaves them open):
   running statistics; stochastic layers (dropout is off; noisy BN, global-RNG layers) draw the same
   noise in both passes, so the difference is due to the update alone.
 
-Cost: 1 forward + 1 backward pass for G, plus 1 forward + 1 backward per probed layer for G'
-(at most ``1 + len(layers)`` forward+backward passes: the backward for G' stops at layer i, so a
-layer near the output costs less than a full pass); no side effects on the model or the optimizer.
+Cost: 1 forward + 1 backward pass for G, plus 1 forward + 1 backward per probed layer for G' (the
+backward for G' stops at layer i, so a layer near the output costs less than a full pass: an upper
+bound), plus the update applied to copies (parameter-length vector work) and the isolation of the
+model, which on a model whose pass takes about a millisecond add 20-35 % (``result.cost`` counts
+them; ``calibrate_cost`` prices them); no side effects on the model or the optimizer.
 """
 from __future__ import annotations
 
@@ -88,7 +91,7 @@ class ICSResult:
         return out
 
 
-def _owner(name: str) -> str:
+def _owner_of(name: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else ""
 
 
@@ -103,6 +106,10 @@ def _describe(update: Update) -> str:
 
 
 def _check_update(update: object) -> None:
+    if isinstance(update, torch.optim.LBFGS):
+        raise ConfigError("update=LBFGS: its step needs a closure that re-evaluates the loss, which a copy of "
+                          "the update cannot call on the instrument's batch; pass a function update(params, "
+                          "grads) -> new params that does what your step does")
     if isinstance(update, torch.optim.Optimizer) or callable(update):
         return
     if isinstance(update, bool) or not isinstance(update, (int, float)):
@@ -197,8 +204,8 @@ def ics(
 
     Returns an :class:`ICSResult`. Raises ConfigError for unknown layers, a layer without ``param``
     or with ``param`` frozen, a bad ``update``; ShapeError for a bad batch or a non-scalar loss.
-    Cost: at most ``1 + len(layers)`` forward+backward passes, plus the update's parameter-length
-    vector operations (``result.cost``).
+    Cost: ``1 + len(layers)`` forward+backward passes (the G' backwards partial), plus the update's
+    parameter-length vector operations and one isolation of the model (``result.cost``).
     """
     _check_update(update)
     targets = resolve_modules(model, layers)
@@ -209,64 +216,54 @@ def ics(
         pname = f"{mname}.{param}" if mname else param
         if pname not in index:
             own = [n for n, _ in module.named_parameters(recurse=False)]
+            p = getattr(module, param, None)
+            if isinstance(p, nn.Parameter) and p.requires_grad:  # an alias of a parameter named elsewhere
+                first = next(n for n, q in model.named_parameters() if q is p)
+                raise ConfigError(f"layer {label!r}: its {param!r} is the parameter {first!r} (tied weights); "
+                                  f"probe the layer that owns it under that name, {_owner_of(first)!r}")
             raise ConfigError(f"layer {label!r} ({type(module).__name__}) has no trainable parameter {param!r}; "
                               f"its own parameters are {own or 'none'}; choose another layer or param=")
         pnames.append(pname)
 
-    # Record the order in which parameter-owning modules are first called (during the G pass).
-    owners = {_owner(n) for n in obj.names}
-    modules = dict(model.named_modules())
-    order: dict[str, int] = {}
-
-    def first_call(owner: str):
-        def hook(module, args) -> None:  # returns None: a pre-hook's return value would replace the input
-            order.setdefault(owner, len(order))
-        return hook
-
-    hooks = [modules[o].register_forward_pre_hook(first_call(o)) for o in owners]
-    try:
-        with obj.session():
-            loss, grads = obj.loss_and_grad()
-            for h in hooks:
-                h.remove()
-            w0 = dict(zip(obj.names, obj.w0))
-            g0 = dict(zip(obj.names, grads))
-            if isinstance(update, torch.optim.Optimizer):
-                w1 = _optimizer_step(update, model, w0, g0)
-                # copies of the parameters and gradients, of each state tensor (momentum, moments), the step
-                state = next(iter(update.state.values()), {})
-                obj.cost.vector_ops += 4 + sum(isinstance(v, Tensor) and v.dim() > 0 for v in state.values())
-            elif callable(update):
-                w1 = dict(update(dict(w0), dict(g0)))
-                obj.cost.vector_ops += 1
-                bad = [n for n in w1 if n not in w0]
-                if bad:
-                    raise ConfigError(f"update returned unknown parameter names {bad[:5]}; return a dict keyed "
-                                      f"like its params argument")
-            else:
-                w1 = {n: torch.add(w0[n], g0[n], alpha=-float(update)) for n in obj.names}
-                obj.cost.vector_ops += 1
-            l2, cos, gn, gn1, nb = [], [], [], [], []
-            for pname in pnames:
-                mine = order.get(_owner(pname))
-                if mine is None:
-                    raise ConfigError(f"parameter {pname!r} was not used in the forward pass; probe a layer the "
-                                      f"model uses")
-                before = {n for n in obj.names if order.get(_owner(n), mine) < mine}
-                w = [w1[n].to(t.dtype) if (n in before and n in w1) else t for n, t in zip(obj.names, obj.w0)]
-                i = index[pname]
-                _, (g_after,) = obj.loss_and_grad(w, only=[i])
-                g, g1 = flat([grads[i]]), flat([g_after])  # float64: exact difference, float64 sums
-                diff = float(torch.linalg.vector_norm(g - g1))
-                a, b = float(torch.linalg.vector_norm(g)), float(torch.linalg.vector_norm(g1))
-                l2.append(diff)
-                cos.append(float(g @ g1) / (a * b) if a > 0 and b > 0 else float("nan"))
-                gn.append(a)
-                gn1.append(b)
-                nb.append(sum(1 for n in before if n in w1))
-    finally:
-        for h in hooks:
-            h.remove()
+    # The order in which the forward pass first uses each parameter (recorded during the G pass).
+    order: dict[int, int] = {}
+    with obj.session():
+        loss, grads = obj.loss_and_grad(first_use=order)
+        w0 = dict(zip(obj.names, obj.w0))
+        g0 = dict(zip(obj.names, grads))
+        if isinstance(update, torch.optim.Optimizer):
+            w1 = _optimizer_step(update, model, w0, g0)
+            # copies of the parameters and gradients, of each state tensor (momentum, moments), the step
+            state = next(iter(update.state.values()), {})
+            obj.cost.vector_ops += 4 + sum(isinstance(v, Tensor) and v.dim() > 0 for v in state.values())
+        elif callable(update):
+            w1 = dict(update(dict(w0), dict(g0)))
+            obj.cost.vector_ops += 1
+            bad = [n for n in w1 if n not in w0]
+            if bad:
+                raise ConfigError(f"update returned unknown parameter names {bad[:5]}; return a dict keyed "
+                                  f"like its params argument")
+        else:
+            w1 = {n: torch.add(w0[n], g0[n], alpha=-float(update)) for n in obj.names}
+            obj.cost.vector_ops += 1
+        l2, cos, gn, gn1, nb = [], [], [], [], []
+        for pname in pnames:
+            mine = order.get(index[pname])
+            if mine is None:
+                raise ConfigError(f"parameter {pname!r} was not used in the forward pass; probe a layer the "
+                                  f"model uses")
+            before = {n for n in obj.names if order.get(index[n], mine) < mine}
+            w = [w1[n].to(t.dtype) if (n in before and n in w1) else t for n, t in zip(obj.names, obj.w0)]
+            i = index[pname]
+            _, (g_after,) = obj.loss_and_grad(w, only=[i])
+            g, g1 = flat([grads[i]]), flat([g_after])  # float64: exact difference, float64 sums
+            diff = float(torch.linalg.vector_norm(g - g1))
+            a, b = float(torch.linalg.vector_norm(g)), float(torch.linalg.vector_norm(g1))
+            l2.append(diff)
+            cos.append(float(g @ g1) / (a * b) if a > 0 and b > 0 else float("nan"))
+            gn.append(a)
+            gn1.append(b)
+            nb.append(sum(1 for n in before if n in w1))
     return ICSResult(
         layers=tuple(targets), params=tuple(pnames), l2=np.asarray(l2), cosine=np.asarray(cos),
         grad_norm=np.asarray(gn), grad_norm_after=np.asarray(gn1), n_before=np.asarray(nb, dtype=np.int64),

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.errors import ConfigError
-from bnlab.measure._util import _module_generators
+from bnlab.measure._util import GeneratorSnapshot
 from bnlab.measure.cost import CostModel
 from bnlab.train.config import TrainConfig
 from bnlab.train.schedule import probe_steps
@@ -108,7 +108,7 @@ class _Guard:
         self.optimizer = optimizer
         self.optimizer_state = None if optimizer is None else copy.deepcopy(optimizer.state_dict())
         # module-owned generators (noisy BN draws its noise from its own torch.Generator)
-        self.generators = [(g, g.get_state()) for g in _module_generators(model)]
+        self.generators = GeneratorSnapshot(model)
         self.training = [(m, m.training) for m in model.modules()]
         # tensors only: module extra state (a noisy BN's generator) is restored through `generators`
         self.tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()
@@ -132,8 +132,7 @@ class _Guard:
         torch.set_rng_state(self.torch_rng)
         np.random.set_state(self.np_rng)
         random.setstate(self.py_rng)
-        for g, state in self.generators:
-            g.set_state(state)
+        self.generators.restore()
         if self.optimizer is not None:
             self.optimizer.load_state_dict(self.optimizer_state)
 
