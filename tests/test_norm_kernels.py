@@ -303,3 +303,44 @@ def test_the_build_name_depends_on_the_python_environment(monkeypatch):
     a = kernels._build_name()
     monkeypatch.setattr("sys.prefix", "/some/other/venv")
     assert kernels._build_name() != a
+
+
+def test_a_lock_held_by_a_live_announced_builder_is_kept_and_a_dead_ones_removed_at_once(tmp_path, monkeypatch):
+    """On a loaded machine a build can outlast the age rule: a lock whose announced builder process
+    still runs is waited for however old it is; one whose builder is gone is stale at once."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    import threading
+    import time
+    import warnings
+
+    from bnlab.norm import kernels
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / "bnlab_kernels_test"
+    folder.mkdir()
+    lock, owner = folder / "lock", folder / "bnlab_builder"
+    old = time.time() - kernels.STALE_LOCK_SECONDS - 10
+    # a live builder (this process's child), lock older than the age rule: kept until the build ends
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        owner.write_text(f"{platform.node()} {child.pid}")
+        lock.touch()
+        os.utime(lock, (old, old))
+        builder = threading.Timer(1.5, lock.unlink)
+        builder.start()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            kernels._clear_stale_lock("bnlab_kernels_test")
+        assert builder.finished.is_set() and not lock.exists()
+    finally:
+        child.kill()
+        child.wait()
+    # the same builder, now dead, and a fresh lock: removed at once, not after the age rule
+    lock.touch()
+    t0 = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="builder process is gone"):
+        kernels._clear_stale_lock("bnlab_kernels_test")
+    assert not lock.exists() and time.monotonic() - t0 < 1.0

@@ -129,27 +129,75 @@ def _build_name() -> str:
     return f"bnlab_kernels_{h.hexdigest()[:12]}"
 
 
-STALE_LOCK_SECONDS = 300.0  # a build takes well under a minute here; a lock this old has no builder
+STALE_LOCK_SECONDS = 300.0  # a build takes about a minute (several on a loaded machine)
+LIVE_BUILD_SECONDS = 1800.0  # never wait longer than this, even on a builder that seems alive
+
+
+def _owner_file(name: str) -> Path:
+    from torch.utils import cpp_extension
+
+    return Path(cpp_extension._get_build_directory(name, verbose=False)) / "bnlab_builder"
+
+
+def _builder_alive(owner: Path) -> bool | None:
+    """Whether the process that announced the build in ``owner`` still runs (None: unknown, e.g. no
+    announcement, or another host sharing the cache)."""
+    try:
+        host, pid = owner.read_text().split()
+        if host != platform.node():
+            return None
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False if owner.exists() else None
+    return True
 
 
 def _clear_stale_lock(name: str) -> None:
     """torch's build waits forever on the build folder's ``lock`` file; a build that was killed (Ctrl-C,
-    SIGKILL) leaves it behind and every later process would hang at its first BN call. Wait while a
-    live build may hold it, then remove a lock older than STALE_LOCK_SECONDS, with a warning."""
+    SIGKILL) leaves it behind and every later process would hang at its first BN call. A build
+    announces its process in ``bnlab_builder`` (withdrawn when it ends): while that process lives,
+    wait (up to
+    LIVE_BUILD_SECONDS); when it is gone, the lock is stale at once. Without an announcement (a build
+    started by other code), a lock older than STALE_LOCK_SECONDS is stale. A stale lock is removed with
+    a warning."""
     from torch.utils import cpp_extension
 
     lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    owner = _owner_file(name)
     while lock.exists():
         try:
             age = time.time() - lock.stat().st_mtime
         except OSError:
             return  # removed meanwhile: the build finished
-        if age > STALE_LOCK_SECONDS:
-            warnings.warn(f"removing a stale build lock {lock} ({age:.0f} s old, left by a build that was "
-                          "killed); bnlab's kernels are built again", RuntimeWarning, stacklevel=3)
+        alive = _builder_alive(owner)
+        if alive is False or (alive is None and age > STALE_LOCK_SECONDS) or age > LIVE_BUILD_SECONDS:
+            why = "its builder process is gone" if alive is False else f"{age:.0f} s old"
+            warnings.warn(f"removing a stale build lock {lock} ({why}: left by a build that was killed); "
+                          "bnlab's kernels are built again", RuntimeWarning, stacklevel=3)
             lock.unlink(missing_ok=True)
             return
         time.sleep(1.0)
+
+
+def _announce_build(name: str) -> None:
+    """Say which process is about to build (read by ``_clear_stale_lock`` in other processes)."""
+    owner = _owner_file(name)
+    try:
+        owner.parent.mkdir(parents=True, exist_ok=True)
+        tmp = owner.with_suffix(f".{os.getpid()}")
+        tmp.write_text(f"{platform.node()} {os.getpid()}")
+        os.replace(tmp, owner)
+    except OSError:
+        pass  # a read-only cache: the age rule still applies
+
+
+def _withdraw_build(name: str) -> None:
+    owner = _owner_file(name)
+    try:
+        if owner.read_text().split()[1] == str(os.getpid()):
+            owner.unlink()
+    except (OSError, IndexError):
+        pass
 
 
 def build(verbose: bool = False) -> None:
@@ -166,8 +214,12 @@ def build(verbose: bool = False) -> None:
 
             name = _build_name()
             _clear_stale_lock(name)
-            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
-                               extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
+            _announce_build(name)
+            try:
+                cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+                                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
+            finally:
+                _withdraw_build(name)
             _register_python_parts()
         except Exception as exc:  # noqa: BLE001 - any build failure means: use the composite path
             _state["error"] = (f"bnlab's fused BN kernels could not be built ({type(exc).__name__}: "
