@@ -10,10 +10,15 @@ Per variant (standard, bn, l1 by default), in the same process, alternating, bes
   schedule the quick profile would have at ``--steps`` (their share is larger in a short run: the
   log schedule has 30 points whatever the length).
 
-Prints ms per training step and the ratios engine / bare (1.0 = the engine adds nothing), then the
-quick profile's estimated cost (``bnlab.train.cost``) per run against ``--steps`` scaled to 10,000.
+Prints ms per training step, the ratios engine / bare (1.0 = the engine adds nothing), and the
+per-step time the cost estimate assumes (``bnlab.train.cost.ms_per_step``, engine included, probes
+not) against the engine's (``engine/est``: 1.0 = the estimate is right). A run's time includes its
+set-up and final test pass, a few hundred ms, which a short run spreads over few steps.
 
-    python bench/dln_engine.py [--steps 1000] [--repeats 3] [--variants standard,bn,l1]
+    python bench/dln_engine.py [--steps 1000] [--repeats 3] [--variants standard,bn,l1] [--lp-composite]
+
+``--lp-composite`` routes ℓp BN through its composite of torch ops instead of the one-node training
+path (``bnlab.norm.lp._LpTrain``; same numbers), to measure what that path saves.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bnlab.experiments import get_experiment
+from bnlab.train.cost import ms_per_step
 from bnlab.train.loop import RunOptions, RunSpec, train_run
 from bnlab.train.task import build_network, build_task, loss_function
 
@@ -60,13 +66,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default="standard,bn,l1")
+    ap.add_argument("--lp-composite", action="store_true")
     args = ap.parse_args()
+    if args.lp_composite:
+        from bnlab.norm import lp
+
+        lp._fused_applies = lambda *a: False
     torch.set_num_threads(1)
     exp = get_experiment("santurkar_dln")
     quick = exp.configs("quick")
-    print(f"santurkar_dln, {args.steps} steps, 1 thread, torch {torch.__version__}, best of {args.repeats}")
+    print(f"santurkar_dln, {args.steps} steps, 1 thread, torch {torch.__version__}, best of {args.repeats}"
+          + (", ℓp composite" if args.lp_composite else ""))
     print(f"{'variant':<10} {'bare ms':>8} {'engine ms':>10} {'+probes ms':>11} {'engine/bare':>12} "
-          f"{'+probes/bare':>13} {'est. run s':>11} {'run s (x10k)':>13}")
+          f"{'+probes/bare':>13} {'est. ms':>8} {'engine/est':>11}")
     for v in args.variants.split(","):
         cfg = dataclasses.replace(quick[v], steps=args.steps)
         b, e, p = [], [], []
@@ -75,9 +87,8 @@ def main() -> None:
             e.append(engine_ms(exp, v, cfg, probes=False)[0])
             p.append(engine_ms(exp, v, cfg, probes=True)[0])
         b, e, p = min(b), min(e), min(p)
-        est = exp.run_cost(quick[v])
-        scaled = p * quick[v].steps / 1000  # this run's ms/step over the quick profile's steps
-        print(f"{v:<10} {b:>8.2f} {e:>10.2f} {p:>11.2f} {e / b:>12.2f} {p / b:>13.2f} {est:>11.0f} {scaled:>13.0f}")
+        est = ms_per_step(quick[v])
+        print(f"{v:<10} {b:>8.2f} {e:>10.2f} {p:>11.2f} {e / b:>12.2f} {p / b:>13.2f} {est:>8.2f} {e / est:>11.2f}")
 
 
 if __name__ == "__main__":
