@@ -30,6 +30,11 @@ Inference. Running statistics are kept like BN's, under BN's names: ``running_me
 BN exactly); eval mode applies BN's inference map gamma * (x - running_mean) / sqrt(running_var +
 eps) + beta. The state_dict keys are BN's (``weight``, ``bias``, ``running_mean``, ``running_var``,
 ``num_batches_tracked``), so a BN state_dict loads into an ℓp layer and back.
+
+Speed. In eager training (float32/float64, centred, something to differentiate) the forward is one
+autograd node whose backward is written out (``_LpTrain``) with gradients bit-identical to those of
+the composite of torch ops, which serves everything else (forward-mode AD, torch.func transforms,
+torch.compile, half precision, the uncentred reading) and second derivatives.
 """
 from __future__ import annotations
 
