@@ -59,3 +59,27 @@ def test_a_dataset_fallback_is_estimated_for_the_dataset_used(tmp_path):
     assert used != "cifar10"
     assert planned[0].est_seconds == pytest.approx(exp.run_cost(dataclasses.replace(cfg, dataset=used)))
     assert planned[0].est_seconds != before
+
+
+def test_every_norm_factor_names_a_norm_and_a_model_the_estimate_knows():
+    """A factor under a name the factory does not know (e.g. "noisy" for "noisy_batch") would never
+    apply: the step would silently get the default factor."""
+    from bnlab.norm import norm_names
+    from bnlab.train import cost
+
+    for model, factors in cost._NORM_FACTOR.items():
+        assert model in cost._REFERENCE_MS
+        unknown = set(factors) - set(norm_names())
+        assert not unknown, f"{model}: {sorted(unknown)} are not norm names"
+
+
+def test_dln_step_cost_orders_the_norms_as_measured():
+    """The DLN's per-step estimate: 25 layers scale linearly with depth and batch; BN costs more than
+    none and ℓp more than BN (bench/dln_engine.py measures the numbers)."""
+    from bnlab.experiments import get_experiment
+
+    cfg = get_experiment("santurkar_dln").configs("quick")["standard"]
+    ms = {n: ms_per_step(dataclasses.replace(cfg, norm=n)) for n in ("none", "batch", "l1", "l2", "linf")}
+    assert ms["none"] < ms["batch"] < ms["l1"] < ms["l2"] < ms["linf"]
+    deeper = ms_per_step(dataclasses.replace(cfg, depth=50)) - 0.3
+    assert deeper == pytest.approx(2 * (ms["none"] - 0.3))
