@@ -187,7 +187,7 @@ def test_sigkill_mid_training_then_resume_is_identical(tmp_path):
     proc.stdout.close()
     proc.stderr.close()
     assert not (run_dir / "done").exists() and ckpt.exists()
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)  # what bnlab writes loads without unpickling code
     assert 0 < state["step"] < 300
     # (usually >: records after the checkpoint that the resume must cut off; see the next test)
     assert (run_dir / "metrics.jsonl").stat().st_size >= state["metrics_bytes"]
@@ -218,7 +218,7 @@ def test_crash_after_checkpoint_truncates_metrics_and_resumes_identically(tmp_pa
     with pytest.raises(_Crash):
         run(exp, tmp_path / "crashed", variants=["bn"])
     run_dir = plan_runs(exp, "smoke", out=tmp_path / "crashed")[0].spec.run_dir
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 25
     assert (run_dir / "metrics.jsonl").stat().st_size > ckpt["metrics_bytes"]
     state["armed"] = False
@@ -310,6 +310,56 @@ def test_corrupt_checkpoint_names_file_and_fix(tmp_path):
     with pytest.raises(CorruptDataError) as err:
         run(exp, tmp_path, variants=["bn"])
     assert str(run_dir / "checkpoint.pt") in str(err.value) and "delete it" in str(err.value)
+
+
+class _Payload:
+    """Unpickling this calls ``exec``: what a crafted checkpoint in a downloaded run directory does."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    exp = tiny()
+    run_dir = plan_runs(exp, "smoke", out=tmp_path)[0].spec.run_dir
+    run_dir.mkdir(parents=True)
+    marker = tmp_path / "marker"
+    torch.save({"step": 5, "config_hash": "0" * 64, "rng": _Payload(marker)}, run_dir / "checkpoint.pt")
+    with pytest.raises(CorruptDataError, match="refused: it holds Python objects.*nothing was executed; delete it"):
+        run(exp, tmp_path, variants=["bn"])
+    assert not marker.exists()
+    # the same file with full unpickling would have run the payload: the test's payload is real
+    torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert marker.read_text() == "pwned"
+
+
+def test_safe_state_round_trips_numpy_values_exactly():
+    import random
+
+    import numpy as np
+
+    from bnlab.train import safe_state
+
+    state = {"numpy": np.random.RandomState(3).get_state(), "python": random.Random(4).getstate(),
+             "arrays": {"a": [np.arange(6, dtype=np.float32).reshape(2, 3), np.asarray(7, dtype=np.int64)],
+                        "empty": np.zeros((0, 4)), "u": np.array([2**32 - 1], dtype=np.uint32)},
+             "scalar": np.float64(0.1), "t": torch.arange(3), "none": None}
+    back = safe_state.decode(safe_state.encode(state))
+    rs = np.random.RandomState()
+    rs.set_state(back["numpy"])
+    ref = np.random.RandomState(3)
+    assert np.array_equal(rs.random_sample(5), ref.random_sample(5))
+    assert back["python"] == state["python"]
+    for k in ("a",):
+        for x, y in zip(back["arrays"][k], state["arrays"][k]):
+            assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
+    assert back["arrays"]["empty"].shape == (0, 4) and back["arrays"]["u"][0] == 2**32 - 1
+    assert type(back["scalar"]) is np.float64 and back["scalar"] == 0.1 and torch.equal(back["t"], state["t"])
+    with pytest.raises(TypeError, match="cannot be stored safely"):
+        safe_state.encode({"f": lambda: 0})
 
 
 def test_checkpoint_of_another_config_is_refused(tmp_path):

@@ -35,12 +35,11 @@ from bnlab.errors import ConfigError
 from bnlab.train.config import TrainConfig, config_hash, config_to_dict
 from bnlab.train.env import environment
 from bnlab.train.probes import ArrayStore, Probe, ProbeContext, _Guard, call_probe, probe_generator
-from bnlab.train.rundir import (ARRAYS, CHECKPOINT, CONFIG, ENV, METRICS, MODEL, RunDir, RunLock,
+from bnlab.train.rundir import (ARRAYS, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, ENV, METRICS, MODEL, RunDir, RunLock,
                                 atomic_torch_save, atomic_write_bytes, read_json, read_metrics)
 from bnlab.train.schedule import lr_at
 from bnlab.train.task import Task, build_network, build_task, loss_function, per_example_loss_sum
 
-CHECKPOINT_FORMAT = 1
 
 # "Collapsed": the run ended with a finite loss but its final full-test accuracy is within
 # COLLAPSE_MARGIN of chance (1/classes). Judged only for runs of at least COLLAPSE_MIN_STEPS updates

@@ -43,7 +43,9 @@ class ProbeContext:
     lr: float  # learning rate of the update at ``step``
     loss_fn: Callable[[Tensor, Tensor], Tensor]  # the training loss with the config's reduction
     generator: torch.Generator  # seeded by (seed, probe, step): a probe's own randomness
-    state: dict[str, Any] = field(default_factory=dict)  # kept across calls and checkpoints
+    # kept across calls and checkpoints: tensors, NumPy values and plain Python values only (checkpoints
+    # load with weights_only=True; bnlab.train.safe_state)
+    state: dict[str, Any] = field(default_factory=dict)
     optimizer: Any = None  # the run's torch.optim.Optimizer (read only: ICS applies its next step to copies)
 
 

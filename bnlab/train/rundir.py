@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -38,9 +39,12 @@ import torch
 
 from bnlab.atomic import atomic_write_bytes
 from bnlab.errors import ConfigError, CorruptDataError, RunLockedError
+from bnlab.train import safe_state
 
 CONFIG, ENV, METRICS, ARRAYS = "config.json", "env.json", "metrics.jsonl", "arrays.npz"
 CHECKPOINT, MODEL, DONE, LOCK = "checkpoint.pt", "model.pt", "done", "lock"
+# 2: NumPy values encoded as tensors, loaded with weights_only=True (1: pickled, full unpickling)
+CHECKPOINT_FORMAT = 2
 
 
 def run_dir_path(out: Path | str, experiment: str, variant: str, cfg_hash: str, seed: int) -> Path:
@@ -224,29 +228,47 @@ class RunDir:
 
     # checkpoints
     def save_checkpoint(self, state: Mapping[str, Any]) -> None:
-        atomic_torch_save(self.file(CHECKPOINT), dict(state))
+        # NumPy arrays and scalars encoded as tensors: the file loads with weights_only=True
+        atomic_torch_save(self.file(CHECKPOINT), safe_state.encode(dict(state)))
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        """The run's checkpoint, loaded with torch's restricted unpickler (``weights_only=True``): a file
+        that asks for anything but tensors and plain values (code to run on load) is refused."""
         path = self.file(CHECKPOINT)
         if not path.exists():
             return None
         try:
-            # Our own file (RNG states and numpy arrays need full unpickling).
-            state = torch.load(path, map_location="cpu", weights_only=False)
-            if not isinstance(state, dict) or "step" not in state:
-                raise ValueError("not a bnlab checkpoint")
-        except Exception as err:  # truncated, not a zip, foreign pickle, ...
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            if "unsupported global" not in str(err).lower():  # not a refusal: a damaged file
+                raise CorruptDataError(f"checkpoint {path} cannot be read ({_last_line(str(err))}); delete it "
+                                       "to restart this run from step 0") from None
+            raise CorruptDataError(
+                f"checkpoint {path} was refused: it holds Python objects that loading would have to "
+                f"construct or call (written by a bnlab before checkpoint format {CHECKPOINT_FORMAT}, or "
+                f"crafted), and run directories can come from anywhere; nothing was executed; delete it to "
+                f"restart this run from step 0 ({_last_line(str(err))})"
+            ) from None
+        except Exception as err:  # truncated, not a zip, ...
             raise CorruptDataError(
                 f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); delete it to "
                 "restart this run from step 0"
             ) from None
-        return state
+        if not isinstance(state, dict) or "step" not in state:
+            raise CorruptDataError(f"checkpoint {path} is not a bnlab checkpoint; delete it to restart this run "
+                                   "from step 0")
+        return safe_state.decode(state)
 
     def remove(self, name: str) -> None:
         try:
             self.file(name).unlink()
         except FileNotFoundError:
             pass
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
 
 
 def read_json(path: Path) -> Any:
