@@ -301,3 +301,23 @@ def test_lp_cumulative_momentum_bad_input_and_nan_batches():
         layer(torch.randn(1, 2, dtype=torch.float64))
     with pytest.raises(ShapeError):
         layer(torch.randn(4, 3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(16, 8, 7, 7), (5, 3), (4, 6, 9)])
+def test_sample_noise_equals_algorithm_1_written_out(shape, dtype):
+    """The sampler works in place on its draws; the values are those of Algorithm 1's formulas
+    written out plainly (m = mu_t + (2u - 1) r_mu, s = sigma_t + z r_sigma), bit for bit."""
+    from bnlab.norm.noisy import NoiseConfig, sample_noise
+
+    cfg = NoiseConfig()
+    g = torch.Generator().manual_seed(7)
+    c = shape[1]
+    mu_t = (torch.rand(c, generator=g, dtype=dtype) * 2 - 1) * cfg.n_mu
+    sigma_t = 1 + torch.rand(c, generator=g, dtype=dtype) * (cfg.n_sigma - 1)
+    per_channel = (1, c) + (1,) * (len(shape) - 2)
+    m = mu_t.reshape(per_channel) + (torch.rand(shape, generator=g, dtype=dtype) * 2 - 1) * cfg.r_mu
+    s = sigma_t.reshape(per_channel) + torch.randn(shape, generator=g, dtype=dtype) * cfg.r_sigma
+    got = sample_noise(shape, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    for a, b in zip(got, (mu_t, sigma_t, m, s)):
+        assert a.dtype == dtype and torch.equal(a, b)

@@ -14,10 +14,10 @@ from bnlab.train.runner import check_configs, plan_runs
 
 
 def _makespan(costs, workers):
-    """A second implementation of the pool's rule (not an exhaustive search): each run, in order, goes
-    to the worker that frees up first, ties to the lowest index; a plain loop instead of a heap."""
+    """A second implementation of the pool's rule (not an exhaustive search): each run, longest first,
+    goes to the worker that frees up first, ties to the lowest index; a plain loop instead of a heap."""
     free = [0.0] * workers
-    for c in costs:
+    for c in (sorted(costs, reverse=True) if workers > 1 else costs):
         i = min(range(workers), key=lambda k: (free[k], k))
         free[i] += c
     return max(free)
@@ -33,6 +33,8 @@ def test_wall_time_is_the_busiest_workers_load_plus_start_up(costs, workers):
     # closed forms for two of them: one long run decides; three equal runs need two rounds on 2 workers
     assert wall_seconds([10, 1, 1, 1], 2) == pytest.approx(10 + WORKER_START_S)
     assert wall_seconds([3, 3, 3], 2) == pytest.approx(6 + WORKER_START_S)
+    # longest first: a long run submitted last does not run alone at the end
+    assert wall_seconds([1, 1, 1, 1, 4], 2) == pytest.approx(4 + WORKER_START_S)
 
 
 def test_one_run_is_steps_times_step_cost_plus_evaluations_and_loading():
