@@ -687,20 +687,26 @@ def test_mean_spread_reads_run_results(mnist_out):
     assert probe.steps.size >= 2
 
 
+def _smoke_section_in_chromium(name: str, tmp_path: Path):
+    """Run experiment ``name`` at the smoke profile, build its report, load it in Chromium (no console
+    message, no request leaving the page); (experiment, report data, report path, DOM, its section)."""
+    from bnlab.report.build import write_report
+
+    exp = get_experiment(name)
+    run_experiment(exp, "smoke", out=tmp_path / "runs", quiet=True, echo=_quiet, threads=1)
+    data = collect(tmp_path / "runs", [exp], tmp_path / "report.html", profile="smoke")
+    report = write_report(data)
+    dom, console, external = _load(report, tmp_path)
+    assert console == [] and external == [], (console, external)
+    section = re.search(rf'<section id="exp-{name}-smoke">(.*?)</section>', dom, re.S)
+    assert section, f"no {name} section"
+    return exp, data, report, dom, section.group(1)
+
+
 def test_santurkar_section_renders_in_chromium(tmp_path):
     """The DLN section: its figures (declared as data) as SVG, definitions with pass costs, the claim
     rows with links to docs/claims.md, deviations (notes), and no console error or external request."""
-    from bnlab.report.build import write_report
-
-    exp = get_experiment("santurkar_dln")
-    run_experiment(exp, "smoke", out=tmp_path / "runs", quiet=True, echo=_quiet, threads=1)
-    report_data = collect(tmp_path / "runs", [exp], tmp_path / "report.html", profile="smoke")
-    report = write_report(report_data)
-    dom, console, external = _load(report, tmp_path)
-    assert console == [] and external == [], (console, external)
-    section = re.search(r'<section id="exp-santurkar_dln-smoke">(.*?)</section>', dom, re.S)
-    assert section, "no Santurkar DLN section"
-    body = section.group(1)
+    exp, report_data, report, dom, body = _smoke_section_in_chromium("santurkar_dln", tmp_path)
     srcs = _img_srcs(body)
     assert len(srcs) == len(exp.figures) and all(_assert_svg(s) for s in srcs)
     text = _visible_text(body)
@@ -738,17 +744,8 @@ def test_santurkar_vgg_section_renders_in_chromium(tmp_path):
     claim (D.11-D.17), the definitions with their pass costs, the notes, no request leaving the page,
     no console message, and a page that fits a 1280-px window."""
     from bnlab.experiments.santurkar_vgg import CLAIMS as VGG_CLAIMS
-    from bnlab.report.build import write_report
 
-    exp = get_experiment("santurkar_vgg")
-    run_experiment(exp, "smoke", out=tmp_path / "runs", quiet=True, echo=_quiet, threads=1)
-    data = collect(tmp_path / "runs", [exp], tmp_path / "report.html", profile="smoke")
-    report = write_report(data)
-    dom, console, external = _load(report, tmp_path)
-    assert console == [] and external == [], (console, external)
-    section = re.search(r'<section id="exp-santurkar_vgg-smoke">(.*?)</section>', dom, re.S)
-    assert section, "no Santurkar VGG section"
-    body = section.group(1)
+    exp, data, report, dom, body = _smoke_section_in_chromium("santurkar_vgg", tmp_path)
     assert [f.path.stem for s in data.sections for f in s.figures] == [f.name for f in exp.figures]
     srcs = _img_srcs(body)
     assert len(srcs) == len(exp.figures) and all(_assert_svg(s) for s in srcs)
