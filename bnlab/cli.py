@@ -518,8 +518,93 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # --- bnlab doctor ----------------------------------------------------------------------------------
 
+def _load_user_model(spec: str, weights: str | None):
+    """``module:factory`` (imported, called with no argument), then its state_dict from ``weights``
+    loaded with weights_only=True (a checkpoint that would run code on load is refused)."""
+    import importlib
+    import pickle
+
+    import torch
+
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ConfigError(f"--model {spec!r}: give module:factory, e.g. mypkg.models:resnet18 (a function that "
+                          "builds the model, importable from here: add its folder to PYTHONPATH)")
+    try:
+        factory = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"--model {spec!r}: {err}; give module:factory importable from here (PYTHONPATH)") from None
+    model = factory if isinstance(factory, torch.nn.Module) else factory()
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if weights is not None:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ConfigError(f"--weights {weights}: refused, the file holds Python objects that loading would have "
+                              f"to construct or call (nothing was executed); save model.state_dict() with "
+                              f"torch.save ({str(err).strip().splitlines()[0]})") from None
+        except OSError as err:
+            raise ConfigError(f"--weights {weights}: {err}") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        model.load_state_dict(state)
+    return model
+
+
+def _load_user_data(spec: str, n: int, data_dir: str | None):
+    """A dataset name (its first ``n`` training images) or a tensor file: a tensor, or {"x", "y"}, loaded
+    with weights_only=True (a file that would run code on load is refused)."""
+    import pickle
+
+    import torch
+
+    from bnlab.data import DATASET_NAMES, load_dataset
+
+    if spec in DATASET_NAMES:
+        ds = load_dataset(spec, data_dir)
+        x, y = ds.x_train[:n], ds.y_train[:n]
+        return torch.as_tensor(x).float(), torch.as_tensor(y).long()
+    path = Path(spec)
+    if not path.exists():
+        raise ConfigError(f"--data {spec!r} is neither a dataset ({', '.join(DATASET_NAMES)}) nor an existing file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(f"--data {spec}: refused, the file holds Python objects that loading would have to "
+                          f"construct or call (nothing was executed); save tensors only, e.g. "
+                          f"torch.save({{'x': x, 'y': y}}, path) ({str(err).strip().splitlines()[0]})") from None
+    if isinstance(obj, torch.Tensor):
+        return obj[:n], None
+    if isinstance(obj, dict) and isinstance(obj.get("x"), torch.Tensor):
+        y = obj.get("y")
+        return obj["x"][:n], (y[:n] if isinstance(y, torch.Tensor) else None)
+    raise ConfigError(f"--data {spec}: expected a tensor or a dict with tensors 'x' (and 'y'), got {type(obj).__name__}")
+
+
+def cmd_doctor_model(args: argparse.Namespace) -> int:
+    from bnlab.doctor import diagnose, format_findings
+
+    if args.data is None:
+        raise ConfigError("--model needs --data (a dataset name or a tensor file of inputs)")
+    model = _load_user_model(args.model, args.weights)
+    x, y = _load_user_data(args.data, args.batch_size, args.data_dir)
+    if not args.train_mode:
+        model.eval()
+    try:
+        findings = diagnose(model, x, y, batch_per_process=args.batch_per_process)
+    except RuntimeError as err:  # the model cannot run on these inputs (shapes, dtypes)
+        raise ConfigError(f"the model could not run on --data's inputs of shape {tuple(x.shape)} "
+                          f"({str(err).strip().splitlines()[0]}); give data shaped as the model expects") from None
+    print(format_findings(findings))
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     import platform
+
+    if getattr(args, "model", None) is not None:
+        return cmd_doctor_model(args)
 
     import numpy as np
     import torch
@@ -617,8 +702,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help=_NO_REUSE_HELP)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("doctor", help="versions, threads, dataset search paths and what was found")
+    p = sub.add_parser("doctor", help="versions, threads, dataset search paths and what was found; with "
+                                      "--model: BN problems of your model on your data")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--model", default=None, help="module:factory that builds your model (importable from here)")
+    p.add_argument("--weights", default=None, help="its state_dict file (loaded with weights_only=True)")
+    p.add_argument("--data", default=None, help="a dataset name, or a tensor file (a tensor or {'x', 'y'})")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="examples to inspect (default 256)")
+    p.add_argument("--batch-per-process", type=_positive_int, default=None,
+                   help="the batch size each process trains with (default: --batch-size)")
+    p.add_argument("--train-mode", action="store_true",
+                   help="inspect the model in the mode it was built in (default: eval, as for inference)")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("reproduce", help="run a paper's experiments (what is missing) and write the HTML report")

@@ -1,0 +1,267 @@
+"""``diagnose``: BN problems in a user's model, ranked, each with the evidence measured and the fix.
+
+The checks (each names the layer; thresholds are stated in the evidence):
+
+* ``train_eval_gap``: the loss (and accuracy) on the data with BN in training mode (batch
+  statistics) vs eval mode (running statistics); eval loss above 1.5x the training-mode loss, or
+  accuracy 5 points lower, means the running statistics do not describe the data.
+* ``stale_running_stats``: per layer, |batch mean - running_mean| / sqrt(running_var) averaged over
+  channels (above 0.5) or a batch/running variance ratio off by more than 2x; the first layer where
+  it starts is named (bnlab.measure.covariate_shift).
+* ``statistics_never_updated``: num_batches_tracked == 0 (running_mean 0, running_var 1: the
+  defaults), though the layer has running statistics.
+* ``bn_in_train_mode``: BN layers in training mode in a model handed over for inference.
+* ``keras_momentum``: momentum >= 0.9; torch's momentum is 1 - Keras' (0.99 in Keras is 0.01 here):
+  the running statistics are then almost only the last batch.
+* ``batch_of_one``: one value per channel per batch (N = 1 without spatial size): training fails;
+  N = 1 with spatial size normalizes each example alone.
+* ``tiny_batch``: fewer than 8 examples per process and batch: noisy statistics.
+* ``gamma_collapsed``: |γ| < 1e-3 for some channels: those channels carry nothing.
+* ``dead_channels``: channels whose input has (almost) zero variance over the batch.
+* ``saturated_channels``: |β| > 3|γ|: the next nonlinearity sees one side almost always.
+* ``bias_before_bn``: a Conv/Linear with a bias whose output goes straight into BN: BN subtracts the
+  mean, so the bias is a wasted parameter (use bias=False).
+
+Nothing here changes the model: forwards run with cloned buffers and restored flags and RNGs
+(bnlab.measure's isolation), and parameters are only read.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bnlab.errors import ConfigError, ShapeError
+from bnlab.measure import covariate_shift, is_batchnorm
+from bnlab.measure._util import isolated
+
+__all__ = ["Finding", "diagnose", "format_findings"]
+
+_SEVERITY = {"error": 0, "warning": 1, "info": 2}
+MIN_BATCH = 8
+GAP_LOSS_RATIO = 1.5
+GAP_ACC_POINTS = 0.05
+SHIFT = 0.5
+VAR_FACTOR = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One problem: ``severity`` ("error", "warning", "info"), ``check`` (its name), ``layer`` (module
+    name, "" for the whole model), ``evidence`` (what was measured), ``fix``."""
+
+    severity: str
+    check: str
+    layer: str
+    evidence: str
+    fix: str
+
+
+def _bn_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if is_batchnorm(m)]
+
+
+def _bias_before_bn(model: nn.Module, x: Tensor) -> list[Finding]:
+    """Which module ran just before each BN (forward hooks on leaves, one pass on clones)."""
+    order: list[tuple[str, nn.Module, Any]] = []
+    hooks = []
+    for name, m in model.named_modules():
+        if len(m._modules) == 0:
+            hooks.append(m.register_forward_hook(
+                lambda mod, args, out, name=name: order.append((name, mod, args[0] if args else None))))
+    # the call order only: running statistics where every BN has them (a batch of one works then)
+    mode = "running" if all(getattr(m, "running_mean", None) is not None for _, m in _bn_layers(model)) else "batch"
+    try:
+        with isolated(model, x, bn_mode=mode, seed=0), _cloned_buffers(model):
+            model(x)
+    except ValueError:  # one value per channel in training mode: reported by the batch checks
+        return []
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for (pname, prev, _), (name, mod, inp) in zip(order, order[1:]):
+        if is_batchnorm(mod) and isinstance(prev, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) \
+                and prev.bias is not None and prev.bias.requires_grad:
+            out.append(Finding("info", "bias_before_bn", pname,
+                               f"{type(prev).__name__} {pname!r} has a bias and feeds {name!r} directly; BN removes "
+                               "the per-channel mean, so the bias has no effect on the output",
+                               f"build {pname!r} with bias=False (a wasted parameter, and weight decay acts on it)"))
+    return out
+
+
+class _cloned_buffers:
+    """Swap every buffer for a clone during a forward and put the originals back (running statistics
+    and num_batches_tracked are not moved)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.saved: list[tuple[dict, str, Tensor]] = []
+
+    def __enter__(self) -> None:
+        for m in self.model.modules():
+            for k, b in list(m._buffers.items()):
+                if b is not None:
+                    self.saved.append((m._buffers, k, b))
+                    m._buffers[k] = b.clone()
+
+    def __exit__(self, *exc: Any) -> None:
+        for d, k, b in self.saved:
+            d[k] = b
+        self.saved.clear()
+
+
+def _loss_and_acc(model: nn.Module, x: Tensor, y: Tensor, bn_mode: str,
+                  loss_fn: Callable[[Tensor, Tensor], Tensor]) -> tuple[float, float | None]:
+    with isolated(model, x, bn_mode=bn_mode, seed=0), _cloned_buffers(model):
+        out = model(x)
+    loss = float(loss_fn(out, y))
+    acc = float((out.argmax(1) == y).float().mean()) if out.dim() == 2 and not y.is_floating_point() else None
+    return loss, acc
+
+
+def diagnose(model: nn.Module, x: Tensor, y: Tensor | None = None, *, loss_fn: Callable | None = None,
+             batch_per_process: int | None = None, for_inference: bool = True) -> list[Finding]:
+    """BN problems of ``model`` on the batch ``x`` (N, ...) (and targets ``y``), most severe first.
+
+    ``batch_per_process``: the batch size each process trains with (default: len(x)), for the small
+    batch checks. ``loss_fn`` (default cross-entropy for integer targets, MSE otherwise) for the
+    train/eval gap, which needs ``y``. ``for_inference``: the model as it will be deployed (BN in
+    training mode is then reported). Raises ConfigError for a model without BN, ShapeError for an
+    empty batch. The model is not changed."""
+    if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] == 0:
+        raise ShapeError("x must be a non-empty batch (N, ...) of the model's inputs")
+    layers = _bn_layers(model)
+    if not layers:
+        raise ConfigError("the model has no BatchNorm layer; nothing for the BN doctor to check")
+    findings: list[Finding] = []
+    n = batch_per_process or x.shape[0]
+
+    for name, bn in layers:
+        has_stats = getattr(bn, "running_mean", None) is not None
+        nbt = getattr(bn, "num_batches_tracked", None)
+        if has_stats and nbt is not None and int(nbt) == 0:
+            findings.append(Finding("error", "statistics_never_updated", name,
+                                    "num_batches_tracked = 0: running_mean/var are still their defaults (0, 1)",
+                                    "train the model (BN in training mode) or recalibrate: "
+                                    "bnlab.norm.deploy.recalibrate(model, batches)"))
+        if bn.training and for_inference:
+            findings.append(Finding("error", "bn_in_train_mode", name,
+                                    "the layer is in training mode: at inference it normalizes with each batch's "
+                                    "statistics (and updates its running statistics)", "call model.eval() before inference"))
+        mom = getattr(bn, "momentum", None)
+        if mom is not None and mom >= 0.9:
+            findings.append(Finding("warning", "keras_momentum", name,
+                                    f"momentum = {mom:g}: torch's momentum weighs the new batch (Keras' 0.99 is "
+                                    f"torch's 0.01); the running statistics are almost only the last batch",
+                                    f"use momentum={1 - mom:.2g} (1 - the Keras value)"))
+        w, b = getattr(bn, "weight", None), getattr(bn, "bias", None)
+        if w is not None:
+            wa = w.detach().abs()
+            dead = int((wa < 1e-3).sum())
+            if dead:
+                findings.append(Finding("warning", "gamma_collapsed", name,
+                                        f"{dead}/{wa.numel()} channels have |γ| < 1e-3 (smallest {float(wa.min()):.2g})",
+                                        "those channels carry nothing: check weight decay on γ (often excluded) "
+                                        "or prune them"))
+            if b is not None:
+                sat = int(((b.detach().abs() > 3 * wa) & (wa >= 1e-3)).sum())  # collapsed γ: reported above
+                if sat:
+                    findings.append(Finding("warning", "saturated_channels", name,
+                                            f"{sat}/{wa.numel()} channels have |β| > 3|γ|: their output stays on one "
+                                            "side of 0 for almost every input",
+                                            "check the learning rate and initialization; a ReLU after them is dead "
+                                            "or linear"))
+
+    # batch-size checks need the shape of each BN's input: one isolated pass
+    shapes: dict[str, tuple[int, ...]] = {}
+    variances: dict[str, Tensor] = {}
+    hooks = []
+    for name, bn in layers:
+        def pre(mod, args, name=name):
+            a = args[0].detach()
+            shapes[name] = tuple(a.shape)
+            if a.shape[0] * (a[0, 0].numel() if a.dim() > 1 else 1) > 1:
+                variances[name] = a.transpose(0, 1).reshape(a.shape[1], -1).double().var(dim=1)
+        hooks.append(bn.register_forward_pre_hook(pre))
+    try:
+        with isolated(model, x, bn_mode="batch", seed=0), _cloned_buffers(model), torch.no_grad():
+            try:
+                model(x)
+            except ValueError as err:  # torch's "expected more than 1 value per channel"
+                findings.append(Finding("error", "batch_of_one", "", f"a training-mode forward fails: {err}",
+                                        "train with more than one example per process, or use GroupNorm/LayerNorm"))
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, _ in layers:
+        shape = shapes.get(name)
+        if shape is None:
+            continue
+        per_channel = n * (int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1)
+        if n == 1:
+            what = "one value per channel" if per_channel == 1 else "one example: it normalizes each example alone"
+            findings.append(Finding("error", "batch_of_one", name, f"batch of 1 per process ({what})",
+                                    "use a larger batch per process, SyncBatchNorm (bnlab.norm.sync) across "
+                                    "processes, or GroupNorm"))
+        elif n < MIN_BATCH:
+            findings.append(Finding("warning", "tiny_batch", name,
+                                    f"{n} examples per process ({per_channel} values per channel): noisy batch "
+                                    f"statistics (below {MIN_BATCH})",
+                                    "use a larger batch per process, SyncBatchNorm across processes, or GroupNorm"))
+        v = variances.get(name)
+        if v is not None and v.numel() > 1:
+            ref = float(v.median())
+            dead = int((v <= 1e-8 * max(ref, 1e-30)).sum()) if ref > 0 else int((v == 0).sum())
+            if dead:
+                findings.append(Finding("warning", "dead_channels", name,
+                                        f"{dead}/{v.numel()} channels have (almost) zero input variance over the batch",
+                                        "those inputs are constant (a dead unit before BN): check the layer feeding it"))
+
+    # running statistics vs the data's batch statistics
+    tracked = [nm for nm, m in layers if getattr(m, "running_mean", None) is not None
+               and not (getattr(m, "num_batches_tracked", None) is not None and int(m.num_batches_tracked) == 0)]
+    if tracked and x.shape[0] > 1:
+        shift = covariate_shift(model, x, modules=tracked)
+        first = None
+        for name in tracked:
+            s = shift[name]
+            if s["mean_shift"] > SHIFT or not 1 / VAR_FACTOR <= s["var_ratio"] <= VAR_FACTOR:
+                first = first or name
+                findings.append(Finding(
+                    "warning", "stale_running_stats", name,
+                    f"batch vs running statistics: mean shift {s['mean_shift']:.2f} running sd (mean over channels; "
+                    f"flag above {SHIFT}), variance ratio {s['var_ratio']:.2f} (flag outside 1/{VAR_FACTOR:g}..{VAR_FACTOR:g})"
+                    + (" — the first layer where it starts" if first == name else ""),
+                    "recalibrate the running statistics on data like this (bnlab.norm.deploy.recalibrate), or check "
+                    "that eval data is preprocessed like training data"))
+
+    if y is not None:
+        lf = loss_fn or (nn.functional.cross_entropy if not y.is_floating_point() else nn.functional.mse_loss)
+        lt, at = _loss_and_acc(model, x, y, "batch", lf)
+        all_stats = all(getattr(m, "running_mean", None) is not None for _, m in layers)
+        le, ae = _loss_and_acc(model, x, y, "running", lf) if all_stats else (lt, at)
+        gap_acc = at is not None and ae is not None and at - ae > GAP_ACC_POINTS
+        if le > GAP_LOSS_RATIO * lt or gap_acc:
+            acc = f", accuracy {at:.3f} vs {ae:.3f}" if at is not None and ae is not None else ""
+            findings.append(Finding("error", "train_eval_gap", "",
+                                    f"loss with batch statistics {lt:.4g} vs with running statistics {le:.4g}{acc}",
+                                    "the running statistics do not describe this data: recalibrate them "
+                                    "(bnlab.norm.deploy.recalibrate) or check the layers flagged below"))
+    findings += _bias_before_bn(model, x)
+    return sorted(findings, key=lambda f: _SEVERITY[f.severity])
+
+
+def format_findings(findings: list[Finding]) -> str:
+    """The findings as terminal text, most severe first; one line saying so when there are none."""
+    if not findings:
+        return "BN doctor: no problem found"
+    lines = [f"BN doctor: {len(findings)} finding(s), most severe first"]
+    for f in findings:
+        where = f" {f.layer}" if f.layer else ""
+        lines += [f"  [{f.severity.upper():7s}] {f.check}{where}", f"            evidence: {f.evidence}",
+                  f"            fix:      {f.fix}"]
+    return "\n".join(lines)

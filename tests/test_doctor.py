@@ -1,0 +1,170 @@
+"""The BN doctor: each problem it lists is found in a model built to have it (one test each, the
+evidence checked), a healthy trained model gets no finding, and the model is never changed."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bnlab.doctor import diagnose, format_findings
+from bnlab.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def data():
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+
+
+def _net():
+    return nn.Sequential(nn.Linear(64, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(),
+                         nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def healthy(data):
+    x, y = data
+    torch.manual_seed(0)
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        idx = torch.randint(0, len(x), (64,), generator=gen)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+def _checks(findings):
+    return {(f.check, f.layer) for f in findings}
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
+
+
+def test_a_healthy_model_has_no_finding_and_is_not_changed(healthy, data):
+    x, y = data
+    before = _state(healthy)
+    rng = torch.get_rng_state()
+    found = diagnose(healthy, x[:256], y[:256])
+    assert found == [], format_findings(found)
+    assert format_findings(found) == "BN doctor: no problem found"
+    after = _state(healthy)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]) and before[1] == after[1]
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_stale_running_statistics_and_the_train_eval_gap(healthy, data):
+    x, y = data
+    model = copy.deepcopy(healthy)
+    with torch.no_grad():  # weights changed without a train-mode pass
+        model[0].weight.mul_(3.0)
+    found = diagnose(model, x[:256], y[:256])
+    assert ("train_eval_gap", "") in _checks(found) and found[0].severity == "error"
+    stale = [f for f in found if f.check == "stale_running_stats"]
+    assert stale and stale[0].layer == "1" and "the first layer where it starts" in stale[0].evidence
+
+
+def test_statistics_never_updated(data):
+    x, y = data
+    model = _net().eval()
+    found = diagnose(model, x[:64])
+    assert {("statistics_never_updated", "1"), ("statistics_never_updated", "4")} <= _checks(found)
+
+
+def test_bn_in_train_mode_at_inference(healthy, data):
+    model = copy.deepcopy(healthy).train()
+    found = diagnose(model, data[0][:64])
+    assert ("bn_in_train_mode", "1") in _checks(found)
+    assert ("bn_in_train_mode", "1") not in _checks(diagnose(model, data[0][:64], for_inference=False))
+
+
+def test_keras_style_momentum(healthy, data):
+    model = copy.deepcopy(healthy)
+    model[4].momentum = 0.99
+    f = [f for f in diagnose(model, data[0][:64]) if f.check == "keras_momentum"]
+    assert [x.layer for x in f] == ["4"] and "momentum=0.01" in f[0].fix
+
+
+def test_tiny_batch_and_batch_of_one(healthy, data):
+    x = data[0]
+    assert ("tiny_batch", "1") in _checks(diagnose(healthy, x[:64], batch_per_process=4))
+    assert ("batch_of_one", "1") in _checks(diagnose(healthy, x[:64], batch_per_process=1))
+    found = diagnose(healthy, x[:1])  # a training-mode forward on one example fails in torch
+    assert any(f.check == "batch_of_one" for f in found)
+
+
+def test_gamma_collapsed_and_saturated_channels(healthy, data):
+    model = copy.deepcopy(healthy)
+    with torch.no_grad():
+        model[1].weight[:3] = 1e-5
+        model[4].bias[:2] = 10 * model[4].weight[:2].abs() + 1
+    found = diagnose(model, data[0][:64])
+    g = [f for f in found if f.check == "gamma_collapsed"]
+    s = [f for f in found if f.check == "saturated_channels"]
+    assert [f.layer for f in g] == ["1"] and g[0].evidence.startswith("3/32")
+    assert [f.layer for f in s] == ["4"] and s[0].evidence.startswith("2/32")
+
+
+def test_dead_channels(healthy, data):
+    model = copy.deepcopy(healthy)
+    with torch.no_grad():
+        model[3].weight[:4] = 0.0  # the inputs of channels 0-3 of BN '4' are constant
+    f = [f for f in diagnose(model, data[0][:64]) if f.check == "dead_channels"]
+    assert [x.layer for x in f] == ["4"] and f[0].evidence.startswith("4/32")
+
+
+def test_bias_before_bn(data):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    model.train()
+    for _ in range(3):
+        model(torch.randn(16, 1, 8, 8))
+    found = diagnose(model.eval(), data[0][:32].reshape(32, 1, 8, 8))
+    assert ("bias_before_bn", "0") in _checks(found)
+
+
+def test_a_model_without_bn_is_a_clear_error():
+    with pytest.raises(ConfigError, match="no BatchNorm"):
+        diagnose(nn.Linear(3, 2), torch.randn(4, 3))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
+
+
+def test_cli_on_a_user_model_and_a_crafted_checkpoint(tmp_path, monkeypatch, capsys, healthy):
+    from bnlab.cli import main
+
+    (tmp_path / "usermodels.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32, momentum=0.99), nn.ReLU(),\n"
+        "                         nn.Linear(32, 10))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(["doctor", "--model", "usermodels:build", "--data", "digits", "--batch-size", "64"])
+    out = capsys.readouterr().out
+    assert code == 0 and "statistics_never_updated 2" in out and "keras_momentum 2" in out
+    assert "bias_before_bn 1" in out and out.index("[ERROR") < out.index("[WARNING") < out.index("[INFO")
+    # weights: a state_dict loads; a file that would run code on load is refused and runs nothing
+    import torch
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+                             nn.Linear(32, 10)).state_dict(),
+               tmp_path / "ok.pt")
+    assert main(["doctor", "--model", "usermodels:build", "--weights", str(tmp_path / "ok.pt"), "--data",
+                 "digits"]) == 0
+    marker = tmp_path / "marker"
+    torch.save({"state_dict": _Payload(marker)}, tmp_path / "evil.pt")
+    code = main(["doctor", "--model", "usermodels:build", "--weights", str(tmp_path / "evil.pt"), "--data", "digits"])
+    err = capsys.readouterr().err
+    assert code == 2 and "refused" in err and "nothing was executed" in err and not marker.exists()
