@@ -461,3 +461,14 @@ def test_float32_bfloat16_and_channels_last_agree_with_float64(name, kwargs):
     got_bf = copy.deepcopy(layer32)(x.to(torch.bfloat16))
     assert got_bf.dtype == torch.bfloat16
     torch.testing.assert_close(got_bf.double(), want, rtol=0.05, atol=0.05)
+
+
+def test_readme_norm_table_lists_every_factory_name():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("### Norm layers by name", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `\"")]
+    listed = {name for row in rows for name in re.findall(r'`"(\w+)"`', row.split("|")[1])}
+    assert listed == set(norm_names())
