@@ -318,7 +318,8 @@ def test_frozen_is_eval_bn_even_in_train_mode(dims, affine):
 
 def _model() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), make_norm("ghost", 4, 2, virtual_batch_size=3),
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                         make_norm("ghost", 4, 2, virtual_batch_size=3),
                          nn.Flatten(), nn.Linear(4 * 4 * 4, 6), make_norm("batch", 6, 1, momentum=0.2),
                          make_norm("renorm", 6, 1, rmax=2.0, dmax=1.0)).double()
 
@@ -415,9 +416,8 @@ def test_group_norm_matches_functional_and_numpy(dims, groups):
     a = x.numpy().reshape(4, g, -1)
     z = ((a - a.mean(-1, keepdims=True)) / np.sqrt(a.var(-1, keepdims=True) + 1e-5)).reshape(x.shape)
     shape = (1, 6) + (1,) * (x.dim() - 2)
-    np.testing.assert_allclose(layer(x).detach().numpy(),
-                               z * layer.weight.detach().numpy().reshape(shape) + layer.bias.detach().numpy().reshape(shape),
-                               rtol=1e-10, atol=1e-10)
+    w, b = (t.detach().numpy().reshape(shape) for t in (layer.weight, layer.bias))
+    np.testing.assert_allclose(layer(x).detach().numpy(), z * w + b, rtol=1e-10, atol=1e-10)
 
 
 def test_default_num_groups_and_group_errors():

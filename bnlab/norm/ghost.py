@@ -16,8 +16,8 @@ batches of 32 and one of 2. A last virtual batch with a single value per channel
 Running statistics. Updated once per virtual batch, in order, exactly as ``torch.nn.BatchNorm`` would
 update them if it were called on the virtual batches one after another (each ghost batch is a BN
 batch; the alternative, one update per step with averaged statistics, is not what we do).
-``num_batches_tracked`` therefore counts virtual batches, and ``momentum`` weighs each virtual batch (with momentum=None, the cumulative average over
-all virtual batches seen). Eval mode normalizes with the running statistics (BN's inference map); a
+``num_batches_tracked`` therefore counts virtual batches, and ``momentum`` weighs each virtual batch
+(with momentum=None, the cumulative average over all virtual batches seen). Eval mode normalizes with the running statistics (BN's inference map); a
 layer without running statistics (``track_running_stats=False``) uses virtual-batch statistics in
 eval too, as torch.nn's BN uses batch statistics.
 
