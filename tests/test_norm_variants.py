@@ -233,6 +233,18 @@ def test_renorm_matches_the_numpy_reference_and_detached_gradients(dims):
     torch.testing.assert_close(layer(x), ref(x), **TOL)
 
 
+@pytest.mark.parametrize("dims", [1, 2])
+def test_renorm_without_clipping_trains_with_the_inference_map(dims):
+    """rmax = dmax = inf: r = sigma_B / sigma and d = (mu_B - mu) / sigma exactly, so the training output
+    is BN's inference map with the running statistics before the update (Ioffe 2017, Sec. 3)."""
+    layer = make_norm("renorm", 4, dims, rmax=float("inf"), dmax=float("inf")).double()
+    _randomize(layer, seed=23)
+    ref = TORCH_BN[dims](4).double()
+    ref.load_state_dict(layer.state_dict())
+    x = _x(10, 4, dims, seed=24, scale=3, shift=2)
+    torch.testing.assert_close(layer(x), ref.eval()(x), **TOL)
+
+
 def test_renorm_schedule_values():
     s = RenormSchedule()  # Ioffe 2017: BN for 5k steps, rmax 3 at 40k, dmax 5 at 25k
     want = {0: (1, 0), 4999: (1, 0), 5000: (1, 0), 22500: (1 + 2 * 17500 / 35000, 5 * 17500 / 20000),
@@ -321,7 +333,7 @@ def _model() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
                          make_norm("ghost", 4, 2, virtual_batch_size=3),
                          nn.Flatten(), nn.Linear(4 * 4 * 4, 6), make_norm("batch", 6, 1, momentum=0.2),
-                         make_norm("renorm", 6, 1, rmax=2.0, dmax=1.0)).double()
+                         make_norm("renorm", 6, 1, rmax=2.0, dmax=1.0), make_norm("l1", 6, 1)).double()
 
 
 def test_freeze_model_matches_eval_in_train_mode_and_unfreeze_round_trips():
@@ -336,7 +348,7 @@ def test_freeze_model_matches_eval_in_train_mode_and_unfreeze_round_trips():
     out = freeze(model)
     assert out is model
     assert [type(m).__name__ for m in model if "Frozen" in type(m).__name__] == [
-        "FrozenBatchNorm2d", "FrozenBatchNorm2d", "FrozenBatchNorm1d", "FrozenBatchNorm1d"]
+        "FrozenBatchNorm2d", "FrozenBatchNorm2d", "FrozenBatchNorm1d", "FrozenBatchNorm1d", "FrozenBatchNorm1d"]
     assert not any(is_batchnorm(m) for m in model.modules())
     model.train()
     torch.testing.assert_close(model(x), want, **TOL)
@@ -348,6 +360,7 @@ def test_freeze_model_matches_eval_in_train_mode_and_unfreeze_round_trips():
     unfreeze(model)
     assert [type(m) for m in model] == classes
     assert model[3].virtual_batch_size == 3 and model[6].momentum == 0.2 and model[7].schedule.rmax == 2.0
+    assert model[8].p == 1
     assert all(p.requires_grad for p in model.parameters())
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], **TOL)
