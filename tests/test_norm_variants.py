@@ -485,3 +485,15 @@ def test_readme_norm_table_lists_every_factory_name():
     rows = [line for line in section.splitlines() if line.startswith("| `\"")]
     listed = {name for row in rows for name in re.findall(r'`"(\w+)"`', row.split("|")[1])}
     assert listed == set(norm_names())
+
+
+def test_models_keep_the_biases_that_no_learnable_beta_subsumes():
+    """A frozen layer's shift is a fixed buffer, and layer/group norm pool channels, so the bias before
+    them stays; ghost BN and renorm have BN's per-channel beta, which subsumes it (Ioffe & Szegedy 2015,
+    Sec. 3.2)."""
+    from bnlab.models.registry import build_model
+
+    for norm, has_bias in (("frozen", True), ("ghost", False), ("renorm", False), ("layer", True), ("group", True)):
+        model = build_model("ioffe_mlp", norm=norm)
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]  # hidden layers
+        assert linears and all((m.bias is not None) == has_bias for m in linears), norm
