@@ -25,16 +25,20 @@ WEIGHT, NORM, ACT, OTHER = "weight", "norm", "act", "other"
 
 
 def uses_norm(norm: str) -> bool:
-    """True if ``norm`` puts a normalization layer (with its own shift β) into each slot.
+    """True if ``norm`` puts a normalization layer into each slot whose learnable shift β subsumes the
+    bias of the preceding conv/linear layer, which is then dropped (Ioffe & Szegedy 2015, Sec. 3.2):
+    the per-channel batch statistics remove any per-channel constant, and β adds one back.
 
-    Only then is the bias of the preceding conv/linear layer dropped: β subsumes it (Ioffe & Szegedy 2015, Sec. 3.2).
-    ``"noise_only"`` (Santurkar Fig. 2's "standard network + the same noise") has no β: its random,
-    time-varying shift cannot learn an offset, so the standard network keeps its biases there.
+    False (the layers keep their biases) for ``"none"``; ``"noise_only"`` (Santurkar Fig. 2's "standard
+    network + the same noise"), whose random, time-varying shift cannot learn an offset; ``"frozen"``
+    (BN's inference map with fixed buffers), whose shift is fixed; and ``"layer"``/``"group"``, whose
+    per-example statistics pool several channels, so a per-channel bias before them is not removed
+    and β cannot stand in for it.
     """
-    return norm not in _NO_SHIFT
+    return norm not in _KEEPS_BIAS
 
 
-_NO_SHIFT = frozenset({"none", "noise_only"})  # norm names whose layer has no learnable shift β
+_KEEPS_BIAS = frozenset({"none", "noise_only", "frozen", "layer", "group"})  # norm names after which biases stay
 
 
 class LayeredModel(nn.Module):

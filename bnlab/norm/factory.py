@@ -7,7 +7,9 @@ bnlab's layers (and probes) can be used on models built elsewhere.
 """
 from __future__ import annotations
 
-from typing import Callable
+import difflib
+import inspect
+from typing import Callable, Iterable, Optional
 
 from torch import nn
 
@@ -20,17 +22,30 @@ __all__ = ["make_norm", "norm_names", "convert", "register_norm"]
 _BNLAB_BN = {1: BatchNorm1d, 2: BatchNorm2d, 3: BatchNorm3d}
 _TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
-# name -> builder(num_features, dims, **kwargs). Variants (noisy, lp, ghost, renorm, frozen, ...)
-# register themselves here as they are added.
-_NORMS: dict[str, Callable[..., nn.Module]] = {
-    "batch": lambda num_features, dims, **kw: _BNLAB_BN[dims](num_features, **kw),
-    "none": lambda num_features, dims, **kw: nn.Identity(),
-}
+# name -> builder(num_features, dims, **kwargs), and the keyword options it accepts (None: not checked).
+_NORMS: dict[str, Callable[..., nn.Module]] = {}
+_OPTIONS: dict[str, Optional[frozenset]] = {}
 
 
-def register_norm(name: str, builder: Callable[..., nn.Module]) -> None:
-    """Add a norm layer to the factory: ``builder(num_features, dims, **kwargs) -> nn.Module``."""
+def _options_of(cls: type, *fixed: str) -> frozenset:
+    """The keyword options of ``cls``'s constructor, less ``num_features`` and the ones a norm name fixes."""
+    params = inspect.signature(cls).parameters.values()
+    return frozenset(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                     and p.name not in ("num_features", *fixed))
+
+
+def register_norm(name: str, builder: Callable[..., nn.Module], options: Optional[Iterable[str]] = None) -> None:
+    """Add a norm layer to the factory: ``builder(num_features, dims, **kwargs) -> nn.Module``.
+
+    ``options``: the keyword arguments the builder accepts; ``make_norm`` refuses any other with a
+    ConfigError. None takes them from the builder's signature when it has no ``**kwargs`` (otherwise
+    they are not checked)."""
+    if options is None:
+        params = list(inspect.signature(builder).parameters.values())[2:]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            options = [p.name for p in params if p.kind is not p.VAR_POSITIONAL]
     _NORMS[name] = builder
+    _OPTIONS[name] = None if options is None else frozenset(options)
 
 
 def norm_names() -> list[str]:
@@ -42,11 +57,23 @@ def make_norm(name: str, num_features: int, dims: int, **kwargs) -> nn.Module:
 
     dims: 1 for (N, C) / (N, C, L) inputs, 2 for (N, C, H, W), 3 for (N, C, D, H, W).
     ``"none"`` gives ``nn.Identity`` so a model without normalization has no extra modules.
+    kwargs: the layer's constructor options (e.g. ``eps``, ``momentum``, ``virtual_batch_size`` for
+    "ghost", ``num_groups`` for "group"); the README's norm table lists them per name.
+
+    Raises ConfigError for an unknown name, a bad dims, or an option the layer does not take (the
+    message lists the options it takes).
     """
     if name not in _NORMS:
         raise ConfigError(f"unknown norm {name!r}; known norms: {', '.join(norm_names())}")
     if dims not in _BNLAB_BN:
         raise ConfigError(f"dims must be 1 (N,C[,L]), 2 (N,C,H,W) or 3 (N,C,D,H,W), got {dims!r}")
+    allowed = _OPTIONS.get(name)
+    unknown = sorted(set(kwargs) - allowed) if allowed is not None else []
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, allowed, n=1)) else repr(k)
+                 for k in unknown]
+        takes = ", ".join(sorted(allowed)) if allowed else "no options"
+        raise ConfigError(f"make_norm({name!r}) got unknown option(s) {', '.join(hints)}; {name!r} takes: {takes}")
     return _NORMS[name](num_features, dims, **kwargs)
 
 
@@ -55,6 +82,10 @@ def _dims_of(module: nn.Module) -> int | None:
         if type(module) in (_TORCH_BN[dims], _BNLAB_BN[dims]):
             return dims
     return None
+
+
+register_norm("batch", lambda num_features, dims, **kw: _BNLAB_BN[dims](num_features, **kw), _options_of(BatchNorm1d))
+register_norm("none", lambda num_features, dims: nn.Identity())
 
 
 def _swap_class(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
@@ -99,7 +130,28 @@ from bnlab.norm.noisy import NoiseOnly, NoisyBatchNorm1d, NoisyBatchNorm2d, Nois
 
 _NOISY_BN = {1: NoisyBatchNorm1d, 2: NoisyBatchNorm2d, 3: NoisyBatchNorm3d}
 _LP_BN = {1: LpBatchNorm1d, 2: LpBatchNorm2d, 3: LpBatchNorm3d}
-register_norm("noisy_batch", lambda num_features, dims, **kw: _NOISY_BN[dims](num_features, **kw))
-register_norm("noise_only", lambda num_features, dims, **kw: NoiseOnly(num_features, **kw))
+register_norm("noisy_batch", lambda num_features, dims, **kw: _NOISY_BN[dims](num_features, **kw),
+              _options_of(NoisyBatchNorm1d))
+register_norm("noise_only", lambda num_features, dims, **kw: NoiseOnly(num_features, **kw), _options_of(NoiseOnly))
 for _name, _p in (("l1", 1), ("l2", 2), ("linf", _math.inf)):
-    register_norm(_name, lambda num_features, dims, _p=_p, **kw: _LP_BN[dims](num_features, p=_p, **kw))
+    register_norm(_name, lambda num_features, dims, _p=_p, **kw: _LP_BN[dims](num_features, p=_p, **kw),
+                  _options_of(LpBatchNorm1d, "p"))
+
+# --- BN variants: ghost BN, batch renormalization, frozen BN; layer and group norm for comparison ----
+from bnlab.norm.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d  # noqa: E402
+from bnlab.norm.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d  # noqa: E402
+from bnlab.norm.layer_group import GroupNorm, LayerNorm  # noqa: E402
+from bnlab.norm.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d  # noqa: E402
+
+_GHOST_BN = {1: GhostBatchNorm1d, 2: GhostBatchNorm2d, 3: GhostBatchNorm3d}
+_RENORM = {1: BatchRenorm1d, 2: BatchRenorm2d, 3: BatchRenorm3d}
+_FROZEN_BN = {1: FrozenBatchNorm1d, 2: FrozenBatchNorm2d, 3: FrozenBatchNorm3d}
+register_norm("ghost", lambda num_features, dims, **kw: _GHOST_BN[dims](num_features, **kw),
+              _options_of(GhostBatchNorm1d))
+register_norm("renorm", lambda num_features, dims, **kw: _RENORM[dims](num_features, **kw), _options_of(BatchRenorm1d))
+register_norm("frozen", lambda num_features, dims, **kw: _FROZEN_BN[dims](num_features, **kw),
+              _options_of(FrozenBatchNorm1d))
+register_norm("layer", lambda num_features, dims, **kw: LayerNorm(num_features, dims=dims, **kw),
+              _options_of(LayerNorm, "dims"))
+register_norm("group", lambda num_features, dims, **kw: GroupNorm(num_features, dims=dims, **kw),
+              _options_of(GroupNorm, "dims"))
