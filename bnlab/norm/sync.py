@@ -25,9 +25,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from bnlab.errors import BnlabError, ConfigError
-from bnlab.norm.modules import is_batchnorm
+from bnlab.norm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormError", "convert_sync", "merge_moments"]
+
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 
 class SyncBatchNormError(BnlabError, RuntimeError):
@@ -148,12 +150,12 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
-    """Replace every BatchNorm1d/2d/3d (torch.nn's and bnlab's) of ``model`` by ``SyncBatchNorm`` with
+    """Replace every plain BatchNorm1d/2d/3d (torch.nn's and bnlab's; not the variants) of ``model`` by ``SyncBatchNorm`` with
     the same parameters, buffers, eps, momentum and train/eval mode, in place; returns the model
     (like ``nn.SyncBatchNorm.convert_sync_batchnorm``, without its CUDA-only restriction)."""
     if isinstance(model, SyncBatchNorm):
         return model
-    if is_batchnorm(model) and isinstance(model, nn.modules.batchnorm._BatchNorm):
+    if type(model) in _PLAIN_BN:  # not the variants (ghost, renorm, noisy, ℓp): their statistics differ
         new = SyncBatchNorm(model.num_features, model.eps, model.momentum, model.affine, model.track_running_stats,
                             process_group)
         if model.affine:
