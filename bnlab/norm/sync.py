@@ -150,9 +150,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert_sync(model: nn.Module, process_group: Any = None) -> nn.Module:
-    """Replace every plain BatchNorm1d/2d/3d (torch.nn's and bnlab's; not the variants) of ``model`` by ``SyncBatchNorm`` with
-    the same parameters, buffers, eps, momentum and train/eval mode, in place; returns the model
-    (like ``nn.SyncBatchNorm.convert_sync_batchnorm``, without its CUDA-only restriction)."""
+    """Replace every plain BatchNorm1d/2d/3d (torch.nn's and bnlab's; not the variants) of ``model``
+    by ``SyncBatchNorm`` with the same parameters, buffers, eps, momentum and train/eval mode, in
+    place; returns the model (like ``nn.SyncBatchNorm.convert_sync_batchnorm``, without its
+    CUDA-only restriction)."""
     if isinstance(model, SyncBatchNorm):
         return model
     if type(model) in _PLAIN_BN:  # not the variants (ghost, renorm, noisy, ℓp): their statistics differ
