@@ -597,6 +597,16 @@ def cmd_doctor_model(args: argparse.Namespace) -> int:
         raise ConfigError(f"the model could not run on --data's inputs of shape {tuple(x.shape)} "
                           f"({str(err).strip().splitlines()[0]}); give data shaped as the model expects") from None
     print(format_findings(findings))
+    if args.html is not None:
+        from bnlab.atomic import atomic_write_bytes
+        from bnlab.doctor import CHECKS
+        from bnlab.report.html import render_doctor
+
+        data = f"{args.data}, {x.shape[0]} examples" + ("" if y is not None else " (no targets: no train/eval gap)")
+        page = render_doctor(findings, model=args.model + (f" with {args.weights}" if args.weights else ""),
+                             data=data, checks=CHECKS)
+        atomic_write_bytes(args.html, page.encode())
+        print(f"report: {args.html}")
     return 0
 
 
@@ -711,6 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=256, help="examples to inspect (default 256)")
     p.add_argument("--batch-per-process", type=_positive_int, default=None,
                    help="the batch size each process trains with (default: --batch-size)")
+    p.add_argument("--html", type=Path, default=None, help="also write the findings as a self-contained HTML page")
     p.add_argument("--train-mode", action="store_true",
                    help="inspect the model in the mode it was built in (default: eval, as for inference)")
     p.set_defaults(func=cmd_doctor)

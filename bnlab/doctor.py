@@ -38,14 +38,30 @@ from bnlab.errors import ConfigError, ShapeError
 from bnlab.measure import covariate_shift, is_batchnorm
 from bnlab.measure._util import isolated
 
-__all__ = ["Finding", "diagnose", "format_findings"]
-
 _SEVERITY = {"error": 0, "warning": 1, "info": 2}
 MIN_BATCH = 8
 GAP_LOSS_RATIO = 1.5
 GAP_ACC_POINTS = 0.05
 SHIFT = 0.5
 VAR_FACTOR = 2.0
+
+__all__ = ["CHECKS", "Finding", "diagnose", "format_findings"]
+
+CHECKS = (
+    ("train_eval_gap", "loss/accuracy with batch statistics vs running statistics on the same data"),
+    ("stale_running_stats", "batch vs running mean (in running sd) and variance ratio, per layer; the first "
+                            "layer where it starts"),
+    ("statistics_never_updated", "num_batches_tracked = 0: running statistics still at their defaults"),
+    ("bn_in_train_mode", "BN layers in training mode in a model handed over for inference"),
+    ("keras_momentum", "momentum >= 0.9 (torch's momentum is 1 - Keras')"),
+    ("batch_of_one", "one example (or one value per channel) per process and batch"),
+    ("tiny_batch", f"fewer than {MIN_BATCH} examples per process and batch"),
+    ("gamma_collapsed", "channels with |γ| < 1e-3"),
+    ("dead_channels", "channels whose input has (almost) no variance over the batch"),
+    ("saturated_channels", "channels with |β| > 3|γ|"),
+    ("bias_before_bn", "a Conv/Linear bias feeding BN directly (a wasted parameter)"),
+)
+
 
 
 @dataclasses.dataclass(frozen=True)

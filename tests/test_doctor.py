@@ -152,10 +152,14 @@ def test_cli_on_a_user_model_and_a_crafted_checkpoint(tmp_path, monkeypatch, cap
         "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32, momentum=0.99), nn.ReLU(),\n"
         "                         nn.Linear(32, 10))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    code = main(["doctor", "--model", "usermodels:build", "--data", "digits", "--batch-size", "64"])
+    code = main(["doctor", "--model", "usermodels:build", "--data", "digits", "--batch-size", "64", "--html",
+                 str(tmp_path / "doctor.html")])
     out = capsys.readouterr().out
     assert code == 0 and "statistics_never_updated 2" in out and "keras_momentum 2" in out
     assert "bias_before_bn 1" in out and out.index("[ERROR") < out.index("[WARNING") < out.index("[INFO")
+    page = (tmp_path / "doctor.html").read_text()
+    assert "<code>keras_momentum</code>" in page and "momentum=0.01" in page and "usermodels:build" in page
+    assert "http" not in page.replace("http-equiv", "") and "<script" not in page  # self-contained
     # weights: a state_dict loads; a file that would run code on load is refused and runs nothing
     import torch
     torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),

@@ -674,3 +674,12 @@ def render(report: Any) -> str:
     }
     sections = [_section_view(s, report.out_dir, anchors, claim_anchors) for s in report.sections]
     return _env().get_template("report.html.j2").render(page=page, sections=sections, css=Markup(CSS)) + "\n"
+
+
+def render_doctor(findings: Sequence[Any], *, model: str, data: str, checks: Sequence[tuple[str, str]]) -> str:
+    """The BN doctor's findings (bnlab.doctor.Finding) as one self-contained HTML page."""
+    import datetime
+
+    generated = datetime.datetime.now().isoformat(timespec="seconds")
+    return _env().get_template("doctor.html.j2").render(findings=findings, model=model, data=data, checks=checks,
+                                                        generated=generated, css=Markup(CSS)) + "\n"
