@@ -480,8 +480,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     report = collect(root, named if args.output is not None else None, args.output, profile=profile)
     path = write_report(report)
     _write_verdicts(root, report.rows)
-    print_verdict([r for r in report.rows if r.get("experiment") in named],
-                  title=f"verdicts ({profile} profile)")
+    shown = [r for r in report.rows if r.get("experiment") in named]
+    # a selection runs some arms of an experiment: its other claims need arms it did not train; the
+    # report lists them, the terminal only counts them
+    outside = [r for r in shown if variants.get(r.get("experiment")) is not None
+               and str(r.get("ours", "")).startswith("needs finished runs of")]
+    print_verdict([r for r in shown if r not in outside], title=f"verdicts ({profile} profile)")
+    if outside:
+        print(f"\n{len(outside)} more claim(s) need arms outside this selection (UNDECIDED; listed in the report): "
+              + ", ".join(f"{r.get('claim_id')}" for r in outside))
     print()
     print(summary_text(path, report.rows))
     return 0
@@ -534,7 +541,12 @@ def _load_user_model(spec: str, weights: str | None):
         factory = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as err:
         raise ConfigError(f"--model {spec!r}: {err}; give module:factory importable from here (PYTHONPATH)") from None
-    model = factory if isinstance(factory, torch.nn.Module) else factory()
+    try:
+        model = factory if isinstance(factory, torch.nn.Module) else factory()
+    except TypeError as err:
+        raise ConfigError(f"--model {spec!r}: calling {attr}() failed ({err}); give a factory that takes no "
+                          f"argument (e.g. a small function in your module that calls {attr} with your settings)"
+                          ) from None
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
@@ -564,6 +576,9 @@ def _load_user_data(spec: str, n: int, data_dir: str | None):
     if spec in DATASET_NAMES:
         ds = load_dataset(spec, data_dir)
         x, y = ds.x_train[:n], ds.y_train[:n]
+        print(f"data: {ds.name} from {ds.source}, the first {len(x)} training examples, shape {tuple(x.shape[1:])}")
+        if ds.is_fallback:
+            print(f"data: {ds.note}")
         return torch.as_tensor(x).float(), torch.as_tensor(y).long()
     path = Path(spec)
     if not path.exists():
@@ -597,6 +612,7 @@ def cmd_doctor_model(args: argparse.Namespace) -> int:
         raise ConfigError(f"the model could not run on --data's inputs of shape {tuple(x.shape)} "
                           f"({str(err).strip().splitlines()[0]}); give data shaped as the model expects") from None
     print(format_findings(findings))
+    rc = 1 if any(f.severity == "error" for f in findings) else 0  # a CI gate: errors fail the command
     if args.html is not None:
         from bnlab.atomic import atomic_write_bytes
         from bnlab.doctor import CHECKS
@@ -607,7 +623,7 @@ def cmd_doctor_model(args: argparse.Namespace) -> int:
                              data=data, checks=CHECKS)
         atomic_write_bytes(args.html, page.encode())
         print(f"report: {args.html}")
-    return 0
+    return rc
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -728,7 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="run a paper's experiments (what is missing) and write the HTML report")
     p.add_argument("targets", nargs="*", metavar="TARGET",
-                   help=f"groups ({', '.join(['all', *GROUPS])}) or experiment names (default: ioffe)")
+                   help=f"groups ({', '.join(['all', *GROUPS])}), selections ({', '.join(SELECTIONS)}) or "
+                        "experiment names (default: headline; `bnlab list` shows what each contains)")
     p.add_argument("--profile", default="quick", metavar="PROFILE", help=f"one of {known} (default quick)")
     p.add_argument("--seeds", help="e.g. 0,1,2 (default: each profile's seeds)")
     p.add_argument("--out", default="runs", help="output root (default: runs/); runs and the report go to OUT/PROFILE/")

@@ -155,7 +155,8 @@ def test_cli_on_a_user_model_and_a_crafted_checkpoint(tmp_path, monkeypatch, cap
     code = main(["doctor", "--model", "usermodels:build", "--data", "digits", "--batch-size", "64", "--html",
                  str(tmp_path / "doctor.html")])
     out = capsys.readouterr().out
-    assert code == 0 and "statistics_never_updated 2" in out and "keras_momentum 2" in out
+    assert code == 1 and "statistics_never_updated 2" in out and "keras_momentum 2" in out  # errors: rc 1
+    assert "data: digits from" in out
     assert "bias_before_bn 1" in out and out.index("[ERROR") < out.index("[WARNING") < out.index("[INFO")
     page = (tmp_path / "doctor.html").read_text()
     assert "<code>keras_momentum</code>" in page and "momentum=0.01" in page and "usermodels:build" in page
@@ -166,7 +167,10 @@ def test_cli_on_a_user_model_and_a_crafted_checkpoint(tmp_path, monkeypatch, cap
                              nn.Linear(32, 10)).state_dict(),
                tmp_path / "ok.pt")
     assert main(["doctor", "--model", "usermodels:build", "--weights", str(tmp_path / "ok.pt"), "--data",
-                 "digits"]) == 0
+                 "digits"]) == 1  # still never-updated statistics: an ERROR finding
+    (tmp_path / "usermodels2.py").write_text("def build(width):\n    pass\n")
+    assert main(["doctor", "--model", "usermodels2:build", "--data", "digits"]) == 2
+    assert "takes no argument" in capsys.readouterr().err
     marker = tmp_path / "marker"
     torch.save({"state_dict": _Payload(marker)}, tmp_path / "evil.pt")
     code = main(["doctor", "--model", "usermodels:build", "--weights", str(tmp_path / "evil.pt"), "--data", "digits"])

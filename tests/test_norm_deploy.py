@@ -163,3 +163,16 @@ def test_recalibration_restores_eval_accuracy_after_stale_statistics():
     recalibrate(model, torch.split(x, 64))
     assert target - stale > 0.05, (stale, target)  # the statistics really were stale
     assert abs(acc(model) - target) <= 0.01, (acc(model), target)
+
+
+def test_fold_folds_frozen_bn_too():
+    from bnlab.norm import freeze
+
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    _random_stats(model[1], gen)
+    freeze(model)
+    x = torch.randn(2, 3, 5, 5, generator=gen)
+    folded = fold(model)
+    assert isinstance(folded[1], nn.Identity) and torch.allclose(folded(x), model.eval()(x), rtol=1e-5, atol=1e-6)

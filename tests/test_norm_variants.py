@@ -420,7 +420,7 @@ def test_layer_norm_is_torch_layer_norm_over_channels_and_space(dims):
 def test_group_norm_matches_functional_and_numpy(dims, groups):
     kwargs = {} if groups is None else {"num_groups": groups}
     layer = make_norm("group", 6, dims, **kwargs).double()
-    g = groups or 6
+    g = groups or default_num_groups(6)  # 3: two channels per group
     assert layer.num_groups == g
     _affine_layer(layer, 18)
     x = _x(4, 6, dims, seed=19, scale=2, shift=-3)
@@ -434,7 +434,7 @@ def test_group_norm_matches_functional_and_numpy(dims, groups):
 
 
 def test_default_num_groups_and_group_errors():
-    assert [default_num_groups(c) for c in (64, 32, 48, 10, 7, 1, 96)] == [32, 32, 24, 10, 7, 1, 32]
+    assert [default_num_groups(c) for c in (64, 32, 48, 10, 7, 1, 96, 2)] == [32, 16, 24, 5, 1, 1, 32, 1]
     with pytest.raises(ConfigError, match="num_groups must be a positive int dividing num_features=6"):
         GroupNorm(6, num_groups=4)
     with pytest.raises(ShapeError, match=r"expects a \(N, C, H, W\) input"):

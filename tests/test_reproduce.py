@@ -131,3 +131,16 @@ def test_reproduce_a_selection_runs_only_its_arms_and_reports_the_rest_as_not_ru
     assert lp["outcome"] == "UNDECIDED"
     html = (out / "smoke" / "report.html").read_text(encoding="utf-8")
     assert "noisy" in html.lower()
+    # the terminal counts the claims that need arms outside the selection instead of printing them
+    assert "need arms outside this selection" in text and "D.17c" in text.split("need arms outside")[1]
+    assert "needs finished runs of l1" not in text
+
+
+def test_set_that_makes_two_variants_identical_is_refused(tmp_path, capsys):
+    code, _, err = _cli(capsys, "run", "ioffe_mnist", "--profile", "smoke", "--set", "norm=ghost", "--out",
+                        str(tmp_path))
+    assert code == 2 and "have the same config" in err and "--variants" in err
+    assert not any(tmp_path.rglob("config.json"))  # nothing was created
+    code, _, _ = _cli(capsys, "run", "ioffe_mnist", "--profile", "smoke", "--variants", "bn", "--set", "norm=ghost",
+                      "--out", str(tmp_path), "--quiet")
+    assert code == 0

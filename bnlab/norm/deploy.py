@@ -28,11 +28,13 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.errors import ConfigError
+from bnlab.norm.frozen import FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d
 from bnlab.norm.modules import is_batchnorm
 
 __all__ = ["fold", "fold_pair", "recalibrate"]
 
 _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+FROZEN = (FrozenBatchNorm1d, FrozenBatchNorm2d, FrozenBatchNorm3d)
 
 
 def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
@@ -50,10 +52,15 @@ def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
     return a, b
 
 
+def _foldable(m: nn.Module) -> bool:
+    """BN with running statistics, or frozen BN (fixed statistics and affine as buffers)."""
+    return (is_batchnorm(m) or isinstance(m, FROZEN)) and getattr(m, "running_mean", None) is not None
+
+
 def _check_pair(layer: nn.Module, bn: nn.Module) -> None:
     if not isinstance(layer, _LINEAR):
         raise ConfigError(f"can fold BN only into Linear or Conv1d/2d/3d, got {type(layer).__name__}")
-    if not is_batchnorm(bn):
+    if not (is_batchnorm(bn) or isinstance(bn, FROZEN)):
         raise ConfigError(f"expected a BatchNorm layer, got {type(bn).__name__}")
 
 
@@ -97,7 +104,7 @@ def fold_pair(layer: nn.Module, bn: nn.Module, *, bn_first: bool = False) -> nn.
 
 
 def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Fold every BN that directly follows (or, exactly, precedes) a Linear/Conv layer inside an
+    """Fold every BN (frozen BN included) that directly follows (or, exactly, precedes) a Linear/Conv layer inside an
     ``nn.Sequential`` of ``model``; the BN is replaced by ``nn.Identity``. Returns the folded model (a
     copy unless ``inplace``) in eval mode. BN layers elsewhere (e.g. called from a custom forward)
     are left as they are: use ``fold_pair`` for those. Raises ConfigError as ``fold_pair``."""
@@ -108,12 +115,12 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         i = 0
         while i < len(names) - 1:
             first, second = seq._modules[names[i]], seq._modules[names[i + 1]]
-            if isinstance(first, _LINEAR) and is_batchnorm(second) and getattr(second, "running_mean", None) is not None:
+            if isinstance(first, _LINEAR) and _foldable(second):
                 seq._modules[names[i]] = fold_pair(first, second).eval()
                 seq._modules[names[i + 1]] = nn.Identity()
                 i += 2
                 continue
-            if (is_batchnorm(first) and getattr(first, "running_mean", None) is not None and isinstance(second, _LINEAR)
+            if (_foldable(first) and isinstance(second, _LINEAR)
                     and (isinstance(second, nn.Linear) or (_unpadded(second) and second.groups == 1))):
                 seq._modules[names[i]] = nn.Identity()
                 seq._modules[names[i + 1]] = fold_pair(second, first, bn_first=True).eval()

@@ -12,8 +12,9 @@ keys ``weight``, ``bias``), with no running statistics: train and eval mode comp
 and ``is_batchnorm`` is False for them. What bnlab adds: the rank check of the dims they were built for
 and a default number of groups.
 
-Default ``num_groups``: Wu & He's G = 32 when it divides C, otherwise the largest divisor of C below
-32 (C = 48 -> 24, C = 10 -> 10, C = 7 -> 7), so every channel count works.
+Default ``num_groups``: Wu & He's G = 32 where C allows it: the largest divisor of C that is at most 32
+and leaves at least 2 channels per group (C = 64 -> 32, 48 -> 24, 32 -> 16, 10 -> 5, 7 -> 1), so a
+small layer does not silently become instance normalization (one channel per group); C = 1 -> 1.
 """
 from __future__ import annotations
 
@@ -31,8 +32,11 @@ _LAYOUT = {1: "(N, C) or (N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}
 
 
 def default_num_groups(num_channels: int) -> int:
-    """The largest divisor of ``num_channels`` that is at most 32 (Wu & He 2018's G = 32)."""
-    return max(g for g in range(1, min(DEFAULT_MAX_GROUPS, num_channels) + 1) if num_channels % g == 0)
+    """The largest divisor of ``num_channels`` that is at most 32 (Wu & He 2018's G = 32) and leaves at
+    least 2 channels per group (1 for a single channel)."""
+    if num_channels < 2:
+        return 1
+    return max(g for g in range(1, min(DEFAULT_MAX_GROUPS, num_channels // 2) + 1) if num_channels % g == 0)
 
 
 class GroupNorm(nn.GroupNorm):

@@ -117,6 +117,21 @@ def plan_runs(exp: Any, profile: str, *, out: Path | str = "runs", seeds: Sequen
     planned = []
     for setting in settings:
         configs = exp.configs(profile, overrides, setting) if setting else exp.configs(profile, overrides)
+        if overrides:
+            # --set applies to every variant: one that erases the difference between two arms would train the
+            # same config twice under two names and compare it with itself
+            seen: dict[str, str] = {}
+            for v, cfg in configs.items():
+                if variants and v not in variants:
+                    continue
+                h = config_hash(cfg)
+                if h in seen:
+                    keys = ", ".join(sorted(overrides))
+                    raise ConfigError(
+                        f"with --set {keys} the variants {seen[h]!r} and {v!r} of {exp.name} have the same config: "
+                        f"--set changes every variant, so the comparison between them is gone. To change one arm, "
+                        f"run it alone (--variants {v} --set ...), or drop that --set key")
+                seen[h] = v
         if variants:
             unknown = [v for v in variants if v not in configs]
             if unknown:
