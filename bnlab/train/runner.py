@@ -102,6 +102,22 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def check_distinct_arms(planned: Sequence[PlannedRun], overrides: Mapping[str, Any] | None, name: str) -> None:
+    """--set applies to every variant: refuse one that erases the difference between two planned arms
+    (the same config trained twice under two names and compared with itself)."""
+    if not overrides:
+        return
+    seen: dict[tuple[str, str], str] = {}
+    for p in planned:
+        key = (p.spec.setting or "", config_hash(p.spec.cfg))
+        if seen.setdefault(key, p.spec.variant) != p.spec.variant:
+            keys = ", ".join(sorted(overrides))
+            raise ConfigError(
+                f"with --set {keys} the variants {seen[key]!r} and {p.spec.variant!r} of {name} have the same config: "
+                f"--set changes every variant, so the comparison between them is gone. To change one arm, run it "
+                f"alone (--variants {p.spec.variant} --set ...), or drop that --set key")
+
+
 def plan_runs(exp: Any, profile: str, *, out: Path | str = "runs", seeds: Sequence[int] | None = None,
               overrides: Mapping[str, Any] | None = None, variants: Sequence[str] | None = None,
               shard: tuple[int, int] | None = None, share_from: Sequence[Path | str] = ()) -> list[PlannedRun]:
@@ -117,21 +133,6 @@ def plan_runs(exp: Any, profile: str, *, out: Path | str = "runs", seeds: Sequen
     planned = []
     for setting in settings:
         configs = exp.configs(profile, overrides, setting) if setting else exp.configs(profile, overrides)
-        if overrides:
-            # --set applies to every variant: one that erases the difference between two arms would train the
-            # same config twice under two names and compare it with itself
-            seen: dict[str, str] = {}
-            for v, cfg in configs.items():
-                if variants and v not in variants:
-                    continue
-                h = config_hash(cfg)
-                if h in seen:
-                    keys = ", ".join(sorted(overrides))
-                    raise ConfigError(
-                        f"with --set {keys} the variants {seen[h]!r} and {v!r} of {exp.name} have the same config: "
-                        f"--set changes every variant, so the comparison between them is gone. To change one arm, "
-                        f"run it alone (--variants {v} --set ...), or drop that --set key")
-                seen[h] = v
         if variants:
             unknown = [v for v in variants if v not in configs]
             if unknown:
@@ -376,6 +377,7 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
     # Data and models first (before any output: a bad value prints nothing, creates nothing); the
     # estimates then know which dataset each run really uses.
     tasks = check_configs(todo, data_dir, exp.run_cost)
+    check_distinct_arms(planned, overrides, exp.name)
     serial = sum(p.est_seconds for p in todo)
     parallel = min(workers, max(len(todo), 1))
     wall = wall_seconds([p.est_seconds for p in todo], workers) + (EXPERIMENT_OVERHEAD_S if todo else 0.0)
