@@ -61,7 +61,8 @@ ICS_LAYERS = ("fc9", "fc17")  # the paper's "Layer #9" and "Layer #17" (1-based 
 MULTIPLIERS = (0.01, 0.1, 1.0, 10.0, 30.0)  # Fig. 10/11 DLN grid: eta in {1e-8, 1e-7, 1e-6, 1e-5, 3e-5}
 LP_NORMS = ("l1", "l2", "linf")
 
-# Rules fixed before any run was looked at (thresholds in decades or cosine units).
+# Rules fixed before the quick runs, after a pilot of the same protocol (docs/claims.md, "The factor-10
+# question"); thresholds in decades or cosine units.
 COS_GAP = 0.5  # D.14a: standard's median cos(G, G') minus BN's: "≈1" vs "far from 1 (≈0)"
 DECADE = 1.0  # D.15: "orders of magnitude": at least one decade between standard and BN
 

@@ -35,8 +35,10 @@ rest is ours and listed below):
 
 Choices the paper leaves open, ours:
 
-* Width 1/8 and 2000 steps: the CPU budget (the quick profile's 27 runs fit in about half an hour on 2
-  cores). Whether the FC layers have BN is unknown: the robustness grid adds an FC head with the norm
+* Width 1/8 and 2000 steps: the CPU budget (the quick profile's 27 runs took about 50 min on 2 cores:
+  2.2-2.9 min per standard/BN run, 3.5-4.7 min per noisy-BN and ℓp run). At this scale the standard
+  net (no BN, Glorot init) does not train at all: its signal vanishes through the 13 convs (rule R-S1
+  in docs/claims.md). Whether the FC layers have BN is unknown: the robustness grid adds an FC head with the norm
   (``head=mlp``). The VGG variant is unknown; the figures' "Layer #13" fits VGG-16's 13 convs.
 * "Reaches the accuracy sooner" (D.11a) uses the training-batch accuracy averaged over the last 100
   steps (10 logged batches) and a target fixed per dataset before the runs: 0.85 on Fashion-MNIST, 0.60
@@ -492,8 +494,32 @@ def verdict_setting(results: ExperimentResults, declared: Sequence[int] | None =
             r["ours"] += "; final training accuracy: " + "; ".join(
                 f"{v} {_fmt([_acc_or_chance(run(v, s)) for s in seeds])}" for v in (ref, *LP_NORMS))
             rows.append(r)
+    _comparator_never_trained(rows, [s for s in seeds if status(s, "standard")["standard"] == "collapsed"], seeds)
     order = list(CLAIMS)
     return sorted(rows, key=lambda x: order.index(x["claim_id"]))
+
+
+# Rule revision R-S1 (docs/claims.md, "Rule revisions"), made after the first quick runs were seen:
+# the claims whose contrast is with a *trained* standard net (the paper's trains at LR 0.1) are
+# UNDECIDED when the standard net at LR 0.1 never left chance in a seed: they would compare with a
+# constant predictor (PASS by default for accuracy, FAIL for the flat landscape of a dead net,
+# UNDECIDED where its statistics are exactly zero). The original outcome stays in the row.
+NEEDS_TRAINED_STANDARD = ("D.11a", "D.11b", "D.11c", "D.12a", "D.12b", "D.13b", "D.13c", "D.13d", "D.13e", "D.14d",
+                          "D.14e", "D.15d", "D.15e", "D.15f", "D.15g", "D.16a", "D.16b", "D.17d")
+
+
+def _comparator_never_trained(rows: list[dict[str, Any]], dead: Sequence[int], seeds: Sequence[int]) -> None:
+    if not dead:
+        return
+    for r in rows:
+        if r["claim_id"] not in NEEDS_TRAINED_STANDARD:
+            continue
+        before = r["outcome"]
+        r["outcome"], r["passed"] = "UNDECIDED", None
+        r["original_outcome"] = before
+        r["ours"] = (f"comparator never trained: the standard net at LR 0.1 stayed at chance in {len(dead)}/"
+                     f"{len(seeds)} seeds (its conv gradients vanish), so this compares with a constant "
+                     f"predictor (rule R-S1; without it: {before}); " + r["ours"])
 
 
 def _rename(status: dict[str, str], names: dict[str, str]) -> dict[str, str]:
