@@ -525,11 +525,27 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # --- bnlab doctor ----------------------------------------------------------------------------------
 
+def _safe_load(path: str | Path, flag: str, fix: str):
+    """``torch.load`` with weights_only=True: a file that would construct or call Python objects on
+    load is refused (nothing runs) with one error naming ``flag`` and ``fix``."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(f"{flag} {path}: refused, the file holds Python objects that loading would have to "
+                          f"construct or call (nothing was executed); {fix} ({str(err).strip().splitlines()[0]})"
+                          ) from None
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: {err}") from None
+
+
 def _load_user_model(spec: str, weights: str | None):
     """``module:factory`` (imported, called with no argument), then its state_dict from ``weights``
     loaded with weights_only=True (a checkpoint that would run code on load is refused)."""
     import importlib
-    import pickle
 
     import torch
 
@@ -550,14 +566,7 @@ def _load_user_model(spec: str, weights: str | None):
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"--model {spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
     if weights is not None:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ConfigError(f"--weights {weights}: refused, the file holds Python objects that loading would have "
-                              f"to construct or call (nothing was executed); save model.state_dict() with "
-                              f"torch.save ({str(err).strip().splitlines()[0]})") from None
-        except OSError as err:
-            raise ConfigError(f"--weights {weights}: {err}") from None
+        state = _safe_load(weights, "--weights", "save model.state_dict() with torch.save")
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         model.load_state_dict(state)
@@ -567,8 +576,6 @@ def _load_user_model(spec: str, weights: str | None):
 def _load_user_data(spec: str, n: int, data_dir: str | None):
     """A dataset name (its first ``n`` training images) or a tensor file: a tensor, or {"x", "y"}, loaded
     with weights_only=True (a file that would run code on load is refused)."""
-    import pickle
-
     import torch
 
     from bnlab.data import DATASET_NAMES, load_dataset
@@ -583,12 +590,7 @@ def _load_user_data(spec: str, n: int, data_dir: str | None):
     path = Path(spec)
     if not path.exists():
         raise ConfigError(f"--data {spec!r} is neither a dataset ({', '.join(DATASET_NAMES)}) nor an existing file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ConfigError(f"--data {spec}: refused, the file holds Python objects that loading would have to "
-                          f"construct or call (nothing was executed); save tensors only, e.g. "
-                          f"torch.save({{'x': x, 'y': y}}, path) ({str(err).strip().splitlines()[0]})") from None
+    obj = _safe_load(path, "--data", "save tensors only, e.g. torch.save({'x': x, 'y': y}, path)")
     if isinstance(obj, torch.Tensor):
         return obj[:n], None
     if isinstance(obj, dict) and isinstance(obj.get("x"), torch.Tensor):

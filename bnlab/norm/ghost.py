@@ -34,7 +34,7 @@ from torch import Tensor
 
 from bnlab.errors import ConfigError, ConfigTypeError
 from bnlab.norm.functional import BatchNormOutput, batch_norm, check_input
-from bnlab.norm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.norm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, store_statistics
 
 __all__ = ["ghost_batch_norm", "virtual_batch_sizes", "check_virtual_batch_size", "GhostBatchNorm1d",
            "GhostBatchNorm2d", "GhostBatchNorm3d", "DEFAULT_VIRTUAL_BATCH_SIZE"]
@@ -137,10 +137,7 @@ class _GhostBatchNorm:
             num_batches_tracked=self.num_batches_tracked if update else None,
         )
         if update:
-            with torch.no_grad():  # in place, like BN
-                self.running_mean.copy_(result.running_mean)
-                self.running_var.copy_(result.running_var)
-                self.num_batches_tracked.copy_(result.num_batches_tracked)
+            store_statistics(self, result)
         return result.out
 
     def extra_repr(self) -> str:

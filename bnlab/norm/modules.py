@@ -28,7 +28,7 @@ fuses bnlab's BN. ``torch.jit.script`` compiles a TorchScript forward that runs 
 the same input checks (no warnings in TorchScript; errors arrive wrapped in ``torch.jit.Error``, as
 for a scripted torch.nn layer).
 """
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.fx
@@ -344,6 +344,15 @@ class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
 
     def _hint(self) -> str:
         return "use BatchNorm2d for (N, C, H, W); add a batch dim with x.unsqueeze(0)"
+
+
+def store_statistics(module: nn.Module, result: Any) -> None:
+    """Write a functional result's new running statistics into ``module``'s buffers, in place (like
+    BN), without autograd history (the statistics are not differentiable)."""
+    with torch.no_grad():
+        module.running_mean.copy_(result.running_mean)
+        module.running_var.copy_(result.running_var)
+        module.num_batches_tracked.copy_(result.num_batches_tracked)
 
 
 def is_batchnorm(module: nn.Module) -> bool:

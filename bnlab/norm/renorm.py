@@ -46,7 +46,7 @@ from torch import Tensor
 
 from bnlab.errors import ConfigError
 from bnlab.norm.functional import BatchNormOutput, batch_norm, check_input, compute_dtype, reduce_dims
-from bnlab.norm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from bnlab.norm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, store_statistics
 
 __all__ = ["RenormSchedule", "renorm_correction", "batch_renorm", "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d"]
 
@@ -222,10 +222,7 @@ class _BatchRenorm:
         result = batch_renorm(x, self.weight, self.bias, self.running_mean, self.running_var, rmax=rmax, dmax=dmax,
                               training=True, momentum=self.momentum, eps=self.eps,
                               num_batches_tracked=self.num_batches_tracked)
-        with torch.no_grad():  # in place, like BN
-            self.running_mean.copy_(result.running_mean)
-            self.running_var.copy_(result.running_var)
-            self.num_batches_tracked.copy_(result.num_batches_tracked)
+        store_statistics(self, result)
         return result.out
 
     def extra_repr(self) -> str:
