@@ -343,4 +343,4 @@ def test_a_lock_held_by_a_live_announced_builder_is_kept_and_a_dead_ones_removed
     t0 = time.monotonic()
     with pytest.warns(RuntimeWarning, match="builder process is gone"):
         kernels._clear_stale_lock("bnlab_kernels_test")
-    assert not lock.exists() and time.monotonic() - t0 < 1.0
+    assert not lock.exists() and time.monotonic() - t0 < 10.0  # at once, not after the 300-s age rule
