@@ -184,6 +184,13 @@ def show_config(exp: Any, profile: str, overrides: dict[str, Any]) -> None:
         print(f"{key:<{wk}}  {tp:<{wt}}  {text}{mark}")
     print("\nchange any of them with --set key=value (e.g. --set lr=0.05 steps=2000); values as JSON "
           "(null = the model's default)")
+    settings = getattr(exp, "settings", None) or {}
+    if len(settings) > 1:
+        print("\nrobustness settings (all run at --profile robust; one alone with --setting NAME):")
+        for i, (name, ov) in enumerate(settings.items()):
+            what = "the protocol as declared" if i == 0 else (
+                " ".join(f"{k}={v}" for k, v in ov.items()) if isinstance(ov, dict) else "depends on the variant")
+            print(f"  {name!r}: {what}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -199,18 +206,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     variants = [v.strip() for v in args.variants.split(",") if v.strip()] if args.variants else None
+    settings = args.setting or None
     shard = parse_shard(args.shard) if args.shard else None
     check_data_dir(args.data_dir)
     root = profile_root(args.out, profile)
     run = run_experiment(
-        exp, profile, out=root, seeds=seeds, overrides=overrides, variants=variants,
+        exp, profile, out=root, seeds=seeds, overrides=overrides, variants=variants, settings=settings,
+        device=args.device,
         workers=args.workers, threads=args.threads, max_minutes=args.max_minutes, quiet=args.quiet,
         tensorboard=args.tensorboard, data_dir=args.data_dir, wait=args.wait, shard=shard,
         share_from=sibling_profile_roots(root, args.no_reuse),
     )
-    if shard is not None or variants:
-        print("verdict: skipped for a partial run (--shard/--variants); run without them once every "
-              "part is done to get it")
+    if shard is not None or variants or settings:
+        print("verdict: skipped for a partial run (--shard/--variants/--setting); run without them once "
+              "every part is done to get it (`bnlab report` shows what is stored)")
         return 0
     write_verdict_and_plots(exp, run.run_dirs, root, profile, overrides)
     return 0
@@ -419,6 +428,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from bnlab.report.build import collect, summary_text, write_report
     from bnlab.train.cost import EXPERIMENT_OVERHEAD_S, REPORT_OVERHEAD_S, format_seconds, wall_seconds
     from bnlab.train.progress import Progress
+    from bnlab.train.device import resolve_device
     from bnlab.train.runner import (check_configs, check_data_dir, confirm_copies, fallback_notices, parse_seeds,
                                     plan_runs, run_experiment)
 
@@ -428,6 +438,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     variants = dict(selected)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     check_data_dir(args.data_dir)
+    resolve_device(args.device)  # before the plan is printed
     root = profile_root(args.out, profile)
     # The whole plan first: one estimate for everything, and an overall ETA between experiments.
     share_from = sibling_profile_roots(root, args.no_reuse)
@@ -468,7 +479,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                 state = f"estimated {format_seconds(sum(list(todo.values())[i - 1:]))} left"
             echo(f"\n[{i}/{len(exps)}] {exp.name}  ({state})")
             run_experiment(exp, profile, out=root, seeds=seeds, variants=variants[exp.name], workers=args.workers,
-                           quiet=args.quiet, data_dir=args.data_dir,
+                           quiet=args.quiet, data_dir=args.data_dir, device=args.device,
                            echo=echo, progress=progress, announce_data=False, share_from=share_from)
     finally:
         if progress is not None:
@@ -714,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-config", action="store_true",
                    help="print every config key with its type and value (per variant) and exit")
     p.add_argument("--variants", help="comma-separated subset of the experiment's variants")
+    p.add_argument("--setting", action="append", metavar="NAME",
+                   help="with --profile robust: run only this robustness setting (repeatable; "
+                        "`bnlab run NAME --profile robust --show-config` lists them)")
     p.add_argument("--out", default="runs", help="output root (default: runs/); runs go to OUT/PROFILE/")
     p.add_argument("--workers", type=_positive_int, default=1, help="parallel run processes (1 thread each)")
     p.add_argument("--threads", type=_positive_int, default=None,
@@ -722,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse to start if the estimated time exceeds this")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--tensorboard", action="store_true", help="also log to <run>/tb (needs tensorboard)")
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="auto (default: a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--data-dir", default=None, help="look for datasets here first (must exist)")
     p.add_argument("--wait", action="store_true",
                    help="wait for runs that another process is writing instead of skipping them")
@@ -758,6 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--data-dir", default=None, help="look for datasets here first (must exist)")
     p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: OUT/PROFILE/report.html)")
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="auto (default: a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--no-reuse", action="store_true",
                    help=_NO_REUSE_HELP)
     p.set_defaults(func=cmd_reproduce)

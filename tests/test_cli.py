@@ -15,6 +15,7 @@ import pytest
 
 import bnlab.experiments as registry
 from bnlab.cli import main
+from bnlab.errors import ConfigError
 from bnlab.experiments.base import Experiment
 from bnlab.train.config import TrainConfig, field_names
 from bnlab.train.tensorboard import tensorboard_available
@@ -640,3 +641,37 @@ def test_version(capsys):
         from bnlab.cli import main
         main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"bnlab {bnlab.__version__}"
+
+
+def test_run_one_robustness_setting_alone(tmp_path, capsys, with_experiment):
+    """--setting NAME (robust profile) plans and trains only that setting's runs; a name the profile
+    does not run is one error listing the settings; the verdict waits for the whole grid."""
+    from bnlab.train.runner import plan_runs
+
+    exp = with_experiment(Experiment(name="_test_settings", description="tiny", base=TINY,
+                                     variants={"bn": {"norm": "batch"}},
+                                     settings={"as declared": {}, "lr 0.05": {"lr": 0.05}, "wide": {"widths": (24, 24)}},
+                                     robust_seeds=(0,), profiles={"robust": {"steps": 4, "eval_every": 2}}))
+    every = plan_runs(exp, "robust", out=tmp_path / "robust")
+    assert sorted({p.spec.setting for p in every}) == ["as declared", "lr 0.05", "wide"]
+    one = plan_runs(exp, "robust", out=tmp_path / "robust", settings=["lr 0.05"])
+    assert {p.spec.setting for p in one} == {"lr 0.05"} and {p.spec.cfg.lr for p in one} == {0.05}
+    assert [p.spec.run_dir for p in one] == [p.spec.run_dir for p in every if p.spec.setting == "lr 0.05"]
+    with pytest.raises(ConfigError, match="no setting.*'lr 0.5'.*settings: as declared; lr 0.05; wide"):
+        plan_runs(exp, "robust", out=tmp_path / "robust", settings=["lr 0.5"])
+    with pytest.raises(ConfigError, match="only the primary setting.*--profile robust"):
+        plan_runs(exp, "quick", out=tmp_path / "quick", settings=["lr 0.05"])
+
+    code, out, _ = bnlab(capsys, "run", "_test_settings", "--profile", "robust", "--quiet", "--threads", "1",
+                         "--setting", "wide", "--out", str(tmp_path))
+    assert code == 0 and "verdict: skipped for a partial run" in out
+    done = sorted(p.parent.name for p in (tmp_path / "robust" / "_test_settings").rglob("config.json"))
+    assert len(done) == 1  # the one seed of the one variant of "wide", nothing of the others
+    code, out, err = bnlab(capsys, "run", "_test_settings", "--profile", "robust", "--setting", "nope",
+                           "--out", str(tmp_path))
+    assert code != 0 and "has no setting(s) 'nope'" in err + out
+
+
+def test_show_config_lists_the_robustness_settings(capsys):
+    code, out, _ = bnlab(capsys, "run", "santurkar_vgg", "--profile", "robust", "--show-config")
+    assert code == 0 and "robustness settings" in out and "'He init (init=kaiming)': init=kaiming" in out

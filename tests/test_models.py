@@ -299,6 +299,40 @@ def test_glorot_init_of_vgg_and_dln() -> None:
     assert all(layer.weight.abs().max() <= math.sqrt(6 / 20) for layer in dln.weight_layers().values())
 
 
+def test_vgg_he_init_keeps_the_relu_signal_that_glorot_loses() -> None:
+    """init="kaiming": N(0, 2/fan_in) weights; without a norm, the variance of the last conv's output
+    stays O(1) with He init, while Glorot multiplies it by about C_in/(C_in + C_out) per conv+ReLU
+    (1/2 at equal widths, 1/3 where the width doubles): the reason the standard VGG-16 does not train
+    at 1/8 width (santurkar_vgg's He-init setting)."""
+    torch.manual_seed(0)
+    he = VGG("vgg16", width=0.25, norm="none", init="kaiming")
+    w = he.conv9.weight  # (128, 128, 3, 3) at width 1/4: fan_in 128*9
+    assert abs(w.std().item() / math.sqrt(2 / (128 * 9)) - 1) < 0.03
+    assert all(layer.bias is None or not layer.bias.any() for layer in he.weight_layers().values())
+    torch.manual_seed(0)
+    glorot = VGG("vgg16", width=0.25, norm="none")
+    x = torch.randn(64, 3, 32, 32)
+
+    def conv13_var(model: VGG) -> float:
+        seen: dict[str, float] = {}
+
+        def keep(module, inputs, output) -> None:  # returns None: a hook's return value replaces the output
+            seen["v"] = output.var().item()
+
+        handle = model.conv13.register_forward_hook(keep)
+        with torch.no_grad():
+            model(x)
+        handle.remove()
+        return seen["v"]
+
+    # closed form of Glorot's shrinkage through 13 conv+ReLU layers, ignoring the pools (which raise it)
+    widths = [3, 16, 16, 32, 32, 64, 64, 64, 128, 128, 128, 128, 128, 128]
+    shrink = math.prod(widths[k] / (widths[k] + widths[k + 1]) for k in range(13))
+    assert shrink < 1e-4
+    assert conv13_var(glorot) < 10 * shrink  # measured: 0.7x the closed form (the pools change it little)
+    assert 0.05 < conv13_var(he) < 20
+
+
 def test_convnet_init_depends_on_activation() -> None:
     relu = ConvNet(widths=(64, 64), activation="relu", norm="none")
     std = relu.conv2.weight.std().item()  # kaiming: sqrt(2 / fan_in), fan_in = 64 * 9
@@ -414,6 +448,7 @@ def test_unknown_norm_names_valid_norms() -> None:
     [
         (lambda: VGG("vgg19"), ["vgg11", "vgg16"]),
         (lambda: VGG(head="conv"), ["linear", "mlp"]),
+        (lambda: VGG(init="he"), ["glorot", "kaiming"]),
         (lambda: VGG(width=0), ["width"]),
         (lambda: VGG(activation="gelu"), ["relu", "sigmoid"]),
         (lambda: IoffeMLP(activation="softplus"), ["relu", "sigmoid"]),

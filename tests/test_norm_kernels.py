@@ -305,6 +305,22 @@ def test_the_build_name_depends_on_the_python_environment(monkeypatch):
     assert kernels._build_name() != a
 
 
+def test_two_copies_of_the_same_source_build_apart(tmp_path, monkeypatch):
+    """Same bytes at another path (a worktree, an installed copy): its own build folder, since torch's
+    build file names the source path and the two would otherwise rebuild each other's in turn."""
+    from bnlab.norm import kernels
+
+    a = kernels._build_name()
+    copy = tmp_path / "_kernels.cpp"
+    copy.write_bytes(kernels._SOURCE.read_bytes())
+    monkeypatch.setattr(kernels, "_SOURCE", copy)
+    assert kernels._build_name() != a
+    monkeypatch.setattr(kernels, "_SOURCE", copy.parent / "." / copy.name)  # the same file, spelled otherwise
+    b = kernels._build_name()
+    monkeypatch.setattr(kernels, "_SOURCE", copy)
+    assert kernels._build_name() == b
+
+
 def test_a_lock_held_by_a_live_announced_builder_is_kept_and_a_dead_ones_removed_at_once(tmp_path, monkeypatch):
     """On a loaded machine a build can outlast the age rule: a lock whose announced builder process
     still runs is waited for however old it is; one whose builder is gone is stale at once."""

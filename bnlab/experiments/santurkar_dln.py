@@ -116,7 +116,7 @@ PAPER_FINAL = {"standard": 1.7e3, "bn": 5e2, "l1": 1e2, "l2": 5e2, "linf": 1e3} 
 def a_matrix(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
     """A (d, d) from the data y = x A^T (exact least squares: the data are noiseless)."""
     sol = torch.linalg.lstsq(x.double(), y.double()).solution  # (d, d) = A^T
-    return sol.T.numpy()
+    return sol.T.cpu().numpy()
 
 
 def end_to_end(out: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,8 +141,8 @@ def modes_probe(ctx: ProbeContext) -> dict[str, Any]:
     """
     x, y = ctx.task.x_train, ctx.task.y_train
     with torch.no_grad():
-        out = ctx.model(x).double().numpy()
-    xn = x.double().numpy()
+        out = ctx.model(x).double().cpu().numpy()
+    xn = x.double().cpu().numpy()
     m, c = end_to_end(out, xn)
     s, res = mode_residuals(m, a_matrix(x, y))
     n = x.shape[0]

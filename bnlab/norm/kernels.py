@@ -126,6 +126,10 @@ def _build_name() -> str:
     # One build per Python environment: torch rebuilds when a build folder's recorded include paths
     # (which name the environment) differ, so two virtualenvs sharing the cache would rebuild in turn.
     h.update(sys.prefix.encode())
+    # One build per copy of the source: torch's build file names the source path, so two checkouts of
+    # the same source (a worktree, an installed copy next to a clone) would otherwise rebuild in turn,
+    # each process paying a full compile.
+    h.update(str(_SOURCE.resolve()).encode())
     return f"bnlab_kernels_{h.hexdigest()[:12]}"
 
 

@@ -46,7 +46,7 @@ class TrainConfig:
     activation: str | None = None  # None = the model's default
     width: float | None = None  # VGG channel multiplier
     widths: tuple[int, ...] | None = None  # convnet channels / Ioffe MLP hidden widths
-    init: str | None = None  # Ioffe MLP init: gaussian | glorot
+    init: str | None = None  # Ioffe MLP: gaussian | glorot; VGG: glorot | kaiming
     init_std: float | None = None  # Ioffe MLP Gaussian init std (None = 1/sqrt(fan_in))
     head: str | None = None  # VGG classifier head: linear | mlp
     dropout: float | None = None  # convnet dropout probability (Ioffe Sec. 4.2.1 removes it)

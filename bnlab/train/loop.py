@@ -33,6 +33,7 @@ from torch import nn
 from bnlab.data import Batches
 from bnlab.errors import ConfigError
 from bnlab.train.config import TrainConfig, config_hash, config_to_dict
+from bnlab.train.device import describe_device, resolve_device
 from bnlab.train.env import environment
 from bnlab.train.probes import ArrayStore, Probe, ProbeContext, _Guard, call_probe, probe_generator
 from bnlab.train.rundir import (ARRAYS, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, ENV, METRICS, MODEL, RunDir, RunLock,
@@ -81,6 +82,7 @@ class RunOptions:
     tensorboard: bool = False
     lock_wait: float | None = None  # None: refuse at once if another process holds the run
     progress_every: int = 0  # call the progress callback every N steps (0 = ~200 times per run)
+    device: str | None = None  # auto | cpu | cuda | cuda:N (bnlab.train.device); None = auto
 
 
 @dataclass
@@ -165,14 +167,19 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":  # layers that draw on the GPU (noisy BN) use its default generator
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 @torch.inference_mode()
@@ -219,12 +226,16 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
     h = config_hash(cfg)
 
     # --- data, model, optimizer (deterministic given the seed) ------------------------------------
+    device = resolve_device(options.device)
     _seed_everything(seed)
     task = (spec.build_task or build_task)(cfg, options.data_dir)
     if spec.build_model is not None:
         model = spec.build_model(cfg, task)
     else:
         model = build_network(cfg, task.in_shape, task.num_classes)
+    # The weights are drawn on the CPU and then moved, so a seed gives the same start on every device.
+    model = model.to(device)
+    task = task.to(device)
     model.train()
     optimizer = _make_optimizer(cfg, model)
     loss_fn = loss_function(cfg)
@@ -256,7 +267,7 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
             torch.set_num_threads(int(ckpt["threads"]))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(ckpt["rng"])
+        _set_rng_state(ckpt["rng"], device)
         store = ArrayStore(ckpt["store"])
         probe_state.update(ckpt.get("probe_state", {}))
         start, offset, resumed_from = int(ckpt["step"]), int(ckpt["metrics_bytes"]), int(ckpt["step"])
@@ -268,6 +279,7 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
                 "config": config_to_dict(cfg)}
         rd.write_json(CONFIG, meta)
     env = environment()
+    env.update(describe_device(device))
     env["dataset"] = task.describe()
     env["resumed_from"] = resumed_from
     if resumed_from is not None and rd.file(ENV).exists():  # keep what the earlier attempt ran on
@@ -286,7 +298,7 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
         nbytes = rd.sync_metrics()
         rd.save_checkpoint({
             "format": CHECKPOINT_FORMAT, "step": step, "config_hash": h, "dataset": task.name,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
             "store": store.data, "probe_state": probe_state, "metrics_bytes": nbytes,
             "threads": torch.get_num_threads(),
         })

@@ -32,6 +32,7 @@ import torch
 from bnlab.errors import BnlabError, ConfigError, RunLockedError
 from bnlab.train.config import config_hash
 from bnlab.train.cost import EXPERIMENT_OVERHEAD_S, format_seconds, wall_seconds
+from bnlab.train.device import resolve_device
 from bnlab.train.loop import RunOptions, RunOutcome, RunSpec, train_run
 from bnlab.train.progress import Progress
 from bnlab.train.rundir import CHECKPOINT, CONFIG, ENV, RunDir, copy_finished_run, read_json, run_dir_path
@@ -120,18 +121,28 @@ def check_distinct_arms(planned: Sequence[PlannedRun], overrides: Mapping[str, A
 
 def plan_runs(exp: Any, profile: str, *, out: Path | str = "runs", seeds: Sequence[int] | None = None,
               overrides: Mapping[str, Any] | None = None, variants: Sequence[str] | None = None,
-              shard: tuple[int, int] | None = None, share_from: Sequence[Path | str] = ()) -> list[PlannedRun]:
+              shard: tuple[int, int] | None = None, share_from: Sequence[Path | str] = (),
+              settings: Sequence[str] | None = None) -> list[PlannedRun]:
     """Every (setting, variant, seed) run of ``exp`` at ``profile`` with its state and estimated cost.
 
     Only the ``robust`` profile has more than one setting (the experiment's robustness grid); each
     run's setting is stored in its config.json so verdicts can group by it. ``share_from``: other
     output folders (e.g. the quick profile's, whose runs are robust's primary setting) whose finished
     runs of exactly the same config and seed are copied ("copy") instead of computed again; only for
-    a run directory that does not exist yet. Creates nothing.
+    a run directory that does not exist yet. ``settings``: a subset of the robustness settings
+    ``profile`` runs (ConfigError for a name it does not run). Creates nothing.
     """
-    settings = exp.setting_names(profile) if hasattr(exp, "setting_names") else [""]
+    names = exp.setting_names(profile) if hasattr(exp, "setting_names") else [""]
+    if settings:
+        unknown = [s for s in settings if s not in names]
+        if unknown:
+            at = (f"at --profile {profile}" if len(names) > 1 else
+                  f"at --profile {profile}, which runs only the primary setting (use --profile robust)")
+            raise ConfigError(f"experiment {exp.name!r} has no setting(s) {', '.join(map(repr, unknown))} {at}; "
+                              f"settings: {'; '.join(getattr(exp, 'settings', None) or names)}")
+        names = [s for s in names if s in settings]
     planned = []
-    for setting in settings:
+    for setting in names:
         configs = exp.configs(profile, overrides, setting) if setting else exp.configs(profile, overrides)
         if variants:
             unknown = [v for v in variants if v not in configs]
@@ -348,7 +359,8 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
                    max_minutes: float | None = None, quiet: bool = False, tensorboard: bool = False,
                    data_dir: str | None = None, wait: bool = False, shard: tuple[int, int] | None = None,
                    echo: Callable[[str], None] = print, progress: Progress | None = None,
-                   announce_data: bool = True, share_from: Sequence[Path | str] = ()) -> ExperimentRun:
+                   announce_data: bool = True, share_from: Sequence[Path | str] = (),
+                   settings: Sequence[str] | None = None, device: str | None = None) -> ExperimentRun:
     """Plan, check, estimate, run (see module docstring); runs go to ``out/<experiment>/...``.
 
     Everything that can be checked is checked before the first line is printed or the first file is
@@ -357,18 +369,20 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
     (the others still ran). ``progress``: an outer Progress counting estimated seconds of work
     (``bnlab reproduce``: one over several experiments); without it, and unless ``quiet``, one
     over this experiment's steps. ``announce_data``: print the dataset-fallback notices (False when
-    the caller printed them once for several experiments).
+    the caller printed them once for several experiments). ``settings``: run only these robustness
+    settings (see ``plan_runs``). ``device``: auto (None), cpu, cuda or cuda:N (bnlab.train.device).
     """
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     check_data_dir(data_dir)
+    resolved = resolve_device(device)  # an unknown or missing device fails before anything is printed
     if tensorboard:
         from bnlab.train.tensorboard import require_tensorboard
 
         require_tensorboard()
-    planned = plan_runs(exp, profile, out=out, seeds=seeds, overrides=overrides, variants=variants,
+    planned = plan_runs(exp, profile, out=out, seeds=seeds, overrides=overrides, variants=variants, settings=settings,
                         shard=shard, share_from=share_from)
     confirm_copies(planned, data_dir, exp.run_cost)
     todo = [p for p in planned if p.computes]
@@ -402,13 +416,14 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
         write(f"nothing to do: all {len(planned)} runs are done (delete a run directory to redo it)")
         return result
     write(f"estimated cost: {format_seconds(wall)}"
-          + (f" ({format_seconds(serial)} of CPU over {parallel} workers)" if parallel > 1 else ""))
+          + (f" ({format_seconds(serial)} of CPU over {parallel} workers)" if parallel > 1 else "")
+          + (f"; computing on {resolved} (the estimate is calibrated on CPUs)" if resolved.type != "cpu" else ""))
     for line in fallback_notices(tasks) if announce_data else ():
         write(line)
 
     threads = threads or _default_threads(workers)
     options = RunOptions(data_dir=data_dir, threads=threads, tensorboard=tensorboard,
-                         lock_wait=math.inf if wait else None)
+                         lock_wait=math.inf if wait else None, device=str(resolved))
     total_steps = sum(p.spec.cfg.steps - p.start_step for p in todo)
     # An outer progress (``bnlab reproduce``) counts estimated seconds of work, since a step of one
     # model can cost 100x a step of another; our own counts steps.

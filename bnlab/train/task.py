@@ -8,7 +8,7 @@ Loaded datasets are cached per process: a serial sweep over variants and seeds r
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -46,6 +46,13 @@ class Task:
     note: str
     is_classification: bool
     binarized: bool = False  # pixels thresholded at 0.5 (real MNIST with binarize=true only)
+
+    def to(self, device: torch.device | str) -> "Task":
+        """The same task with every tensor on ``device`` (itself when they already are)."""
+        names = ("x_train", "y_train", "x_test", "y_test", "x_eval", "y_eval", "x_probe", "y_probe")
+        if all(getattr(self, n).device == torch.device(device) for n in names):
+            return self
+        return replace(self, **{n: getattr(self, n).to(device) for n in names})
 
     def describe(self) -> dict[str, Any]:
         return {
