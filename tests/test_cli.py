@@ -657,6 +657,7 @@ def test_run_one_robustness_setting_alone(tmp_path, capsys, with_experiment):
     one = plan_runs(exp, "robust", out=tmp_path / "robust", settings=["lr 0.05"])
     assert {p.spec.setting for p in one} == {"lr 0.05"} and {p.spec.cfg.lr for p in one} == {0.05}
     assert [p.spec.run_dir for p in one] == [p.spec.run_dir for p in every if p.spec.setting == "lr 0.05"]
+    assert plan_runs(exp, "robust", out=tmp_path / "robust", settings=["LR 0.05"])[0].spec.setting == "lr 0.05"
     with pytest.raises(ConfigError, match="no setting.*'lr 0.5'.*settings: as declared; lr 0.05; wide"):
         plan_runs(exp, "robust", out=tmp_path / "robust", settings=["lr 0.5"])
     with pytest.raises(ConfigError, match="only the primary setting.*--profile robust"):
@@ -675,3 +676,8 @@ def test_run_one_robustness_setting_alone(tmp_path, capsys, with_experiment):
 def test_show_config_lists_the_robustness_settings(capsys):
     code, out, _ = bnlab(capsys, "run", "santurkar_vgg", "--profile", "robust", "--show-config")
     assert code == 0 and "robustness settings" in out and "'He init (init=kaiming)': init=kaiming" in out
+    from bnlab.experiments import get_experiment
+    from bnlab.train.runner import plan_runs
+
+    planned = plan_runs(get_experiment("santurkar_vgg"), "robust", out="unused", settings=["he init"], seeds=(0,))
+    assert {p.spec.setting for p in planned} == {"He init (init=kaiming)"} and {p.spec.cfg.init for p in planned} == {"kaiming"}

@@ -47,7 +47,8 @@ def test_task_moves_every_tensor_once():
     assert moved.name == task.name and moved.num_classes == task.num_classes
 
 
-def test_explicit_cpu_equals_auto_and_is_recorded(tmp_path):
+def test_explicit_cpu_equals_auto_and_is_recorded(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # auto means the CPU, also on a GPU machine
     exp = Experiment(name="_dev", description="tiny", base=TINY, variants={"bn": {"norm": "batch"}},
                      profiles={"smoke": {}})
     dirs = {}

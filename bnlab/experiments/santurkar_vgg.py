@@ -521,8 +521,8 @@ def _comparator_never_trained(rows: list[dict[str, Any]], dead: Sequence[int], s
         r["original_outcome"] = before
         r["ours"] = (f"comparator never trained: the standard net at LR 0.1 stayed at chance in {len(dead)}/"
                      f"{len(seeds)} seeds (its conv gradients vanish), so this compares with a constant "
-                     f"predictor (rule R-S1; without it: {before}; the robust profile's setting "
-                     f"{HE_INIT!r} has a standard net that trains); " + r["ours"])
+                     f"predictor (rule R-S1; without it: {before}; rule R-S2: the robust profile's He-init "
+                     f"setting, a declared deviation); " + r["ours"])
 
 
 def _rename(status: dict[str, str], names: dict[str, str]) -> dict[str, str]:

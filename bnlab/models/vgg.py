@@ -21,10 +21,15 @@ Choices the papers leave open, and ours:
   convs. Whether Santurkar's FC layers had BN is not stated in the paper. No dropout (plain SGD, no
   regularizers, App. A.1).
 - Init: Glorot uniform for every conv and linear weight, zero biases (App. A.1, see ``_init``);
-  norm γ = 1, β = 0 (the factory's default). ``init="kaiming"`` (He et al. 2015, N(0, 2/fan_in)) is
-  not the paper's: without a norm, Glorot halves the ReLU signal's variance per layer (a third where
-  the width doubles), so 13 convs shrink it by ~1e-5 or more, and at 1/8 width the standard net dies
-  before it trains; He init keeps it O(1) (a robustness setting of the Santurkar VGG experiment).
+  norm γ = 1, β = 0 (the factory's default). ``init="kaiming"`` (He et al. 2015, N(0, 2/fan_in), for
+  ReLU only) is not the paper's. Without a norm, Glorot multiplies the second moment of the ReLU
+  signal by C_in/(C_in + C_out) per conv (1/2 at equal widths, 1/3 where the width doubles): about
+  1e-5 over VGG-16's 13 convs at any width (width enters only through the first layer), where He keeps
+  it near 1. On 28x28 inputs convs 11-13 run on 1x1 maps, where the zero padding leaves only the
+  centre tap of each 3x3 kernel (1/9 of the fan-in), so both lose another ~1/9 per conv there: for
+  unit-variance inputs conv13's output variance at 1/8 width is ~5e-3 with He and ~1e-8 with Glorot
+  (tests/test_models.py). The
+  Santurkar VGG experiment uses He init as a declared deviation (rule R-S2 in docs/claims.md).
 
 Layer names (VGG-11, linear head): ``conv1 norm1 act1 pool1 conv2 norm2 act2 pool2 conv3 ... conv8 norm8
 act8 pool5 flatten fc9``; the number in ``conv{k}``/``fc{k}``/``norm{k}``/``act{k}`` is the weight-layer
@@ -76,7 +81,7 @@ class VGG(LayeredModel):
         num_classes: output units.
         activation: "relu" (default), "sigmoid" or "tanh".
         head: "linear" or "mlp" (see the module docstring).
-        init: "glorot" (the paper's, default) or "kaiming" (He init; see the module docstring).
+        init: "glorot" (the paper's, default) or "kaiming" (He init, ReLU only; see the module docstring).
 
     Raises:
         ConfigError: an unknown arch, head or init, or a width/size that is not positive.
@@ -103,6 +108,9 @@ class VGG(LayeredModel):
             raise ConfigError(f"unknown VGG head {head!r}; valid heads: {', '.join(HEADS)}")
         if init not in INITS:
             raise ConfigError(f"unknown VGG init {init!r}; valid inits: {', '.join(INITS)}")
+        if init == "kaiming" and activation != "relu":
+            raise ConfigError(f"init='kaiming' is He init for ReLU; with activation={activation!r} use "
+                              "init='glorot'")
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not (
             math.isfinite(width) and width > 0
         ):

@@ -28,13 +28,14 @@ fuses bnlab's BN. ``torch.jit.script`` compiles a TorchScript forward that runs 
 the same input checks (no warnings in TorchScript; errors arrive wrapped in ``torch.jit.Error``, as
 for a scripted torch.nn layer).
 """
+import inspect
 from typing import Any, List, Optional
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
-from bnlab.errors import (ChannelError, ConfigTypeError, DtypeError, InputTypeError, NoChannelsError, ShapeError,
+from bnlab.errors import (ChannelError, ConfigError, ConfigTypeError, DtypeError, InputTypeError, NoChannelsError, ShapeError,
                           VmapRunningStatsError)
 from bnlab.norm import kernels
 from bnlab.norm.functional import (
@@ -51,6 +52,10 @@ from bnlab.norm.functional import (
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "is_batchnorm", "bnlab_batch_norm_forward"]
 
+
+
+# torch >= 2.13's BN takes bias= (an affine weight without a shift); older ones always have the bias.
+_TORCH_BN_HAS_BIAS = "bias" in inspect.signature(nn.modules.batchnorm._BatchNorm.__init__).parameters
 
 class _BatchNorm(nn.modules.batchnorm._BatchNorm):
     """Shared forward of bnlab's BatchNorm{1,2,3}d; parameters and buffers are torch.nn's."""
@@ -73,8 +78,15 @@ class _BatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ConfigTypeError(f"num_features must be an int (the number of channels C), got {num_features!r}")
         if num_features < 0:
             raise ChannelError(f"num_features must be a non-negative int (the number of channels C), got {num_features!r}")
-        super().__init__(num_features, check_eps(eps), check_momentum(momentum), affine, track_running_stats,
-                         device, dtype, bias=bias)
+        if _TORCH_BN_HAS_BIAS:
+            super().__init__(num_features, check_eps(eps), check_momentum(momentum), affine, track_running_stats,
+                             device, dtype, bias=bias)
+        elif not bias:
+            raise ConfigError(f"bias=False needs torch >= 2.13 (this is torch {torch.__version__}): upgrade torch, "
+                              "or keep the bias")
+        else:  # an older torch (its BN always has the bias): the rest works the same
+            super().__init__(num_features, check_eps(eps), check_momentum(momentum), affine, track_running_stats,
+                             device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():

@@ -2,9 +2,11 @@
 CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 
 The device is how a run is computed, not what it computes: it is not part of the config or of the run
-directory's hash, and it is recorded in the run's env.json. A run resumed on another device continues
-from its checkpoint (the weights are the same; the low-order bits of what follows may differ, as with
-another thread count). The data of a run (at most CIFAR-10, 180 MB in float32) is moved to the device
+directory's hash, and it is recorded in the run's env.json. Runs on a GPU are not bit-reproducible
+(cuDNN picks its algorithms, some of them non-deterministic); on the CPU they are. A run resumed on
+another device continues from its checkpoint's weights, but not bit for bit, and a noisy-BN layer
+then draws a new noise stream (a generator's state does not carry between devices; see
+``bnlab.norm.noisy``): finish a run where it started. The data of a run (at most CIFAR-10, 180 MB in float32) is moved to the device
 once, so batches are slices of device tensors.
 """
 

@@ -169,7 +169,7 @@ def _seed_everything(seed: int) -> None:
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if device.type == "cuda":  # layers that draw on the GPU (noisy BN) use its default generator
+    if device.type == "cuda":  # what draws from the GPU's default generator (dropout) resumes exactly
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 

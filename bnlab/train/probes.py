@@ -117,6 +117,9 @@ class _Guard:
                         if isinstance(v, Tensor)}
         self.grads = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
         self.torch_rng = torch.get_rng_state()
+        # the default CUDA generators too (dropout on a GPU draws from them): a probe's train-mode
+        # forward must not shift the training run's masks there either
+        self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         self.np_rng = np.random.get_state()
         self.py_rng = random.getstate()
 
@@ -132,6 +135,8 @@ class _Guard:
         for m, mode in self.training:
             m.training = mode
         torch.set_rng_state(self.torch_rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(self.cuda_rng)
         np.random.set_state(self.np_rng)
         random.setstate(self.py_rng)
         self.generators.restore()

@@ -134,6 +134,13 @@ def plan_runs(exp: Any, profile: str, *, out: Path | str = "runs", seeds: Sequen
     """
     names = exp.setting_names(profile) if hasattr(exp, "setting_names") else [""]
     if settings:
+        # a setting's name is long ("He init (init=kaiming)"): accept it in any case, or by the part
+        # before its parenthesis when that names one setting
+        def match(given: str) -> str:
+            low = given.strip().lower()
+            hits = [n for n in names if n.lower() == low] or [n for n in names if n.lower().split(" (")[0] == low]
+            return hits[0] if len(hits) == 1 else given
+        settings = [match(s) for s in settings]
         unknown = [s for s in settings if s not in names]
         if unknown:
             at = (f"at --profile {profile}" if len(names) > 1 else
