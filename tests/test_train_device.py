@@ -68,3 +68,22 @@ def test_cli_refuses_a_missing_gpu_before_creating_anything(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "CUDA is not available" in proc.stderr and "--device cpu" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_verdict_over_cpu_and_gpu_runs_says_so(tmp_path, monkeypatch):
+    """dataset_text, which every verdict row and report section carries, names a non-CPU device."""
+    from bnlab.experiments.base import dataset_text
+    from bnlab.train.results import ExperimentResults
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    exp = Experiment(name="_dev2", description="tiny", base=TINY, variants={"bn": {"norm": "batch"}},
+                     profiles={"smoke": {}})
+    r = run_experiment(exp, "smoke", out=tmp_path, seeds=(0, 1), quiet=True, threads=1, echo=lambda s: None)
+    dirs = [p.spec.run_dir for p in r.planned]
+    assert dataset_text(ExperimentResults.from_run_dirs(dirs, "_dev2").runs) == "scikit-learn 8x8 digits"
+    env_path = dirs[1] / "env.json"  # as a GPU run records itself
+    env = json.loads(env_path.read_text())
+    env.update(device="cuda", gpu="NVIDIA H200")
+    env_path.write_text(json.dumps(env))
+    text = dataset_text(ExperimentResults.from_run_dirs(dirs, "_dev2").runs)
+    assert text == "scikit-learn 8x8 digits / scikit-learn 8x8 digits, on cuda (NVIDIA H200)"

@@ -281,7 +281,8 @@ class SettingRuns:
 
 def dataset_text(runs: Sequence[RunResult]) -> str:
     """The data the runs really used, for titles and verdict rows, e.g.
-    "Fashion-MNIST, grey levels (MNIST not installed)" or "MNIST, binarized at 0.5"."""
+    "Fashion-MNIST, grey levels (MNIST not installed)" or "MNIST, binarized at 0.5"; runs made on a GPU
+    add where (", on cuda (NVIDIA H200)"), so a verdict over runs of several devices says so."""
     out = set()
     for r in runs:
         d = r.dataset
@@ -292,6 +293,10 @@ def dataset_text(runs: Sequence[RunResult]) -> str:
         req = d.get("requested")
         if req and req != used:
             text += f" ({DATASET_NAMES.get(req, req)} not installed)"
+        device = str(r.env.get("device") or "cpu")  # runs made before devices existed ran on the CPU
+        if device != "cpu":  # a verdict over CPU and GPU seeds lists both
+            gpu = r.env.get("gpu")
+            text += f", on {device}" + (f" ({gpu})" if gpu else "")
         out.add(text)
     return " / ".join(sorted(out)) or "unknown"
 
