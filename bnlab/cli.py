@@ -438,8 +438,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     variants = dict(selected)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     check_data_dir(args.data_dir)
-    resolve_device(args.device)  # before the plan is printed
     root = profile_root(args.out, profile)
+    on_gpu = resolve_device(args.device).type != "cpu"
     # The whole plan first: one estimate for everything, and an overall ETA between experiments.
     share_from = sibling_profile_roots(root, args.no_reuse)
     plans = {e.name: plan_runs(e, profile, out=root, seeds=seeds, variants=variants[e.name], share_from=share_from)
@@ -459,7 +459,9 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"estimated {format_seconds(total)} for {total_runs - n_done - n_copy} runs to train exceeds "
             f"--max-minutes {args.max_minutes:g}; use a smaller --profile (smoke, quick), fewer --seeds or "
-            "experiments, more --workers, or raise --max-minutes")
+            "experiments, more --workers, or raise --max-minutes"
+            + (" (the estimate is calibrated on CPUs, far too high on a GPU: leave --max-minutes out there)"
+               if on_gpu else ""))
     shown = [n if variants[n] is None else f"{n} ({', '.join(variants[n])})" for n in plans]
     print(f"reproduce [{profile}]: {', '.join(shown)}: {total_runs} runs, {n_done} already done"
           + (f", {n_copy} to copy from another profile's folder" if n_copy else "")

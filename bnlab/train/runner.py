@@ -406,6 +406,8 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
         raise ConfigError(
             f"estimated {format_seconds(wall)} exceeds --max-minutes {max_minutes:g}; use a smaller "
             f"--profile (smoke, quick), fewer --seeds or --variants, more --workers, or raise --max-minutes"
+            + (f" (the estimate is calibrated on CPUs; on {resolved} it is far too high: leave "
+               "--max-minutes out there)" if resolved.type != "cpu" else "")
         )
     write = progress.write if progress is not None else echo
     n_done = sum(p.state == "done" for p in planned)
