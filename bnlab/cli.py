@@ -202,12 +202,63 @@ def cmd_run(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard) if args.shard else None
     check_data_dir(args.data_dir)
     root = profile_root(args.out, profile)
+    if args.nproc is not None and (args.nproc > 1 or args.torchrun_args):
+        from bnlab.train.ddp import RANK_PROCESS_ENV, launch
+
+        if os.environ.get(RANK_PROCESS_ENV):
+            return _run_rank(args, exp, profile, overrides, seeds, variants, shard, root)
+        if args.workers > 1:
+            raise ConfigError("--nproc trains one run at a time over its processes; drop --workers "
+                              "(or drop --nproc to train several runs side by side)")
+        small = {v: c.batch_size for v, c in exp.configs(profile, overrides).items() if c.batch_size < args.nproc}
+        if small:
+            v, b = next(iter(small.items()))
+            raise ConfigError(f"variant {v!r} has batch_size={b}, fewer examples than --nproc {args.nproc} processes; "
+                              f"use --nproc {b} or fewer, or --set batch_size=...")
+        return launch(args.argv, args.nproc, args.torchrun_args, args.threads or 1)
+    elif args.torchrun_args:
+        raise ConfigError("--torchrun-args needs --nproc N (processes per node)")
     run = run_experiment(
         exp, profile, out=root, seeds=seeds, overrides=overrides, variants=variants,
         workers=args.workers, threads=args.threads, max_minutes=args.max_minutes, quiet=args.quiet,
         tensorboard=args.tensorboard, data_dir=args.data_dir, wait=args.wait, shard=shard,
         share_from=sibling_profile_roots(root, args.no_reuse),
     )
+    if shard is not None or variants:
+        print("verdict: skipped for a partial run (--shard/--variants); run without them once every "
+              "part is done to get it")
+        return 0
+    write_verdict_and_plots(exp, run.run_dirs, root, profile, overrides)
+    return 0
+
+
+def _run_rank(args: argparse.Namespace, exp: Any, profile: str, overrides: dict[str, Any], seeds: Any,
+              variants: Any, shard: Any, root: Path) -> int:
+    """One rank process of ``bnlab run --nproc`` (started by torchrun through ``launch``): rank 0 plans,
+    prints, writes and trains every run with the others; they follow it (bnlab.train.ddp)."""
+    from bnlab.train import ddp
+    from bnlab.train.loop import RunOptions
+    from bnlab.train.runner import _die_with_parent, plan_runs, run_experiment
+
+    _die_with_parent()  # torchrun starts ranks in their own sessions: go when the launcher goes
+    ranks = ddp.init_from_env()
+    distributed = ranks.world > 1
+    threads = args.threads or 1
+    try:
+        if not ranks.writer:
+            specs = [p.spec for p in plan_runs(exp, profile, out=root, seeds=seeds, overrides=overrides,
+                                               variants=variants, shard=shard)]
+            ddp.follow(specs, RunOptions(data_dir=args.data_dir, threads=threads, distributed=True))
+            return 0
+        run = run_experiment(
+            exp, profile, out=root, seeds=seeds, overrides=overrides, variants=variants, workers=1,
+            threads=threads, max_minutes=args.max_minutes, quiet=args.quiet, tensorboard=args.tensorboard,
+            data_dir=args.data_dir, wait=args.wait, shard=shard, share_from=sibling_profile_roots(root, args.no_reuse),
+            distributed=distributed)
+        if distributed:
+            ddp.end(ranks)
+    finally:
+        ddp.shutdown()
     if shard is not None or variants:
         print("verdict: skipped for a partial run (--shard/--variants); run without them once every "
               "part is done to get it")
@@ -422,6 +473,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from bnlab.train.runner import (check_configs, check_data_dir, confirm_copies, fallback_notices, parse_seeds,
                                     plan_runs, run_experiment)
 
+    if args.nproc is not None:
+        raise ConfigError("--nproc is for `bnlab run NAME --nproc N` (one experiment, each run over N processes); "
+                          "reproduce trains many small runs, which --workers spreads over processes better: run "
+                          "`bnlab run NAME --nproc N` for the experiments you want data-parallel, then "
+                          "`bnlab reproduce` (it reuses the finished runs)")
     profile = check_profile(args.profile)
     selected = select_targets(args.targets)
     exps = [get_experiment(n) for n, _ in selected]
@@ -728,6 +784,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, metavar="I/N", help="run only every N-th run, from the I-th")
     p.add_argument("--no-reuse", action="store_true",
                    help=_NO_REUSE_HELP)
+    p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+                   help="train each run data-parallel over N processes (per node) through torchrun, with "
+                        "synchronized BN; the global batch stays batch_size (gloo, CPU)")
+    p.add_argument("--torchrun-args", default=None, metavar="ARGS",
+                   help="torchrun's own options for several nodes, as one string, e.g. "
+                        "\"--nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint host:29500\"")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("doctor", help="versions, threads, dataset search paths and what was found; with "
@@ -760,6 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: OUT/PROFILE/report.html)")
     p.add_argument("--no-reuse", action="store_true",
                    help=_NO_REUSE_HELP)
+    p.add_argument("--nproc", type=_positive_int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild the HTML report from stored runs only (never trains)")
@@ -780,7 +843,11 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    rank_argv = os.environ.get("BNLAB_DDP_RANK_ARGV")
+    if argv is None and rank_argv and not sys.argv[1:]:  # a rank process of `bnlab run --nproc` (bnlab.train.ddp)
+        argv = json.loads(rank_argv)
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a --nproc run's ranks run again
     if args.command in ("run", "reproduce"):
         from bnlab.train.memory import apply_policy
         apply_policy()  # reuse freed memory across steps (opt out: BNLAB_MALLOC=default)
@@ -794,6 +861,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bnlab: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        if os.environ.get("BNLAB_DDP_RANK_ARGV"):
+            return EXIT_INTERRUPTED  # a rank stopped by torchrun: the launcher says what happened
         print("\nbnlab: interrupted; finished runs and the last checkpoints are kept: run the same "
               "command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

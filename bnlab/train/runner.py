@@ -348,7 +348,8 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
                    max_minutes: float | None = None, quiet: bool = False, tensorboard: bool = False,
                    data_dir: str | None = None, wait: bool = False, shard: tuple[int, int] | None = None,
                    echo: Callable[[str], None] = print, progress: Progress | None = None,
-                   announce_data: bool = True, share_from: Sequence[Path | str] = ()) -> ExperimentRun:
+                   announce_data: bool = True, share_from: Sequence[Path | str] = (),
+                   distributed: bool = False) -> ExperimentRun:
     """Plan, check, estimate, run (see module docstring); runs go to ``out/<experiment>/...``.
 
     Everything that can be checked is checked before the first line is printed or the first file is
@@ -357,10 +358,14 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
     (the others still ran). ``progress``: an outer Progress counting estimated seconds of work
     (``bnlab reproduce``: one over several experiments); without it, and unless ``quiet``, one
     over this experiment's steps. ``announce_data``: print the dataset-fallback notices (False when
-    the caller printed them once for several experiments).
+    the caller printed them once for several experiments). ``distributed``: this is rank 0 of a
+    data-parallel job (``bnlab run --nproc``); each run is trained by every rank (bnlab.train.ddp),
+    one run at a time.
     """
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if distributed and workers > 1:
+        raise ConfigError("--nproc trains one run at a time over its processes; drop --workers")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     check_data_dir(data_dir)
@@ -408,7 +413,7 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
 
     threads = threads or _default_threads(workers)
     options = RunOptions(data_dir=data_dir, threads=threads, tensorboard=tensorboard,
-                         lock_wait=math.inf if wait else None)
+                         lock_wait=math.inf if wait else None, distributed=distributed)
     total_steps = sum(p.spec.cfg.steps - p.start_step for p in todo)
     # An outer progress (``bnlab reproduce``) counts estimated seconds of work, since a step of one
     # model can cost 100x a step of another; our own counts steps.
