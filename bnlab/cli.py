@@ -241,10 +241,31 @@ def _run_rank(args: argparse.Namespace, exp: Any, profile: str, overrides: dict[
     from bnlab.train.runner import _die_with_parent, plan_runs, run_experiment
 
     _die_with_parent()  # torchrun starts ranks in their own sessions: go when the launcher goes
+    # torchrun stops the ranks with SIGTERM when one fails: end at once, quietly (files are written
+    # atomically and a resume truncates the metrics to the checkpoint, as after a kill)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(EXIT_INTERRUPTED))
     ranks = ddp.init_from_env()
     distributed = ranks.world > 1
     threads = args.threads or 1
     try:
+        return _rank_body(args, exp, profile, overrides, seeds, variants, shard, root, ranks, distributed, threads)
+    except RuntimeError as err:
+        if isinstance(err, BnlabError) or not ddp.collective_failure(err):
+            raise
+        raise ddp.DistributedRunError(
+            f"rank {ranks.rank}: a collective with the other ranks failed ({str(err).strip().splitlines()[0]}); "
+            "another rank died or stalled") from None
+    finally:
+        ddp.shutdown()
+
+
+def _rank_body(args: argparse.Namespace, exp: Any, profile: str, overrides: dict[str, Any], seeds: Any,
+               variants: Any, shard: Any, root: Path, ranks: Any, distributed: bool, threads: int) -> int:
+    from bnlab.train import ddp
+    from bnlab.train.loop import RunOptions
+    from bnlab.train.runner import plan_runs, run_experiment
+
+    if True:
         if not ranks.writer:
             specs = [p.spec for p in plan_runs(exp, profile, out=root, seeds=seeds, overrides=overrides,
                                                variants=variants, shard=shard)]
@@ -257,8 +278,6 @@ def _run_rank(args: argparse.Namespace, exp: Any, profile: str, overrides: dict[
             distributed=distributed)
         if distributed:
             ddp.end(ranks)
-    finally:
-        ddp.shutdown()
     if shard is not None or variants:
         print("verdict: skipped for a partial run (--shard/--variants); run without them once every "
               "part is done to get it")
@@ -730,6 +749,87 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bnlab fold / recalibrate ----------------------------------------------------------------------
+
+def _bn_count(model: Any) -> int:
+    from bnlab.norm.deploy import FROZEN
+    from bnlab.norm.modules import is_batchnorm
+
+    return sum(1 for m in model.modules() if is_batchnorm(m) or isinstance(m, FROZEN))
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    """Fold the BN layers of a trained run's model into their neighbouring Linear/Conv layers and save
+    the result as a torch.export program (no Python class needed to load it)."""
+    import io
+
+    import torch
+
+    from bnlab.atomic import atomic_write_bytes
+    from bnlab.experiments.restore import restore_model, sequential_chain
+    from bnlab.norm.deploy import fold
+
+    r = restore_model(args.path, args.data_dir)
+    chain = sequential_chain(r.model)
+    before = _bn_count(chain)
+    folded = fold(chain)
+    left = _bn_count(folded)
+    x = r.task.x_eval[:256]
+    with torch.no_grad():
+        diff = float((folded(x) - r.model(x)).abs().max())
+    try:
+        program = torch.export.export(folded, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as err:  # a model torch.export cannot capture
+        raise ConfigError(f"the folded model could not be exported ({type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0]}); use bnlab.norm.deploy.fold in Python instead") from None
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    atomic_write_bytes(args.out, buf.getvalue())
+    print(f"folded {before - left} of {before} BN layers of {r.weights} into their neighbouring Linear/Conv layers"
+          + (f" ({left} left: not next to one)" if left else ""))
+    print(f"eval outputs on {x.shape[0]} examples of {r.task.name}: folded vs original differ by at most {diff:.2g}")
+    print(f"saved to {args.out} (torch.export program: torch.export.load(path).module()(x))")
+    return 0
+
+
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    """Recompute a trained run's BN running statistics as the exact population statistics over
+    ``--batches`` training batches (precise BN) and save the state_dict."""
+    import io
+
+    import torch
+
+    from bnlab.atomic import atomic_write_bytes
+    from bnlab.data import Batches
+    from bnlab.experiments.restore import restore_model
+    from bnlab.norm.deploy import recalibrate
+    from bnlab.train.loop import evaluate
+
+    r = restore_model(args.run_dir, args.data_dir)
+    if r.weights.parent != r.run_dir or not Path(args.run_dir).is_dir():
+        raise ConfigError(f"bnlab recalibrate takes a run directory, got the file {args.run_dir}; pass its folder")
+    batch_size = args.batch_size or r.cfg.batch_size
+    n_train = int(r.task.x_train.shape[0])
+    if batch_size > n_train:
+        raise ConfigError(f"--batch-size {batch_size} exceeds the {n_train} training examples of {r.task.name}")
+    batches = Batches(r.task.x_train, r.task.y_train, batch_size, int(r.meta.get("seed", 0)))
+    out = Path(args.out) if args.out else r.run_dir / "model_recalibrated.pt"
+    cls = r.task.is_classification
+    before = evaluate(r.model, r.cfg, r.task.x_eval, r.task.y_eval, cls)
+    seen = recalibrate(r.model, (batches.batch(i)[0] for i in range(args.batches)), num_batches=args.batches,
+                       progress=sys.stderr.isatty() and not args.quiet)
+    after = evaluate(r.model, r.cfg, r.task.x_eval, r.task.y_eval, cls)
+    buf = io.BytesIO()
+    torch.save(r.model.state_dict(), buf)
+    atomic_write_bytes(out, buf.getvalue())
+    key = "acc" if cls else "loss"
+    print(f"recalibrated {len(seen)} BN layers over {args.batches} batches of {batch_size} training examples "
+          f"({r.task.name}): population mean and unbiased variance per channel")
+    print(f"eval {key} on {before['n']} test examples: {before[key]:.4f} before, {after[key]:.4f} after")
+    print(f"saved the state_dict to {out}")
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -805,6 +905,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-mode", action="store_true",
                    help="inspect the model in the mode it was built in (default: eval, as for inference)")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("fold", help="fold a trained run's BN into its Linear/Conv layers; save a torch.export program")
+    p.add_argument("path", help="a run directory (runs/<profile>/<experiment>/<variant>/seed<k>) or its "
+                                "model.pt / checkpoint.pt")
+    p.add_argument("--out", type=Path, required=True, help="the file to write (e.g. folded.pt2)")
+    p.add_argument("--data-dir", default=None, help="look for datasets here first (the check uses the run's data)")
+    p.set_defaults(func=cmd_fold)
+
+    p = sub.add_parser("recalibrate", help="recompute a trained run's BN running statistics over N training "
+                                           "batches (exact population statistics)")
+    p.add_argument("run_dir", help="a run directory (runs/<profile>/<experiment>/<variant>/seed<k>)")
+    p.add_argument("--batches", type=_positive_int, required=True, help="how many training batches to use")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="default: the run's batch_size")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where to save the state_dict (default: RUN_DIR/model_recalibrated.pt)")
+    p.add_argument("--data-dir", default=None, help="look for datasets here first")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_recalibrate)
 
     p = sub.add_parser("reproduce", help="run a paper's experiments (what is missing) and write the HTML report")
     p.add_argument("targets", nargs="*", metavar="TARGET",

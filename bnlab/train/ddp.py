@@ -110,6 +110,13 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def collective_failure(err: BaseException) -> bool:
+    """Whether ``err`` is torch.distributed reporting that the other ranks are gone or unreachable."""
+    text = str(err)
+    return isinstance(err, getattr(dist, "DistError", ())) or any(
+        w in text for w in ("gloo", "Connection reset", "Connection closed", "Broken pipe", "timed out", "Timed out"))
+
+
 def run_key(spec: Any) -> str:
     """A run's name that every rank computes alike: experiment/variant-hash/seedK."""
     return f"{spec.experiment}/{spec.run_dir.parent.name}/{spec.run_dir.name}"
@@ -202,6 +209,7 @@ def launch(argv: list[str], nproc: int, torchrun_args: str | None, threads: int)
     import contextlib
     import io
     import logging
+    import signal
     from pathlib import Path
 
     if not dist.is_available():
@@ -236,9 +244,18 @@ def launch(argv: list[str], nproc: int, torchrun_args: str | None, threads: int)
     try:
         torchrun.run(parsed)
     except ChildFailedError as err:
-        if any(f.exitcode == 2 for f in err.failures.values()):
-            return 2  # the rank printed its own bnlab error (a bad value, a locked or refused run)
-        rank, failure = err.get_first_failure()
+        # A rank that exited with code 2 printed its own bnlab error (a bad value, a refused run, or a
+        # collective that failed because another rank died): name a rank that died otherwise, if any.
+        # Exit code 130 is a rank that torchrun stopped (SIGTERM) because another failed: the cause is
+        # the others, a rank killed by a signal first.
+        def cause(item: tuple[int, Any]) -> tuple[int, float, int]:
+            rank, f = item
+            return (0 if f.exitcode < 0 and f.exitcode != -signal.SIGTERM else 1 if f.exitcode not in (2, 130) else 2,
+                    f.timestamp, rank)
+
+        rank, failure = min(err.failures.items(), key=cause)
+        if failure.exitcode in (2, 130) and any(f.exitcode == 2 for f in err.failures.values()):
+            return 2
         how = (f"was killed by signal {failure.signal_name()}" if failure.exitcode < 0
                else f"exited with code {failure.exitcode}")
         raise DistributedRunError(

@@ -331,7 +331,7 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir | None,
 
         # Buffers are not broadcast each step: synchronized BN already gives every rank the same running
         # statistics, and the constructor makes the ranks start from rank 0's parameters and buffers.
-        net = DistributedDataParallel(model, broadcast_buffers=False)
+        net = DistributedDataParallel(model, forward_sync_buffers=False)
     if writer:
         env = environment()
         env["dataset"] = task.describe()
