@@ -72,6 +72,10 @@ _NO_REUSE_HELP = ("train every run here, even one that another profile's folder 
                   "runs into robust, whose primary setting they are)")
 
 
+_NO_DOCTOR_HELP = ("leave out the report's BN doctor section (the doctor on the first seed of each variant: "
+                   "a model load and a few forward passes each)")
+
+
 def sibling_profile_roots(root: Path, no_reuse: bool = False) -> list[Path]:
     """The other profiles' folders next to ``root`` (``runs/quick`` for ``runs/robust``), whose finished
     runs of an identical config and seed a run may copy instead of training again; none with --no-reuse."""
@@ -552,7 +556,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     # them (a later `reproduce ioffe` must not drop the Santurkar sections); -o with a list of
     # experiments writes a report of those only.
     named = [e.name for e in exps]
-    report = collect(root, named if args.output is not None else None, args.output, profile=profile)
+    report = collect(root, named if args.output is not None else None, args.output, profile=profile,
+                     doctor=not args.no_doctor)
     path = write_report(report)
     _write_verdicts(root, report.rows)
     shown = [r for r in report.rows if r.get("experiment") in named]
@@ -589,7 +594,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.dir} holds runs of several profiles ({', '.join(roots)}): one report "
                               "each; add --profile P to choose the one -o names")
     for root, profile in targets:
-        report = collect(root, args.experiments or None, args.output, profile=profile)
+        report = collect(root, args.experiments or None, args.output, profile=profile, doctor=not args.no_doctor)
         path = write_report(report)
         _write_verdicts(root, report.rows)  # verdict.json always says what the report says
         if len(targets) > 1:
@@ -941,6 +946,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reuse", action="store_true",
                    help=_NO_REUSE_HELP)
     p.add_argument("--nproc", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-doctor", action="store_true", help=_NO_DOCTOR_HELP)
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild the HTML report from stored runs only (never trains)")
@@ -950,6 +956,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, metavar="PROFILE", help=f"only this profile ({known})")
     p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: next to the runs)")
     p.add_argument("--experiments", nargs="+", default=None, help="only these experiments")
+    p.add_argument("--no-doctor", action="store_true", help=_NO_DOCTOR_HELP)
     p.set_defaults(func=cmd_report)
     from bnlab.bench_kernels import register_cli
     register_cli(sub)  # bnlab bench kernels
