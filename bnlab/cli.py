@@ -197,7 +197,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     exp = get_experiment(args.name)
     profile = check_profile(args.profile)
     overrides = parse_overrides(args.set)
-    exp.configs(profile, overrides)  # wrong types / values fail here, before any output
+    from bnlab.train.config import check_norm_options_used
+
+    # wrong types / values fail here, before any output; so does a norm option no variant takes
+    check_norm_options_used(exp.configs(profile, overrides), overrides)
     if args.show_config:
         show_config(exp, profile, overrides)
         return 0
