@@ -273,3 +273,19 @@ def test_cli_a_killed_rank_ends_the_command_with_one_line(tmp_path):
     assert f"bnlab: error: rank 1 of the --nproc 2 run was killed by signal SIGKILL (pid {pid})" in err
     assert "run the same command again to resume" in err and "Traceback" not in err
     assert seconds < 30
+
+
+def test_missing_torch_distributed_or_torchrun_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    import torch.distributed as dist
+
+    argv = ["run", "ioffe_mnist", "--profile", "smoke", "--nproc", "2", "--out", str(tmp_path)]
+    monkeypatch.setitem(sys.modules, "torch.distributed.run", None)  # importing it raises ImportError
+    monkeypatch.delattr(dist, "run", raising=False)  # (set on the package once another test imported it)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "torchrun (torch.distributed.run) cannot be imported" in err and err.count("\n") == 1
+    monkeypatch.setattr(dist, "is_available", lambda: False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "this torch build has no torch.distributed, which --nproc needs" in err and err.count("\n") == 1
+    assert not any(tmp_path.iterdir())
