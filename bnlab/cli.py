@@ -272,19 +272,18 @@ def _rank_body(args: argparse.Namespace, exp: Any, profile: str, overrides: dict
     from bnlab.train.loop import RunOptions
     from bnlab.train.runner import plan_runs, run_experiment
 
-    if True:
-        if not ranks.writer:
-            specs = [p.spec for p in plan_runs(exp, profile, out=root, seeds=seeds, overrides=overrides,
-                                               variants=variants, shard=shard)]
-            ddp.follow(specs, RunOptions(data_dir=args.data_dir, threads=threads, distributed=True))
-            return 0
-        run = run_experiment(
-            exp, profile, out=root, seeds=seeds, overrides=overrides, variants=variants, workers=1,
-            threads=threads, max_minutes=args.max_minutes, quiet=args.quiet, tensorboard=args.tensorboard,
-            data_dir=args.data_dir, wait=args.wait, shard=shard, share_from=sibling_profile_roots(root, args.no_reuse),
-            distributed=distributed)
-        if distributed:
-            ddp.end(ranks)
+    if not ranks.writer:  # train what rank 0 announces; print and write nothing
+        specs = [p.spec for p in plan_runs(exp, profile, out=root, seeds=seeds, overrides=overrides,
+                                           variants=variants, shard=shard)]
+        ddp.follow(specs, RunOptions(data_dir=args.data_dir, threads=threads, distributed=True))
+        return 0
+    run = run_experiment(
+        exp, profile, out=root, seeds=seeds, overrides=overrides, variants=variants, workers=1,
+        threads=threads, max_minutes=args.max_minutes, quiet=args.quiet, tensorboard=args.tensorboard,
+        data_dir=args.data_dir, wait=args.wait, shard=shard, share_from=sibling_profile_roots(root, args.no_reuse),
+        distributed=distributed)
+    if distributed:
+        ddp.end(ranks)  # only after every run: an error before this ends rank 0, and torchrun the others
     if shard is not None or variants:
         print("verdict: skipped for a partial run (--shard/--variants); run without them once every "
               "part is done to get it")

@@ -37,7 +37,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
