@@ -72,6 +72,10 @@ _NO_REUSE_HELP = ("train every run here, even one that another profile's folder 
                   "runs into robust, whose primary setting they are)")
 
 
+_NO_DOCTOR_HELP = ("leave out the report's BN doctor section (the doctor on the first seed of each variant: "
+                   "a model load and a few forward passes each)")
+
+
 def sibling_profile_roots(root: Path, no_reuse: bool = False) -> list[Path]:
     """The other profiles' folders next to ``root`` (``runs/quick`` for ``runs/robust``), whose finished
     runs of an identical config and seed a run may copy instead of training again; none with --no-reuse."""
@@ -200,7 +204,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     exp = get_experiment(args.name)
     profile = check_profile(args.profile)
     overrides = parse_overrides(args.set)
-    exp.configs(profile, overrides)  # wrong types / values fail here, before any output
+    from bnlab.train.config import check_norm_options_used
+
+    # wrong types / values fail here, before any output; so does a norm option no variant takes
+    check_norm_options_used(exp.configs(profile, overrides), overrides)
     if args.show_config:
         show_config(exp, profile, overrides)
         return 0
@@ -210,6 +217,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard) if args.shard else None
     check_data_dir(args.data_dir)
     root = profile_root(args.out, profile)
+    if args.nproc is not None and (args.nproc > 1 or args.torchrun_args):
+        from bnlab.train.ddp import RANK_PROCESS_ENV, launch
+
+        if os.environ.get(RANK_PROCESS_ENV):
+            return _run_rank(args, exp, profile, overrides, seeds, variants, shard, root)
+        from bnlab.train.device import resolve_device
+
+        if args.device not in (None, "auto") and resolve_device(args.device).type != "cpu":
+            raise ConfigError(f"--nproc trains on CPUs (gloo) for now, not --device {args.device}; drop --device, "
+                              "or train on one GPU without --nproc")
+        if args.workers > 1:
+            raise ConfigError("--nproc trains one run at a time over its processes; drop --workers "
+                              "(or drop --nproc to train several runs side by side)")
+        small = {v: c.batch_size for v, c in exp.configs(profile, overrides).items() if c.batch_size < args.nproc}
+        if small:
+            v, b = next(iter(small.items()))
+            raise ConfigError(f"variant {v!r} has batch_size={b}, fewer examples than --nproc {args.nproc} processes; "
+                              f"use --nproc {b} or fewer, or --set batch_size=...")
+        return launch(args.argv, args.nproc, args.torchrun_args, args.threads or 1)
+    elif args.torchrun_args:
+        raise ConfigError("--torchrun-args needs --nproc N (processes per node)")
     run = run_experiment(
         exp, profile, out=root, seeds=seeds, overrides=overrides, variants=variants, settings=settings,
         device=args.device,
@@ -218,6 +246,59 @@ def cmd_run(args: argparse.Namespace) -> int:
         share_from=sibling_profile_roots(root, args.no_reuse),
     )
     if shard is not None or variants or settings:
+        print("verdict: skipped for a partial run (--shard/--variants/--setting); run without them once "
+              "every part is done to get it (`bnlab report` shows what is stored)")
+        return 0
+    write_verdict_and_plots(exp, run.run_dirs, root, profile, overrides)
+    return 0
+
+
+def _run_rank(args: argparse.Namespace, exp: Any, profile: str, overrides: dict[str, Any], seeds: Any,
+              variants: Any, shard: Any, root: Path) -> int:
+    """One rank process of ``bnlab run --nproc`` (started by torchrun through ``launch``): rank 0 plans,
+    prints, writes and trains every run with the others; they follow it (bnlab.train.ddp)."""
+    from bnlab.train import ddp
+    from bnlab.train.loop import RunOptions
+    from bnlab.train.runner import _die_with_parent, plan_runs, run_experiment
+
+    _die_with_parent()  # torchrun starts ranks in their own sessions: go when the launcher goes
+    # torchrun stops the ranks with SIGTERM when one fails: end at once, quietly (files are written
+    # atomically and a resume truncates the metrics to the checkpoint, as after a kill)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(EXIT_INTERRUPTED))
+    ranks = ddp.init_from_env()
+    distributed = ranks.world > 1
+    threads = args.threads or 1
+    try:
+        return _rank_body(args, exp, profile, overrides, seeds, variants, shard, root, ranks, distributed, threads)
+    except RuntimeError as err:
+        if isinstance(err, BnlabError) or not ddp.collective_failure(err):
+            raise
+        raise ddp.DistributedRunError(
+            f"rank {ranks.rank}: a collective with the other ranks failed ({str(err).strip().splitlines()[0]}); "
+            "another rank died or stalled") from None
+    finally:
+        ddp.shutdown()
+
+
+def _rank_body(args: argparse.Namespace, exp: Any, profile: str, overrides: dict[str, Any], seeds: Any,
+               variants: Any, shard: Any, root: Path, ranks: Any, distributed: bool, threads: int) -> int:
+    from bnlab.train import ddp
+    from bnlab.train.loop import RunOptions
+    from bnlab.train.runner import plan_runs, run_experiment
+
+    if not ranks.writer:  # train what rank 0 announces; print and write nothing
+        specs = [p.spec for p in plan_runs(exp, profile, out=root, seeds=seeds, overrides=overrides,
+                                           variants=variants, shard=shard, settings=args.setting)]
+        ddp.follow(specs, RunOptions(data_dir=args.data_dir, threads=threads, distributed=True, device="cpu"))
+        return 0
+    run = run_experiment(
+        exp, profile, out=root, seeds=seeds, overrides=overrides, variants=variants, workers=1,
+        threads=threads, max_minutes=args.max_minutes, quiet=args.quiet, tensorboard=args.tensorboard,
+        data_dir=args.data_dir, wait=args.wait, shard=shard, share_from=sibling_profile_roots(root, args.no_reuse),
+        distributed=distributed, settings=args.setting, device="cpu")  # gloo: the ranks train on CPUs
+    if distributed:
+        ddp.end(ranks)  # only after every run: an error before this ends rank 0, and torchrun the others
+    if shard is not None or variants or args.setting:
         print("verdict: skipped for a partial run (--shard/--variants/--setting); run without them once "
               "every part is done to get it (`bnlab report` shows what is stored)")
         return 0
@@ -432,6 +513,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from bnlab.train.runner import (check_configs, check_data_dir, confirm_copies, fallback_notices, parse_seeds,
                                     plan_runs, run_experiment)
 
+    if args.nproc is not None:
+        raise ConfigError("--nproc is for `bnlab run NAME --nproc N` (one experiment, each run over N processes); "
+                          "reproduce trains many small runs, which --workers spreads over processes better: run "
+                          "`bnlab run NAME --nproc N` for the experiments you want data-parallel, then "
+                          "`bnlab reproduce` (it reuses the finished runs)")
     profile = check_profile(args.profile)
     selected = select_targets(args.targets)
     exps = [get_experiment(n) for n, _ in selected]
@@ -490,7 +576,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     # them (a later `reproduce ioffe` must not drop the Santurkar sections); -o with a list of
     # experiments writes a report of those only.
     named = [e.name for e in exps]
-    report = collect(root, named if args.output is not None else None, args.output, profile=profile)
+    report = collect(root, named if args.output is not None else None, args.output, profile=profile,
+                     doctor=not args.no_doctor)
     path = write_report(report)
     _write_verdicts(root, report.rows)
     shown = [r for r in report.rows if r.get("experiment") in named]
@@ -527,7 +614,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.dir} holds runs of several profiles ({', '.join(roots)}): one report "
                               "each; add --profile P to choose the one -o names")
     for root, profile in targets:
-        report = collect(root, args.experiments or None, args.output, profile=profile)
+        report = collect(root, args.experiments or None, args.output, profile=profile, doctor=not args.no_doctor)
         path = write_report(report)
         _write_verdicts(root, report.rows)  # verdict.json always says what the report says
         if len(targets) > 1:
@@ -687,6 +774,87 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bnlab fold / recalibrate ----------------------------------------------------------------------
+
+def _bn_count(model: Any) -> int:
+    from bnlab.norm.deploy import FROZEN
+    from bnlab.norm.modules import is_batchnorm
+
+    return sum(1 for m in model.modules() if is_batchnorm(m) or isinstance(m, FROZEN))
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    """Fold the BN layers of a trained run's model into their neighbouring Linear/Conv layers and save
+    the result as a torch.export program (no Python class needed to load it)."""
+    import io
+
+    import torch
+
+    from bnlab.atomic import atomic_write_bytes
+    from bnlab.experiments.restore import restore_model, sequential_chain
+    from bnlab.norm.deploy import fold
+
+    r = restore_model(args.path, args.data_dir)
+    chain = sequential_chain(r.model)
+    before = _bn_count(chain)
+    folded = fold(chain)
+    left = _bn_count(folded)
+    x = r.task.x_eval[:256]
+    with torch.no_grad():
+        diff = float((folded(x) - r.model(x)).abs().max())
+    try:
+        program = torch.export.export(folded, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as err:  # a model torch.export cannot capture
+        raise ConfigError(f"the folded model could not be exported ({type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0]}); use bnlab.norm.deploy.fold in Python instead") from None
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    atomic_write_bytes(args.out, buf.getvalue())
+    print(f"folded {before - left} of {before} BN layers of {r.weights} into their neighbouring Linear/Conv layers"
+          + (f" ({left} left: not next to one)" if left else ""))
+    print(f"eval outputs on {x.shape[0]} examples of {r.task.name}: folded vs original differ by at most {diff:.2g}")
+    print(f"saved to {args.out} (torch.export program: torch.export.load(path).module()(x))")
+    return 0
+
+
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    """Recompute a trained run's BN running statistics as the exact population statistics over
+    ``--batches`` training batches (precise BN) and save the state_dict."""
+    import io
+
+    import torch
+
+    from bnlab.atomic import atomic_write_bytes
+    from bnlab.data import Batches
+    from bnlab.experiments.restore import restore_model
+    from bnlab.norm.deploy import recalibrate
+    from bnlab.train.loop import evaluate
+
+    r = restore_model(args.run_dir, args.data_dir)
+    if r.weights.parent != r.run_dir or not Path(args.run_dir).is_dir():
+        raise ConfigError(f"bnlab recalibrate takes a run directory, got the file {args.run_dir}; pass its folder")
+    batch_size = args.batch_size or r.cfg.batch_size
+    n_train = int(r.task.x_train.shape[0])
+    if batch_size > n_train:
+        raise ConfigError(f"--batch-size {batch_size} exceeds the {n_train} training examples of {r.task.name}")
+    batches = Batches(r.task.x_train, r.task.y_train, batch_size, int(r.meta.get("seed", 0)))
+    out = Path(args.out) if args.out else r.run_dir / "model_recalibrated.pt"
+    cls = r.task.is_classification
+    before = evaluate(r.model, r.cfg, r.task.x_eval, r.task.y_eval, cls)
+    seen = recalibrate(r.model, (batches.batch(i)[0] for i in range(args.batches)), num_batches=args.batches,
+                       progress=sys.stderr.isatty() and not args.quiet)
+    after = evaluate(r.model, r.cfg, r.task.x_eval, r.task.y_eval, cls)
+    buf = io.BytesIO()
+    torch.save(r.model.state_dict(), buf)
+    atomic_write_bytes(out, buf.getvalue())
+    key = "acc" if cls else "loss"
+    print(f"recalibrated {len(seen)} BN layers over {args.batches} batches of {batch_size} training examples "
+          f"({r.task.name}): population mean and unbiased variance per channel")
+    print(f"eval {key} on {before['n']} test examples: {before[key]:.4f} before, {after[key]:.4f} after")
+    print(f"saved the state_dict to {out}")
+    return 0
+
+
 # --- the parser ----------------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
@@ -746,6 +914,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, metavar="I/N", help="run only every N-th run, from the I-th")
     p.add_argument("--no-reuse", action="store_true",
                    help=_NO_REUSE_HELP)
+    p.add_argument("--nproc", type=_positive_int, default=None, metavar="N",
+                   help="train each run data-parallel over N processes (per node) through torchrun, with "
+                        "synchronized BN; the global batch stays batch_size (gloo, CPU)")
+    p.add_argument("--torchrun-args", default=None, metavar="ARGS",
+                   help="torchrun's own options for several nodes, as one string, e.g. "
+                        "\"--nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint host:29500\"")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("doctor", help="versions, threads, dataset search paths and what was found; with "
@@ -761,6 +935,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-mode", action="store_true",
                    help="inspect the model in the mode it was built in (default: eval, as for inference)")
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("fold", help="fold a trained run's BN into its Linear/Conv layers; save a torch.export program")
+    p.add_argument("path", help="a run directory (runs/<profile>/<experiment>/<variant>/seed<k>) or its "
+                                "model.pt / checkpoint.pt")
+    p.add_argument("--out", type=Path, required=True, help="the file to write (e.g. folded.pt2)")
+    p.add_argument("--data-dir", default=None, help="look for datasets here first (the check uses the run's data)")
+    p.set_defaults(func=cmd_fold)
+
+    p = sub.add_parser("recalibrate", help="recompute a trained run's BN running statistics over N training "
+                                           "batches (exact population statistics)")
+    p.add_argument("run_dir", help="a run directory (runs/<profile>/<experiment>/<variant>/seed<k>)")
+    p.add_argument("--batches", type=_positive_int, required=True, help="how many training batches to use")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="default: the run's batch_size")
+    p.add_argument("--out", type=Path, default=None,
+                   help="where to save the state_dict (default: RUN_DIR/model_recalibrated.pt)")
+    p.add_argument("--data-dir", default=None, help="look for datasets here first")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_recalibrate)
 
     p = sub.add_parser("reproduce", help="run a paper's experiments (what is missing) and write the HTML report")
     p.add_argument("targets", nargs="*", metavar="TARGET",
@@ -780,6 +972,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default: a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--no-reuse", action="store_true",
                    help=_NO_REUSE_HELP)
+    p.add_argument("--nproc", type=_positive_int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-doctor", action="store_true", help=_NO_DOCTOR_HELP)
     p.set_defaults(func=cmd_reproduce)
 
     p = sub.add_parser("report", help="rebuild the HTML report from stored runs only (never trains)")
@@ -789,6 +983,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=None, metavar="PROFILE", help=f"only this profile ({known})")
     p.add_argument("-o", "--output", type=Path, default=None, help="report path (default: next to the runs)")
     p.add_argument("--experiments", nargs="+", default=None, help="only these experiments")
+    p.add_argument("--no-doctor", action="store_true", help=_NO_DOCTOR_HELP)
     p.set_defaults(func=cmd_report)
     from bnlab.bench_kernels import register_cli
     register_cli(sub)  # bnlab bench kernels
@@ -800,7 +995,11 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    rank_argv = os.environ.get("BNLAB_DDP_RANK_ARGV")
+    if argv is None and rank_argv and not sys.argv[1:]:  # a rank process of `bnlab run --nproc` (bnlab.train.ddp)
+        argv = json.loads(rank_argv)
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a --nproc run's ranks run again
     if args.command in ("run", "reproduce"):
         from bnlab.train.memory import apply_policy
         apply_policy()  # reuse freed memory across steps (opt out: BNLAB_MALLOC=default)
@@ -814,6 +1013,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bnlab: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
+        if os.environ.get("BNLAB_DDP_RANK_ARGV"):
+            return EXIT_INTERRUPTED  # a rank stopped by torchrun: the launcher says what happened
         print("\nbnlab: interrupted; finished runs and the last checkpoints are kept: run the same "
               "command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -47,6 +47,8 @@ class ConvNet(LayeredModel):
     Args:
         widths: output channels of the conv stages (pilot: 32-64-64; quick profile e.g. 16-32-32).
         activation: "relu" (Inception, BN-x5/x30) or "sigmoid" (BN-x5-Sigmoid); "tanh" also accepted.
+        norm_kwargs: options of every norm layer, passed to ``make_norm`` (e.g. ``virtual_batch_size`` for
+            "ghost", ``momentum``); None = the layer's defaults.
         norm: norm name for ``make_norm``.
         in_channels, input_size: input image shape (grey 28x28 by default). Any spatial size >= 1
             works (global average pooling); ``input_size`` only decides which pools are skipped.
@@ -63,6 +65,7 @@ class ConvNet(LayeredModel):
         input_size: int = 28,
         num_classes: int = 10,
         dropout: float = 0.0,
+        norm_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         if len(widths) == 0:
@@ -90,7 +93,7 @@ class ConvNet(LayeredModel):
             conv = nn.Conv2d(channels, out, kernel_size=3, padding=1, bias=bias)
             init_conv(conv)
             self._add(f"conv{k}", conv, WEIGHT)  # (N, out, s, s)
-            self._add(f"norm{k}", make_norm(norm, out, 2), NORM)  # (N, out, s, s)
+            self._add(f"norm{k}", make_norm(norm, out, 2, **(norm_kwargs or {})), NORM)  # (N, out, s, s)
             self._add(f"act{k}", make_activation(activation), ACT)  # (N, out, s, s)
             channels = out
         self._add("gap", nn.AdaptiveAvgPool2d(1))  # (N, C, 1, 1)

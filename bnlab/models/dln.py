@@ -33,10 +33,12 @@ class DLN(LayeredModel):
     Args:
         depth: number of linear layers k (paper: 25).
         width: input = hidden = output size (paper: 10).
+        norm_kwargs: options of every norm layer, passed to ``make_norm`` (e.g. ``virtual_batch_size`` for
+            "ghost", ``momentum``); None = the layer's defaults.
         norm: norm name for ``make_norm`` (default "none": the paper's "standard" DLN).
     """
 
-    def __init__(self, depth: int = 25, width: int = 10, norm: str = "none") -> None:
+    def __init__(self, depth: int = 25, width: int = 10, norm: str = "none", norm_kwargs: dict | None = None) -> None:
         super().__init__()
         check_positive_int("depth", depth)
         check_positive_int("width", width)
@@ -46,7 +48,7 @@ class DLN(LayeredModel):
             glorot_(fc)
             self._add(f"fc{k}", fc, WEIGHT)  # (N, width)
             if k < depth:
-                self._add(f"norm{k}", make_norm(norm, width, 1), NORM)  # (N, width)
+                self._add(f"norm{k}", make_norm(norm, width, 1, **(norm_kwargs or {})), NORM)  # (N, width)
                 self._add(f"act{k}", nn.Identity(), ACT)  # (N, width), a hook point only
 
     def _check_input(self, x: Tensor) -> None:

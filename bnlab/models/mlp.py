@@ -27,6 +27,8 @@ class IoffeMLP(LayeredModel):
     """Fully connected net with a norm before every hidden nonlinearity (Ioffe Fig. 1).
 
     Args:
+        norm_kwargs: options of every norm layer, passed to ``make_norm`` (e.g. ``virtual_batch_size`` for
+            "ghost", ``momentum``); None = the layer's defaults.
         norm: norm name for ``make_norm`` ("batch", "none", ...); with a norm the hidden layers have
             no bias.
         in_features: input size; any input (N, *) with prod(*) = in_features is flattened
@@ -53,6 +55,7 @@ class IoffeMLP(LayeredModel):
         activation: str = "sigmoid",
         init: str = "gaussian",
         init_std: float | None = None,
+        norm_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("in_features", in_features)
@@ -75,7 +78,7 @@ class IoffeMLP(LayeredModel):
         fan_in = in_features
         for k, width in enumerate(hidden, start=1):
             self._add(f"fc{k}", nn.Linear(fan_in, width, bias=not uses_norm(norm)), WEIGHT)  # (N, width)
-            self._add(f"norm{k}", make_norm(norm, width, 1), NORM)  # (N, width)
+            self._add(f"norm{k}", make_norm(norm, width, 1, **(norm_kwargs or {})), NORM)  # (N, width)
             self._add(f"act{k}", make_activation(activation), ACT)  # (N, width)
             fan_in = width
         self._add(f"fc{len(hidden) + 1}", nn.Linear(fan_in, num_classes), WEIGHT)  # (N, num_classes)

@@ -76,6 +76,8 @@ class VGG(LayeredModel):
     Args:
         arch: "vgg11" or "vgg16".
         width: channel multiplier (> 0) applied to every conv (and to the "mlp" head's hidden width).
+        norm_kwargs: options of every norm layer, passed to ``make_norm`` (e.g. ``virtual_batch_size`` for
+            "ghost", ``momentum``); None = the layer's defaults.
         norm: norm name for ``make_norm`` ("batch", "none", ...).
         in_channels, input_size: shape of the (square) input images, e.g. 3 and 32 for CIFAR-10.
         num_classes: output units.
@@ -100,6 +102,7 @@ class VGG(LayeredModel):
         activation: str = "relu",
         head: str = "linear",
         init: str = "glorot",
+        norm_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
         if arch not in ARCHS:
@@ -133,7 +136,7 @@ class VGG(LayeredModel):
             k += 1
             out = scaled_channels(int(item), width)
             self._add(f"conv{k}", nn.Conv2d(channels, out, 3, padding=1, bias=bias), WEIGHT)  # (N, out, s, s)
-            self._add(f"norm{k}", make_norm(norm, out, 2), NORM)  # (N, out, s, s)
+            self._add(f"norm{k}", make_norm(norm, out, 2, **(norm_kwargs or {})), NORM)  # (N, out, s, s)
             self._add(f"act{k}", make_activation(activation), ACT)  # (N, out, s, s)
             channels = out
         self.feature_size = size  # spatial size of the last feature map
@@ -145,7 +148,7 @@ class VGG(LayeredModel):
             for _ in range(2):
                 k += 1
                 self._add(f"fc{k}", nn.Linear(features, hidden, bias=bias), WEIGHT)  # (N, H)
-                self._add(f"norm{k}", make_norm(norm, hidden, 1), NORM)  # (N, H)
+                self._add(f"norm{k}", make_norm(norm, hidden, 1, **(norm_kwargs or {})), NORM)  # (N, H)
                 self._add(f"act{k}", make_activation(activation), ACT)  # (N, H)
                 features = hidden
         self._add(f"fc{k + 1}", nn.Linear(features, num_classes), WEIGHT)  # (N, num_classes)

@@ -11,14 +11,18 @@ the concatenated batch; weight and bias gradients are each process's share (thei
 is the full-batch gradient; DistributedDataParallel's gradient all-reduce averages them, as with
 torch's SyncBatchNorm).
 
-Without an initialized process group, with one process, or in eval mode, the layer is ordinary BN.
+Without an initialized process group, with one process, in eval mode, or inside ``local_statistics()``
+(one process measuring the model alone, e.g. rank 0 running probes while the others train on), the
+layer is ordinary BN over this process's batch.
 A collective that fails (a process died or stalls past the group's timeout) raises a
 ``SyncBatchNormError`` naming the timeout and the fix instead of hanging: set ``timeout=`` in
 ``torch.distributed.init_process_group`` to bound the wait.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+import threading
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,13 +31,30 @@ from torch import Tensor, nn
 from bnlab.errors import BnlabError, ConfigError
 from bnlab.norm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
-__all__ = ["SyncBatchNorm", "SyncBatchNormError", "convert_sync", "merge_moments"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormError", "convert_sync", "local_statistics", "merge_moments"]
 
 _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm1d, BatchNorm2d, BatchNorm3d)
 
 
 class SyncBatchNormError(BnlabError, RuntimeError):
     """A collective of synchronized BN failed (another process died, or stalled past the timeout)."""
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def local_statistics() -> Iterator[None]:
+    """Within this block every ``SyncBatchNorm`` of this thread uses this process's batch alone and
+    starts no collective: one process can run a model in training mode (a probe, a measurement) while
+    the other processes are not in the same forward pass, which would otherwise wait for them forever
+    (or until the process group's timeout)."""
+    depth = getattr(_local, "depth", 0)
+    _local.depth = depth + 1
+    try:
+        yield
+    finally:
+        _local.depth = depth
 
 
 def merge_moments(counts: Tensor, means: Tensor, m2s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,7 +151,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (N, C, ...), got {input.dim()}D input")
 
     def _synced(self) -> bool:
-        return self.training and dist.is_available() and dist.is_initialized() \
+        return self.training and not getattr(_local, "depth", 0) and dist.is_available() and dist.is_initialized() \
             and dist.get_world_size(self.process_group) > 1
 
     def forward(self, input: Tensor) -> Tensor:

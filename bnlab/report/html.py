@@ -635,8 +635,33 @@ def _section_view(s: Any, out_dir: Path, anchors: dict[tuple, str], claim_anchor
         "figures": _figures_view(s, out_dir), "definitions": _definitions_view(s),
         "settings": _settings_view(s), "deviations": _deviations_view(s), "runs": _runs_view(s, out_dir),
         "environment": _environment_view(s), "module_path": path,
-        "module_doc": render_markdown(doc) if doc else "",
+        "module_doc": render_markdown(doc) if doc else "", "doctor": _doctor_view(s, out_dir),
     }
+
+
+def _doctor_view(s: Any, out_dir: Path) -> dict[str, Any] | None:
+    """The BN doctor's findings per variant (first seed), for the section's "BN doctor" table."""
+    entries = getattr(s, "doctor", None)
+    if entries is None:
+        return None
+    rows = []
+    for e in entries:
+        try:
+            where = str(Path(e.run_dir).relative_to(out_dir))
+        except ValueError:
+            where = str(e.run_dir)
+        head = {"variant": e.variant, "seed": e.seed, "run": where, "examples": e.examples,
+                "batch": e.batch_per_process}
+        if e.findings is None:
+            rows.append({**head, "kind": "note", "text": e.note})
+        elif not e.findings:
+            rows.append({**head, "kind": "healthy"})
+        else:
+            for f in e.findings:
+                rows.append({**head, "kind": "finding", "severity": f.severity, "check": f.check, "layer": f.layer,
+                             "evidence": f.evidence, "fix": f.fix})
+    counts = {sev: sum(r.get("severity") == sev for r in rows) for sev in ("error", "warning", "info")}
+    return {"rows": rows, "counts": counts, "n_models": len(entries)}
 
 
 # --- the page -----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from bnlab.errors import ConfigError
 
@@ -52,6 +52,16 @@ class TrainConfig:
     dropout: float | None = None  # convnet dropout probability (Ioffe Sec. 4.2.1 removes it)
     depth: int | None = None  # DLN layers
     dtype: str = "float32"  # float32 | float64 (the DLN runs in float64)
+    # --- norm layer options (None = the layer's default; each applies to the norms that take it) ----
+    norm_eps: float | None = None  # eps of every norm layer
+    norm_momentum: float | None = None  # running-statistics momentum, torch's convention (BN: 0.1)
+    virtual_batch_size: int | None = None  # norm=ghost: examples per ghost batch (default: the whole batch)
+    renorm_rmax: float | None = None  # norm=renorm: final r clipping (Ioffe 2017: 3; >= 1)
+    renorm_dmax: float | None = None  # norm=renorm: final d clipping (Ioffe 2017: 5; >= 0)
+    renorm_warmup_steps: int | None = None  # norm=renorm: updates of plain BN before the ramp (5000)
+    renorm_rmax_steps: int | None = None  # norm=renorm: update at which rmax reaches renorm_rmax (40000)
+    renorm_dmax_steps: int | None = None  # norm=renorm: update at which dmax reaches renorm_dmax (25000)
+    num_groups: int | None = None  # norm=group: groups of channels
     channels_last: bool = False  # memory format for conv nets (speed; may change low-order bits)
     # --- objective and optimizer ------------------------------------------------------------------
     steps: int = 1000  # number of SGD updates
@@ -86,6 +96,92 @@ class TrainConfig:
 # Fields that never change a run's outputs; leaving them out of the hash lets a user change them and
 # still resume or skip the same run directory.
 NOT_HASHED = frozenset({"checkpoint_every"})
+# Norm options, added after runs were stored: left out of the hash while unset (None), so every earlier
+# run directory keeps its hash, and where the config's norm does not take them (they change nothing).
+HASHED_WHEN_SET = frozenset({"norm_eps", "norm_momentum", "virtual_batch_size", "renorm_rmax", "renorm_dmax",
+                             "renorm_warmup_steps", "renorm_rmax_steps", "renorm_dmax_steps", "num_groups"})
+_RENORM_STEPS = ("renorm_warmup_steps", "renorm_rmax_steps", "renorm_dmax_steps")
+
+
+# Each norm option key -> the make_norm keyword it becomes (renorm_* become ``schedule`` or rmax/dmax).
+_NORM_KWARG = {"norm_eps": "eps", "norm_momentum": "momentum", "virtual_batch_size": "virtual_batch_size",
+               "num_groups": "num_groups", "renorm_rmax": "rmax", "renorm_dmax": "dmax",
+               "renorm_warmup_steps": "schedule", "renorm_rmax_steps": "schedule", "renorm_dmax_steps": "schedule"}
+
+
+def applies(cfg: "TrainConfig", key: str) -> bool:
+    """Whether the norm option ``key`` reaches the norm layers of ``cfg.norm`` (the norm's constructor
+    takes it). An option that does not apply does nothing and is not hashed, so one ``--set`` can
+    configure the arms it concerns (e.g. ghost) and leave the others (BN, no norm) as they were."""
+    from bnlab.norm.factory import _OPTIONS
+
+    if cfg.norm == "none":
+        return False
+    allowed = _OPTIONS.get(cfg.norm)
+    if allowed is None:  # a norm registered without its options: pass everything through
+        return True
+    return _NORM_KWARG[key] in allowed
+
+
+def norm_options(cfg: "TrainConfig") -> dict[str, Any]:
+    """The config's norm options that apply to its norm, as ``make_norm`` keyword arguments. The renorm
+    keys give a ``RenormSchedule`` when a step count is set (unset ones keep Ioffe 2017's values), else
+    fixed clipping (``rmax``, ``dmax``)."""
+    set_ = {k: getattr(cfg, k) for k in _NORM_KWARG if getattr(cfg, k) is not None and applies(cfg, k)}
+    kw: dict[str, Any] = {_NORM_KWARG[k]: v for k, v in set_.items() if not k.startswith("renorm_")}
+    steps = {k[len("renorm_"):]: v for k, v in set_.items() if k in _RENORM_STEPS}
+    clip = {k[len("renorm_"):]: v for k, v in set_.items() if k in ("renorm_rmax", "renorm_dmax")}
+    if steps:
+        from bnlab.norm.renorm import RenormSchedule
+
+        kw["schedule"] = RenormSchedule(**clip, **steps)
+    else:
+        kw.update(clip)
+    return kw
+
+
+def check_norm_options_used(configs: Mapping[str, "TrainConfig"], keys: Iterable[str]) -> None:
+    """Raise ConfigError for a norm option in ``keys`` (the --set keys) that applies to none of the
+    variants' norms: it would change nothing (e.g. virtual_batch_size with only BN and no-norm arms)."""
+    for key in keys:
+        if key in _NORM_KWARG and not any(applies(c, key) for c in configs.values()):
+            norms = ", ".join(sorted({c.norm for c in configs.values()}))
+            taker = {"virtual_batch_size": "ghost", "num_groups": "group"}.get(
+                key, "renorm" if key.startswith("renorm_") else None)
+            fix = f"add --set norm={taker}" if taker else "set a norm that has this option"
+            raise ConfigError(f"--set {key} changes nothing here: no variant's norm takes it (norms: {norms}); "
+                              f"{fix}, or drop {key}")
+
+
+def _check_norm_options(cfg: "TrainConfig") -> None:
+    """The norm options' values (ranges; the renorm schedule's order of steps), whatever the norm."""
+    if cfg.norm_eps is not None and not (math.isfinite(cfg.norm_eps) and cfg.norm_eps > 0):
+        raise ConfigError(f"norm_eps must be a finite number > 0, got {cfg.norm_eps}")
+    if cfg.norm_momentum is not None and not 0.0 <= cfg.norm_momentum <= 1.0:
+        raise ConfigError(f"norm_momentum must be in [0, 1] (torch's convention: the weight of the new batch; "
+                          f"Keras' 0.99 is 0.01 here), got {cfg.norm_momentum}")
+    for key in ("virtual_batch_size", "num_groups"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key} must be >= 1 or None, got {value}")
+    if cfg.renorm_rmax is not None and not cfg.renorm_rmax >= 1:
+        raise ConfigError(f"renorm_rmax must be >= 1 (1 = no r correction; Ioffe 2017 ends at 3), got {cfg.renorm_rmax}")
+    if cfg.renorm_dmax is not None and not cfg.renorm_dmax >= 0:
+        raise ConfigError(f"renorm_dmax must be >= 0 (0 = no d correction; Ioffe 2017 ends at 5), got {cfg.renorm_dmax}")
+    steps = {k[len("renorm_"):]: getattr(cfg, k) for k in _RENORM_STEPS if getattr(cfg, k) is not None}
+    if steps:
+        from bnlab.norm.renorm import RenormSchedule
+
+        clip = {k: getattr(cfg, f"renorm_{k}") for k in ("rmax", "dmax") if getattr(cfg, f"renorm_{k}") is not None}
+        try:
+            RenormSchedule(**clip, **steps)
+        except ConfigError as err:
+            raise ConfigError(f"the renorm schedule (--set renorm_warmup_steps, renorm_rmax_steps, renorm_dmax_steps): "
+                              f"{err}") from None
+    elif (cfg.renorm_rmax is None) != (cfg.renorm_dmax is None):
+        raise ConfigError("fixed renorm clipping needs both renorm_rmax and renorm_dmax (e.g. --set renorm_rmax=3 "
+                          "renorm_dmax=5); or set renorm_warmup_steps/renorm_rmax_steps/renorm_dmax_steps for "
+                          "Ioffe 2017's ramp towards them")
 
 
 def field_names() -> list[str]:
@@ -132,6 +228,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if cfg.loss == "cross_entropy" and cfg.dataset == "gaussian_regression":
         raise ConfigError("gaussian_regression is a regression task; set loss=mse")
+    _check_norm_options(cfg)
 
 
 # --- parsing --set key=value strings ---------------------------------------------------------------
@@ -276,7 +373,8 @@ def config_hash(cfg: TrainConfig) -> str:
     Stable across processes and machines: it hashes the JSON text, never Python's ``hash``.
     ``checkpoint_every`` is left out (see NOT_HASHED).
     """
-    data = {k: v for k, v in config_to_dict(cfg).items() if k not in NOT_HASHED}
+    data = {k: v for k, v in config_to_dict(cfg).items()
+            if k not in NOT_HASHED and not (k in HASHED_WHEN_SET and (v is None or not applies(cfg, k)))}
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

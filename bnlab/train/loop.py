@@ -32,6 +32,7 @@ from torch import nn
 
 from bnlab.data import Batches
 from bnlab.errors import ConfigError
+from bnlab.norm.sync import SyncBatchNorm, local_statistics
 from bnlab.train.config import TrainConfig, config_hash, config_to_dict
 from bnlab.train.device import describe_device, resolve_device
 from bnlab.train.env import environment
@@ -83,6 +84,7 @@ class RunOptions:
     lock_wait: float | None = None  # None: refuse at once if another process holds the run
     progress_every: int = 0  # call the progress callback every N steps (0 = ~200 times per run)
     device: str | None = None  # auto | cpu | cuda | cuda:N (bnlab.train.device); None = auto
+    distributed: bool = False  # train over the ranks of the initialized process group (bnlab.train.ddp)
 
 
 @dataclass
@@ -106,22 +108,54 @@ def train_run(spec: RunSpec, options: RunOptions = RunOptions(),
 
     ``progress(step)`` is called now and then with the current step. Raises RunLockedError if
     another process writes the run (after ``options.lock_wait`` seconds, if set).
+
+    With ``options.distributed`` in rank 0 of a data-parallel job (bnlab.train.ddp): the run is
+    trained by every rank; this rank announces it (with its checkpoint) to the others, which train it
+    in ``follow_run``, or tells them to skip it when it is done, locked or refused here.
     """
-    rd = RunDir(spec.run_dir)
-    _check_same_config(spec, rd)
-    if rd.is_done():
-        return _skipped(spec, rd)
-    lock = RunLock(rd.path)
-    lock.acquire(options.lock_wait)
+    ranks = _ranks(options)
+    announced: list[bool] = []
     try:
-        if rd.is_done():  # finished by the process we waited for
+        rd = RunDir(spec.run_dir)
+        _check_same_config(spec, rd)
+        if rd.is_done():
             return _skipped(spec, rd)
-        if options.threads:
-            torch.set_num_threads(options.threads)
-        return _train_locked(spec, options, rd, progress)
+        lock = RunLock(rd.path)
+        lock.acquire(options.lock_wait)
+        try:
+            if rd.is_done():  # finished by the process we waited for
+                return _skipped(spec, rd)
+            if options.threads:
+                torch.set_num_threads(options.threads)
+            return _train_locked(spec, options, rd, progress, ranks, announced)
+        finally:
+            rd.close_metrics()
+            lock.release()
     finally:
-        rd.close_metrics()
-        lock.release()
+        if ranks is not None and not announced:
+            from bnlab.train.ddp import run_key
+
+            ranks.send({"run": run_key(spec), "skip": True})
+
+
+def follow_run(spec: RunSpec, options: RunOptions, ranks: Any, checkpoint: dict[str, Any] | None) -> None:
+    """A rank other than 0 trains its slice of ``spec`` in lock-step with rank 0, from rank 0's
+    ``checkpoint`` (None: from the start); it writes nothing (bnlab.train.ddp)."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    _train_locked(spec, options, None, None, ranks, [], checkpoint)
+
+
+def _ranks(options: RunOptions) -> Any:
+    if not options.distributed:
+        return None
+    from bnlab.train.ddp import current
+
+    ranks = current()
+    if ranks is None:
+        raise ConfigError("RunOptions(distributed=True) needs an initialized process group with 2 or more "
+                          "processes; start it with `bnlab run NAME --nproc N`")
+    return ranks
 
 
 def _check_same_config(spec: RunSpec, rd: RunDir) -> None:
@@ -219,9 +253,13 @@ def _save_arrays(rd: RunDir, store: ArrayStore) -> None:
     atomic_write_bytes(rd.file(ARRAYS), buf.getvalue())
 
 
-def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
-                  progress: Callable[[int], None] | None) -> RunOutcome:
+def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir | None,
+                  progress: Callable[[int], None] | None, ranks: Any = None, announced: list[bool] | None = None,
+                  received: dict[str, Any] | None = None) -> RunOutcome | None:
+    """Train ``spec`` (rd: its run directory, locked; None on a data-parallel rank other than 0, which
+    writes nothing, starts from rank 0's checkpoint ``received`` and returns None)."""
     cfg, seed = spec.cfg, spec.seed
+    writer = rd is not None
     t_start = time.perf_counter()
     h = config_hash(cfg)
 
@@ -236,6 +274,12 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
     # The weights are drawn on the CPU and then moved, so a seed gives the same start on every device.
     model = model.to(device)
     task = task.to(device)
+    if ranks is not None:
+        from bnlab.norm.sync import convert_sync
+        from bnlab.train.ddp import check_batch
+
+        check_batch(ranks, cfg.batch_size)
+        model = convert_sync(model)  # same Parameters and buffers: the optimizer below is unchanged
     model.train()
     optimizer = _make_optimizer(cfg, model)
     loss_fn = loss_function(cfg)
@@ -248,9 +292,10 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
     store = ArrayStore()
 
     # --- resume or start ----------------------------------------------------------------------------
-    ckpt = rd.load_checkpoint()
+    ckpt = rd.load_checkpoint() if writer else received
+    nproc = ranks.world if ranks is not None else 1
     start, offset, resumed_from = 0, 0, None
-    if ckpt is not None:
+    if ckpt is not None and writer:
         if ckpt.get("config_hash") != h:
             raise ConfigError(
                 f"checkpoint {rd.file(CHECKPOINT)} belongs to another config (hash "
@@ -261,6 +306,19 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
                 f"checkpoint {rd.file(CHECKPOINT)} was trained on {ckpt['dataset']} but {task.name} is "
                 f"what loads now (dataset fallback); restore the data it used or delete {rd.path}"
             )
+        if int(ckpt.get("nproc", 1)) != nproc:
+            # Another number of processes sums the batch in another order: not the uninterrupted run.
+            was = int(ckpt.get("nproc", 1))
+            raise ConfigError(
+                f"checkpoint {rd.file(CHECKPOINT)} was written by a run over {was} process(es), this one has "
+                f"{nproc}; resume it with " + (f"--nproc {was}" if was > 1 else "no --nproc")
+                + f", or delete {rd.path} to restart it")
+    if ranks is not None and writer:
+        from bnlab.train.ddp import run_key
+
+        ranks.send({"run": run_key(spec), "checkpoint": ckpt})
+        announced.append(True)
+    if ckpt is not None:
         if ckpt.get("threads") and ckpt["threads"] != torch.get_num_threads():
             # Parallel reductions round differently with another thread count; the continuation
             # uses the count the run started with, so it stays bit-identical to an uninterrupted run.
@@ -271,25 +329,36 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
         store = ArrayStore(ckpt["store"])
         probe_state.update(ckpt.get("probe_state", {}))
         start, offset, resumed_from = int(ckpt["step"]), int(ckpt["metrics_bytes"]), int(ckpt["step"])
-    else:
+    elif writer:
         for stale in (ARRAYS, MODEL):  # from an older attempt that never checkpointed
             rd.remove(stale)
         meta = {"experiment": spec.experiment, "variant": spec.variant, "seed": seed,
                 "profile": spec.profile, "setting": spec.setting, "config_hash": h,
                 "config": config_to_dict(cfg)}
         rd.write_json(CONFIG, meta)
-    env = environment()
-    env.update(describe_device(device))
-    env["dataset"] = task.describe()
-    env["resumed_from"] = resumed_from
-    if resumed_from is not None and rd.file(ENV).exists():  # keep what the earlier attempt ran on
-        previous = read_json(rd.file(ENV))
-        env["earlier_attempts"] = previous.pop("earlier_attempts", []) + [previous]
-    rd.write_json(ENV, env)
-    rd.open_metrics(offset)
+    net: nn.Module = model  # what the update step calls: the DistributedDataParallel wrapper over ranks
+    if ranks is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Buffers are not broadcast each step: synchronized BN already gives every rank the same running
+        # statistics, and the constructor makes the ranks start from rank 0's parameters and buffers.
+        net = DistributedDataParallel(model, forward_sync_buffers=False)
+    if writer:
+        env = environment()
+        env.update(describe_device(device))
+        env["dataset"] = task.describe()
+        env["resumed_from"] = resumed_from
+        if ranks is not None:
+            env["distributed"] = {"nproc": nproc, "backend": "gloo",
+                                  "sync_bn_layers": sum(isinstance(m, SyncBatchNorm) for m in model.modules())}
+        if resumed_from is not None and rd.file(ENV).exists():  # keep what the earlier attempt ran on
+            previous = read_json(rd.file(ENV))
+            env["earlier_attempts"] = previous.pop("earlier_attempts", []) + [previous]
+        rd.write_json(ENV, env)
+        rd.open_metrics(offset)
 
     tb = None
-    if options.tensorboard:
+    if options.tensorboard and writer:
         from bnlab.train.tensorboard import TensorBoardLogger
 
         tb = TensorBoardLogger(rd.path, purge_step=start if start else None)
@@ -300,10 +369,12 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
             "format": CHECKPOINT_FORMAT, "step": step, "config_hash": h, "dataset": task.name,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
             "store": store.data, "probe_state": probe_state, "metrics_bytes": nbytes,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "nproc": nproc,
         })
 
     def log(record: dict[str, Any]) -> None:
+        if not writer:
+            return
         rd.log(record)
         if tb is not None:
             prefix = record.get("split") or f"probe/{record.get('probe', 'event')}"
@@ -315,29 +386,32 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
 
     # --- the loop -------------------------------------------------------------------------------------
     for step in range(start, cfg.steps + 1):
-        if step > start and step % cfg.checkpoint_every == 0:
+        if writer and step > start and step % cfg.checkpoint_every == 0:
             checkpoint(step)
         last = step == cfg.steps
-        if step % cfg.eval_every == 0 or last:
-            log({"step": step, "split": "eval", **evaluate(model, cfg, task.x_eval, task.y_eval,
-                                                           task.is_classification)})
-            if tb is not None:
-                guard = _Guard(model)
-                try:
-                    tb.activation_histograms(step, model, task.x_probe)
-                finally:
-                    guard.restore()
+        if writer and (step % cfg.eval_every == 0 or last):
+            # Evaluation, histograms and probes: this process alone (module docstring of bnlab.train.ddp)
+            with local_statistics():
+                log({"step": step, "split": "eval", **evaluate(model, cfg, task.x_eval, task.y_eval,
+                                                               task.is_classification)})
+                if tb is not None:
+                    guard = _Guard(model)
+                    try:
+                        tb.activation_histograms(step, model, task.x_probe)
+                    finally:
+                        guard.restore()
         xb, yb = batches.batch(step)
         if cfg.channels_last and xb.dim() == 4:
             xb = xb.contiguous(memory_format=torch.channels_last)
         lr = lr_at(cfg, step)
-        for probe in spec.probes:
+        for probe in spec.probes if writer else ():
             if step in probe_plan[probe.name]:
                 ctx = ProbeContext(step=step, model=model, cfg=cfg, seed=seed, probe_batch=probe_batch,
                                    batch=(xb, yb), task=task, lr=lr, loss_fn=loss_fn,
                                    generator=probe_generator(seed, probe.name, step),
                                    state=probe_state[probe.name], optimizer=optimizer)
-                scalars, arrays = call_probe(probe, ctx)
+                with local_statistics():
+                    scalars, arrays = call_probe(probe, ctx)
                 if scalars:
                     log({"step": step, "probe": probe.name, **scalars})
                 store.add(probe.name, step, arrays)
@@ -347,9 +421,12 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
         # The update at ``step``.
         for group in optimizer.param_groups:
             group["lr"] = lr
-        out = model(xb)
-        loss = loss_fn(out, yb)
-        loss_value = loss.item()
+        if ranks is None:
+            out = model(xb)
+            loss = loss_fn(out, yb)
+            loss_value = loss.item()
+        else:
+            out, yb, loss, loss_value = _ranked_forward(net, ranks, loss_fn, cfg, xb, yb)
         if not math.isfinite(loss_value):
             status, diverged_step, diverged_value = "diverged", step, str(loss_value)
             log({"step": step, "event": "diverged", "loss": diverged_value, "lr": lr})
@@ -360,13 +437,18 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
         if step % cfg.log_every == 0:
             record: dict[str, Any] = {"step": step, "split": "train", "loss": loss_value}
             if task.is_classification:
-                record["acc"] = (out.argmax(dim=1) == yb).float().mean().item()
+                if ranks is None:
+                    record["acc"] = (out.argmax(dim=1) == yb).float().mean().item()
+                else:
+                    record["acc"] = ranks.all_sum((out.argmax(dim=1) == yb).sum()).item() / cfg.batch_size
             record["lr"] = lr
             log(record)
         if progress is not None and step % every == 0:
             progress(step)
 
     # --- the end ------------------------------------------------------------------------------------
+    if not writer:
+        return None
     test: dict[str, Any] = {}
     collapse: dict[str, Any] = {}
     if status == "done":
@@ -397,6 +479,21 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir,
     return RunOutcome(rd.path, spec.variant, spec.seed, status, steps=done["steps"],
                       diverged_step=diverged_step, test=test, seconds=seconds, resumed_from=resumed_from,
                       collapse=collapse)
+
+
+def _ranked_forward(net: nn.Module, ranks: Any, loss_fn: Callable, cfg: TrainConfig, xb: torch.Tensor,
+                    yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """This rank's slice of the global batch through the DDP-wrapped model: (its outputs, its targets, its
+    weighted loss to backpropagate, the global batch's loss). The weight makes DDP's gradient average
+    the global batch's gradient; the global loss is the sum over ranks of the weighted losses / W."""
+    from bnlab.train.ddp import local_loss_weight
+
+    lo, hi = ranks.slice(xb.shape[0])
+    x_local, y_local = xb[lo:hi], yb[lo:hi]
+    out = net(x_local)
+    loss = loss_fn(out, y_local) * local_loss_weight(ranks, hi - lo, xb.shape[0], cfg.loss_reduction)
+    total = ranks.all_sum(loss.detach().double()) / ranks.world
+    return out, y_local, loss, float(total)
 
 
 def _train_records(rd: RunDir) -> list[dict[str, Any]]:

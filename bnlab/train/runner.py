@@ -367,7 +367,8 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
                    data_dir: str | None = None, wait: bool = False, shard: tuple[int, int] | None = None,
                    echo: Callable[[str], None] = print, progress: Progress | None = None,
                    announce_data: bool = True, share_from: Sequence[Path | str] = (),
-                   settings: Sequence[str] | None = None, device: str | None = None) -> ExperimentRun:
+                   settings: Sequence[str] | None = None, device: str | None = None,
+                   distributed: bool = False) -> ExperimentRun:
     """Plan, check, estimate, run (see module docstring); runs go to ``out/<experiment>/...``.
 
     Everything that can be checked is checked before the first line is printed or the first file is
@@ -378,9 +379,16 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
     over this experiment's steps. ``announce_data``: print the dataset-fallback notices (False when
     the caller printed them once for several experiments). ``settings``: run only these robustness
     settings (see ``plan_runs``). ``device``: auto (None), cpu, cuda or cuda:N (bnlab.train.device).
+    ``distributed``: this is rank 0 of a data-parallel job (``bnlab run --nproc``); each run is
+    trained by every rank (bnlab.train.ddp), one run at a time.
     """
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if distributed and workers > 1:
+        raise ConfigError("--nproc trains one run at a time over its processes; drop --workers")
+    if distributed and resolve_device(device).type != "cpu":
+        raise ConfigError(f"--nproc trains on CPUs (gloo) for now, not on {resolve_device(device)}; add --device cpu, "
+                          "or train on one GPU without --nproc")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {threads}")
     check_data_dir(data_dir)
@@ -432,7 +440,7 @@ def run_experiment(exp: Any, profile: str = "quick", *, out: Path | str = "runs"
 
     threads = threads or _default_threads(workers)
     options = RunOptions(data_dir=data_dir, threads=threads, tensorboard=tensorboard,
-                         lock_wait=math.inf if wait else None, device=str(resolved))
+                         lock_wait=math.inf if wait else None, device=str(resolved), distributed=distributed)
     total_steps = sum(p.spec.cfg.steps - p.start_step for p in todo)
     # An outer progress (``bnlab reproduce``) counts estimated seconds of work, since a step of one
     # model can cost 100x a step of another; our own counts steps.

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from bnlab.errors import ConfigError
-from bnlab.train.config import TrainConfig
+from bnlab.train.config import TrainConfig, norm_options
 
 REGRESSION = "gaussian_regression"
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -167,6 +167,9 @@ def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
         kw["depth"] = cfg.depth
     if cfg.dropout is not None:
         kw["dropout"] = cfg.dropout
+    norm_kwargs = norm_options(cfg)
+    if norm_kwargs:
+        kw["norm_kwargs"] = norm_kwargs
     return kw
 
 
