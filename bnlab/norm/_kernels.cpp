@@ -702,6 +702,9 @@ class TrainFnT : public torch::autograd::Function<TrainFnT<inplace>> {
                                const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& count,
                                double momentum, bool cumulative, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    // The statistics and the flag never receive a gradient: without this, every backward would
+    // allocate zero-filled gradients for them (two tensors per call, a visible cost on small layers).
+    ctx->set_materialize_grads(false);
     variable_list result;
     if constexpr (inplace) {
       Tensor rm = *running_mean, rv = *running_var;
