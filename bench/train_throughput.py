@@ -8,6 +8,10 @@ thread count; measured in the same process, alternating, median of ``--repeats``
 * ``plain torch.nn BN``: the compute floor, forward/backward/step over batches sliced beforehand
   (a cycle of at most 200), with the model's BN layers converted to torch.nn's (``bnlab.convert``);
 * ``plain bnlab BN``: the same loop with bnlab's BN (bnlab's BN against torch.nn's, all else equal);
+* ``plain + gather``: the plain bnlab loop, but each batch gathered at its step by
+  ``bnlab.data.Batches`` as the engine does (random rows of the training tensor): the floor of any
+  loop that draws fresh shuffled batches, so ``engine / plain + gather`` is the engine's own
+  bookkeeping (loss record, NaN check, lr schedule, checkpoint and probe checks);
 * ``DataLoader``: the textbook ``for xb, yb in DataLoader(TensorDataset(x, y), batch_size,
   shuffle=True, drop_last=True)`` with the default ``num_workers=0``.
 
@@ -18,9 +22,11 @@ same size (the throughput does not depend on the pixel values).
     python bench/train_throughput.py [--threads 1] [--repeats 3] [--quick]
 
 Ratios are steps/s over steps/s (> 1: the first is faster). The last lines are
-``mlp_bnlab_vs_torch_bn: <plain bnlab BN / plain torch.nn BN>``, ``mlp_engine_overhead: <plain
-bnlab BN time per step / engine time per step - 1 ... as a fraction>`` and
-``engine_vs_dataloader_speedup: <ratio for the Ioffe MLP>``.
+``vgg_engine_overhead`` and ``mlp_engine_overhead`` (engine time per step / plain bnlab BN time per
+step - 1, as a fraction), ``mlp_bnlab_vs_torch_bn: <plain bnlab BN / plain torch.nn BN>``,
+``mlp_gather_overhead`` (plain + gather over plain), ``mlp_engine_overhead_over_gather`` (engine over
+plain + gather) and ``engine_vs_dataloader_speedup: <ratio for the Ioffe MLP>``; ratios and overheads
+are medians of the per-round values (the loops of one round run back to back).
 """
 
 from __future__ import annotations
@@ -100,9 +106,10 @@ def dataloader_steps_per_second(cfg: TrainConfig, task: Task, threads: int) -> f
     return (cfg.steps - warmup) / (time.perf_counter() - t0)
 
 
-def plain_steps_per_second(cfg: TrainConfig, task: Task, threads: int, bn: str) -> float:
+def plain_steps_per_second(cfg: TrainConfig, task: Task, threads: int, bn: str, gather: bool = False) -> float:
     """Forward/backward/step over pre-sliced batches (no data path at all): the compute floor.
-    ``bn``: "torch" converts the model's BN layers to torch.nn's, "bnlab" keeps bnlab's."""
+    ``bn``: "torch" converts the model's BN layers to torch.nn's, "bnlab" keeps bnlab's. With
+    ``gather`` each batch is gathered at its step by ``Batches`` instead (the data floor)."""
     from bnlab.data import Batches
     from bnlab.norm import convert
 
@@ -121,7 +128,7 @@ def plain_steps_per_second(cfg: TrainConfig, task: Task, threads: int, bn: str) 
     for step in range(cfg.steps):
         if step == warmup:
             t0 = time.perf_counter()
-        xb, yb = data[step % len(data)]
+        xb, yb = batches.batch(step) if gather else data[step % len(data)]
         loss = loss_fn(model(xb), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,6 +162,7 @@ def compare(label: str, cfg: TrainConfig, task: Task, threads: int, repeats: int
         "engine": lambda: engine_steps_per_second(cfg, task, threads),
         "plain torch.nn BN": lambda: plain_steps_per_second(cfg, task, threads, "torch"),
         "plain bnlab BN": lambda: plain_steps_per_second(cfg, task, threads, "bnlab"),
+        "plain + gather": lambda: plain_steps_per_second(cfg, task, threads, "bnlab", gather=True),
         "DataLoader": lambda: dataloader_steps_per_second(cfg, task, threads),
     }
     rates: dict[str, list[float]] = {k: [] for k in loops}
@@ -166,6 +174,14 @@ def compare(label: str, cfg: TrainConfig, task: Task, threads: int, repeats: int
     print(label)
     for name, r in med.items():
         print(f"  {name:<20} {r:8.1f} steps/s  {1000 / r:7.2f} ms/step   vs compute floor {r / floor:5.2f}x")
+    # per-round ratios (each round's loops ran back to back under the same background load)
+    med["ratio bnlab/torch"] = statistics.median(b / t for b, t in zip(rates["plain bnlab BN"],
+                                                                       rates["plain torch.nn BN"]))
+    med["engine overhead"] = statistics.median(p / e - 1 for p, e in zip(rates["plain bnlab BN"], rates["engine"]))
+    med["gather overhead"] = statistics.median(p / g - 1 for p, g in zip(rates["plain bnlab BN"],
+                                                                         rates["plain + gather"]))
+    med["engine over gather"] = statistics.median(g / e - 1 for g, e in zip(rates["plain + gather"],
+                                                                            rates["engine"]))
     return med
 
 
@@ -193,9 +209,12 @@ def main() -> None:
     print(f"{'batch fetch only (60 x 1x28x28)':<34} Batches {ours_us:6.1f} us/batch   DataLoader "
           f"{loader_us:6.1f} us/batch   ratio {loader_us / ours_us:5.2f}x")
     mlp_rates = compare("Ioffe MLP 784-100x3-10 BN, batch 60", mlp, mlp_task, args.threads, args.repeats)
-    compare("VGG-11 width 1/4 BN, batch 128", vgg, vgg_task, args.threads, max(1, args.repeats - 1))
-    print(f"mlp_bnlab_vs_torch_bn: {mlp_rates['plain bnlab BN'] / mlp_rates['plain torch.nn BN']:.3f}")
-    print(f"mlp_engine_overhead: {mlp_rates['plain bnlab BN'] / mlp_rates['engine'] - 1:.3f}")
+    vgg_rates = compare("VGG-11 width 1/4 BN, batch 128", vgg, vgg_task, args.threads, max(1, args.repeats - 1))
+    print(f"vgg_engine_overhead: {vgg_rates['engine overhead']:.3f}")
+    print(f"mlp_bnlab_vs_torch_bn: {mlp_rates['ratio bnlab/torch']:.3f}")
+    print(f"mlp_engine_overhead: {mlp_rates['engine overhead']:.3f}")
+    print(f"mlp_gather_overhead: {mlp_rates['gather overhead']:.3f}")
+    print(f"mlp_engine_overhead_over_gather: {mlp_rates['engine over gather']:.3f}")
     print(f"engine_vs_dataloader_speedup: {mlp_rates['engine'] / mlp_rates['DataLoader']:.2f}")
 
 

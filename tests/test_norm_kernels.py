@@ -79,7 +79,7 @@ def test_train_eval_and_backward_match_torch_nn_float64(name, shape, fmt, thread
         xr = x.detach().clone().requires_grad_()
         g = torch.randn(shape, dtype=torch.float64)
         called = _ops_called(lambda: ours(x).backward(g))
-        assert {"bnlab::bn_train", "bnlab::bn_backward"} <= called
+        assert {"bnlab::bn_train_", "bnlab::bn_backward"} <= called  # eager: the in-place variant
         y = ours(x.detach())
         ref(xr).backward(g)
         yr = ref(xr.detach())
@@ -148,6 +148,49 @@ def test_operators_pass_torch_library_opcheck(shape, fmt, affine):
     torch.library.opcheck(torch.ops.bnlab.bn_backward.default,
                           (torch.randn_like(x).detach(), x.detach(), None if w is None else w.detach(), stats, True))
     torch.library.opcheck(torch.ops.bnlab.bn_eval.default, (x.detach(), w, b, rm, rv, 1e-5))
+    # the in-place variant (eager module forward): declared mutations, fake impl, autograd
+    torch.library.opcheck(torch.ops.bnlab.bn_train_.default, (x, w, b, rm.clone(), rv.clone(), count.clone(), 0.1,
+                                                               False, 1e-5))
+    torch.library.opcheck(torch.ops.bnlab.bn_train_.default, (x, w, b, rm.clone(), rv.clone(), None, 0.0, True,
+                                                               1e-5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_in_place_training_op_equals_the_functional_one(dtype):
+    """bn_train_ writes into the buffers exactly what bn_train returns, bumps their version counters
+    (so autograd notices the in-place change) and leaves them alone for a rejected batch."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 5, dtype=torch.float64).mul(3).add(7).to(dtype)
+    bdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w, b = torch.rand(5, dtype=bdt) + 0.5, torch.randn(5, dtype=bdt)
+    rm, rv, count = torch.randn(5, dtype=bdt), torch.rand(5, dtype=bdt) + 0.5, torch.tensor(4)
+    for momentum, cumulative in ((0.1, False), (0.0, True)):
+        ref = torch.ops.bnlab.bn_train(x, w, b, rm, rv, count, momentum, cumulative, 1e-5)
+        m2, v2, c2 = rm.clone(), rv.clone(), count.clone()
+        versions = (m2._version, v2._version, c2._version)
+        out, stats, accepted = torch.ops.bnlab.bn_train_(x, w, b, m2, v2, c2, momentum, cumulative, 1e-5)
+        assert torch.equal(out, ref[0]) and torch.equal(stats, ref[1]) and bool(accepted)
+        assert torch.equal(m2, ref[2]) and torch.equal(v2, ref[3]) and torch.equal(c2, ref[4])
+        assert all(new > old for new, old in zip((m2._version, v2._version, c2._version), versions))
+    bad = x.clone()
+    bad[3, 2] = float("nan")
+    m2, v2, c2 = rm.clone(), rv.clone(), count.clone()
+    out, stats, accepted = torch.ops.bnlab.bn_train_(bad, w, b, m2, v2, c2, 0.1, False, 1e-5)
+    assert not bool(accepted) and torch.equal(m2, rm) and torch.equal(v2, rv) and int(c2) == 4
+
+
+def test_module_warns_and_keeps_statistics_for_a_nan_batch_on_the_eager_path():
+    from bnlab.norm.functional import NonFiniteBatchWarning
+
+    layer = bn.BatchNorm1d(4)
+    layer(torch.randn(8, 4))
+    before = (layer.running_mean.clone(), layer.running_var.clone(), int(layer.num_batches_tracked))
+    x = torch.randn(8, 4)
+    x[0, 1] = float("inf")
+    with pytest.warns(NonFiniteBatchWarning):
+        assert "bnlab::bn_train_" in _ops_called(lambda: layer(x))
+    assert torch.equal(layer.running_mean, before[0]) and torch.equal(layer.running_var, before[1])
+    assert int(layer.num_batches_tracked) == before[2]
 
 
 def test_gradcheck_through_the_kernels():
@@ -190,7 +233,7 @@ def test_export_and_compile_capture_the_operators():
 def test_switch_by_function_context_and_environment():
     layer = bn.BatchNorm1d(4)
     x = torch.randn(6, 4)
-    assert "bnlab::bn_train" in _ops_called(lambda: layer(x))
+    assert "bnlab::bn_train_" in _ops_called(lambda: layer(x))
     with kernels.use_mode("off"):
         assert kernels.mode() == "off" and not _ops_called(lambda: layer(x))
     assert kernels.mode() == "on"
@@ -207,7 +250,7 @@ def test_functorch_transforms_use_the_composite_path():
     x = torch.randn(3, 6, 4, dtype=torch.float64)
     fn = lambda t: batch_norm(t, None, None, None, None, training=True).out  # noqa: E731
     called = _ops_called(lambda: torch.func.vmap(fn)(x))
-    assert "bnlab::bn_train" not in called
+    assert not any(name.startswith("bnlab::bn_train") for name in called)
     torch.testing.assert_close(torch.func.vmap(fn)(x), torch.stack([fn(t) for t in x]), rtol=1e-10, atol=1e-10)
 
 

@@ -317,10 +317,10 @@ void check_x(const Tensor& x) {
 // Training forward: batch statistics, normalize + affine, and the guarded running-statistics update.
 using TrainOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-TrainOut bn_train(
-    const Tensor& x_in, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
-    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
-    const c10::optional<Tensor>& num_batches_tracked, double momentum, bool cumulative, double eps) {
+// The batch statistics and the normalized output; stats rows: batch mean, 1/sqrt(biased variance + eps),
+// unbiased variance (float64).
+std::pair<Tensor, Tensor> train_forward(const Tensor& x_in, const c10::optional<Tensor>& weight,
+                                        const c10::optional<Tensor>& bias, double eps) {
   check_x(x_in);
   Layout L;
   Tensor x = dense_input(x_in, L);
@@ -348,13 +348,60 @@ TrainOut bn_train(
     }
     affine_pass<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), L, mean, a, b);
   });
-  auto dopt = x.options().dtype(at::kDouble);
-  // stats rows: batch mean, 1/sqrt(biased variance + eps), unbiased variance (float64)
-  Tensor stats = at::empty({3, C}, dopt);
+  Tensor stats = at::empty({3, C}, x.options().dtype(at::kDouble));
   double* sp = stats.data_ptr<double>();
   std::copy(mean.begin(), mean.end(), sp);
   std::copy(invstd.begin(), invstd.end(), sp + C);
   std::copy(var_unbiased.begin(), var_unbiased.end(), sp + 2 * C);
+  return {y, stats};
+}
+
+// The guarded running-statistics update: the proposed new values and whether the batch is accepted
+// (batch statistics finite in the compute dtype, updated values representable in the buffers' dtype).
+struct Update {
+  std::vector<double> mean, var;
+  int64_t count = 0;
+  bool has_count = false, ok = true;
+};
+
+Update running_update(const Tensor& stats, at::ScalarType x_dtype, const Tensor& rm, const Tensor& rv,
+                      const c10::optional<Tensor>& num_batches_tracked, double momentum, bool cumulative) {
+  const int64_t C = stats.size(1);
+  const double* sp = stats.const_data_ptr<double>();
+  Update u;
+  u.has_count = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (u.has_count) {
+    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1,
+                "bnlab kernels: num_batches_tracked must be a one-element int64 tensor");
+    u.count = num_batches_tracked->const_data_ptr<int64_t>()[0];  // CPU memory, no device sync
+  }
+  const double f = cumulative ? 1.0 / static_cast<double>(u.count + 1) : momentum;
+  const std::vector<double> old_m = channel_values(rm, C, 0.0), old_v = channel_values(rv, C, 0.0);
+  u.mean.resize(C);
+  u.var.resize(C);
+  const at::ScalarType cdt = compute_type(x_dtype);
+  for (int64_t c = 0; c < C; ++c) {
+    const double mean = sp[c], var_unbiased = sp[2 * C + c];
+    u.ok = u.ok && finite_in(mean, cdt) && finite_in(var_unbiased, cdt);
+    u.mean[c] = lerp(old_m[c], mean, f);
+    u.var[c] = lerp(old_v[c], var_unbiased, f);
+    u.ok = u.ok && finite_in(u.mean[c], rm.scalar_type()) && finite_in(u.var[c], rv.scalar_type());
+  }
+  return u;
+}
+
+Tensor accepted_flag(const Tensor& x, bool ok) {
+  Tensor accepted = at::empty({}, x.options().dtype(at::kBool));
+  accepted.data_ptr<bool>()[0] = ok;
+  return accepted;
+}
+
+TrainOut bn_train(
+    const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    const c10::optional<Tensor>& num_batches_tracked, double momentum, bool cumulative, double eps) {
+  auto [y, stats] = train_forward(x, weight, bias, eps);
+  auto dopt = x.options().dtype(at::kDouble);
   Tensor new_rm, new_rv, new_count, accepted;
   const bool update = running_mean.has_value() && running_mean->defined() && running_var.has_value() &&
                       running_var->defined();
@@ -367,33 +414,51 @@ TrainOut bn_train(
   }
   const Tensor& rm = *running_mean;
   const Tensor& rv = *running_var;
-  const bool has_count = num_batches_tracked.has_value() && num_batches_tracked->defined();
-  int64_t count = 0;
-  if (has_count) {
-    TORCH_CHECK(num_batches_tracked->scalar_type() == at::kLong && num_batches_tracked->numel() == 1,
-                "bnlab kernels: num_batches_tracked must be a one-element int64 tensor");
-    count = num_batches_tracked->const_data_ptr<int64_t>()[0];  // CPU memory, no device sync
+  // The same guard as the composite core (see running_update).
+  const Update u = running_update(stats, x.scalar_type(), rm, rv, num_batches_tracked, momentum, cumulative);
+  new_rm = u.ok ? from_values(u.mean, rm) : rm.clone();
+  new_rv = u.ok ? from_values(u.var, rv) : rv.clone();
+  new_count = at::empty(u.has_count ? num_batches_tracked->sizes() : at::IntArrayRef{0}, x.options().dtype(at::kLong));
+  if (u.has_count) new_count.data_ptr<int64_t>()[0] = u.count + (u.ok ? 1 : 0);
+  return {y, stats, new_rm, new_rv, new_count, accepted_flag(x, u.ok)};
+}
+
+// Write per-channel float64 values into a (C,) tensor of any floating dtype, in place.
+void store_values(const std::vector<double>& v, Tensor& t) {
+  if (!t.is_contiguous()) {
+    t.copy_(from_values(v, t));
+    return;
   }
-  const double f = cumulative ? 1.0 / static_cast<double>(count + 1) : momentum;
-  std::vector<double> old_m = channel_values(rm, C, 0.0), old_v = channel_values(rv, C, 0.0);
-  std::vector<double> pm(C), pv(C);
-  const at::ScalarType cdt = compute_type(x.scalar_type());
-  bool ok = true;
-  for (int64_t c = 0; c < C; ++c) {
-    // The same guard as the composite core: batch statistics finite in the compute dtype, and the
-    // updated values representable in the buffers' dtype.
-    ok = ok && finite_in(mean[c], cdt) && finite_in(var_unbiased[c], cdt);
-    pm[c] = lerp(old_m[c], mean[c], f);
-    pv[c] = lerp(old_v[c], var_unbiased[c], f);
-    ok = ok && finite_in(pm[c], rm.scalar_type()) && finite_in(pv[c], rv.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "bnlab_store_values", [&] {
+    scalar_t* p = t.data_ptr<scalar_t>();
+    for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<scalar_t>(v[i]);
+  });
+  t.unsafeGetTensorImpl()->bump_version();  // what an in-place torch op does (autograd checks it)
+}
+
+// The training forward of a BN module in eager mode: as bn_train, but the running statistics (and
+// the counter) are updated in place, as torch's native batch norm does, instead of being returned:
+// a small layer (the Ioffe MLP's BatchNorm1d(100) at batch 60) is dominated by per-call costs, and
+// three returned tensors plus three Python-side copy_ calls were a third of it. Graph capture keeps
+// the functional bn_train.
+using TrainInplaceOut = std::tuple<Tensor, Tensor, Tensor>;
+
+TrainInplaceOut bn_train_(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                          Tensor& running_mean, Tensor& running_var, const c10::optional<Tensor>& num_batches_tracked,
+                          double momentum, bool cumulative, double eps) {
+  auto [y, stats] = train_forward(x, weight, bias, eps);
+  const Update u = running_update(stats, x.scalar_type(), running_mean, running_var, num_batches_tracked, momentum,
+                                  cumulative);
+  if (u.ok) {
+    store_values(u.mean, running_mean);
+    store_values(u.var, running_var);
+    if (u.has_count) {
+      Tensor count = *num_batches_tracked;
+      count.data_ptr<int64_t>()[0] = u.count + 1;
+      count.unsafeGetTensorImpl()->bump_version();
+    }
   }
-  new_rm = ok ? from_values(pm, rm) : rm.clone();
-  new_rv = ok ? from_values(pv, rv) : rv.clone();
-  new_count = at::empty(has_count ? num_batches_tracked->sizes() : at::IntArrayRef{0}, x.options().dtype(at::kLong));
-  if (has_count) new_count.data_ptr<int64_t>()[0] = count + (ok ? 1 : 0);
-  accepted = at::empty({}, x.options().dtype(at::kBool));
-  accepted.data_ptr<bool>()[0] = ok;
-  return {y, stats, new_rm, new_rv, new_count, accepted};
+  return {y, stats, accepted_flag(x, u.ok)};
 }
 
 template <typename scalar_t>
@@ -602,6 +667,10 @@ const c10::TypedOperatorHandle<decltype(bn_train)>& train_op() {
   static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnlab::bn_train", "").typed<decltype(bn_train)>();
   return op;
 }
+const c10::TypedOperatorHandle<decltype(bn_train_)>& train_inplace_op() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("bnlab::bn_train_", "").typed<decltype(bn_train_)>();
+  return op;
+}
 const c10::TypedOperatorHandle<decltype(bn_backward)>& backward_op() {
   static auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("bnlab::bn_backward", "").typed<decltype(bn_backward)>();
@@ -624,21 +693,34 @@ std::vector<int64_t> channel_shape(int64_t dim) {
   return s;
 }
 
-class TrainFn : public torch::autograd::Function<TrainFn> {
+// The training forward's autograd (bn_train, or bn_train_ with ``inplace``); the backward is shared.
+template <bool inplace>
+class TrainFnT : public torch::autograd::Function<TrainFnT<inplace>> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& weight,
                                const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
                                const c10::optional<Tensor>& running_var, const c10::optional<Tensor>& count,
                                double momentum, bool cumulative, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto out = train_op().call(x, weight, bias, running_mean, running_var, count, momentum, cumulative, eps);
+    // The statistics and the flag never receive a gradient: without this, every backward would
+    // allocate zero-filled gradients for them (two tensors per call, a visible cost on small layers).
+    ctx->set_materialize_grads(false);
+    variable_list result;
+    if constexpr (inplace) {
+      Tensor rm = *running_mean, rv = *running_var;
+      auto out = train_inplace_op().call(x, weight, bias, rm, rv, count, momentum, cumulative, eps);
+      result = {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+      ctx->mark_non_differentiable({result[1], result[2]});
+    } else {
+      auto out = train_op().call(x, weight, bias, running_mean, running_var, count, momentum, cumulative, eps);
+      result = {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out),
+                std::get<5>(out)};
+      ctx->mark_non_differentiable({result[1], result[2], result[3], result[4], result[5]});
+    }
     const Tensor w = weight.has_value() ? *weight : Tensor();
-    ctx->save_for_backward({x, w, std::get<1>(out)});
+    ctx->save_for_backward({x, w, result[1]});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    variable_list result{std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out),
-                         std::get<5>(out)};
-    ctx->mark_non_differentiable({result[1], result[2], result[3], result[4], result[5]});
     return result;
   }
 
@@ -686,8 +768,16 @@ class TrainFn : public torch::autograd::Function<TrainFn> {
 TrainOut bn_train_autograd(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                            const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
                            const c10::optional<Tensor>& count, double momentum, bool cumulative, double eps) {
-  auto r = TrainFn::apply(x, weight, bias, running_mean, running_var, count, momentum, cumulative, eps);
+  auto r = TrainFnT<false>::apply(x, weight, bias, running_mean, running_var, count, momentum, cumulative, eps);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
+TrainInplaceOut bn_train__autograd(const Tensor& x, const c10::optional<Tensor>& weight,
+                                   const c10::optional<Tensor>& bias, Tensor& running_mean, Tensor& running_var,
+                                   const c10::optional<Tensor>& count, double momentum, bool cumulative, double eps) {
+  auto r = TrainFnT<true>::apply(x, weight, bias, c10::optional<Tensor>(running_mean),
+                                 c10::optional<Tensor>(running_var), count, momentum, cumulative, eps);
+  return {r[0], r[1], r[2]};
 }
 
 class EvalFn : public torch::autograd::Function<EvalFn> {
@@ -737,6 +827,9 @@ TORCH_LIBRARY(bnlab, m) {
         "Tensor? num_batches_tracked, float momentum, bool cumulative, float eps) -> "
         "(Tensor out, Tensor stats, Tensor new_running_mean, Tensor new_running_var, "
         "Tensor new_num_batches_tracked, Tensor accepted)");
+  m.def("bn_train_(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
+        "Tensor(c!)? num_batches_tracked, float momentum, bool cumulative, float eps) -> "
+        "(Tensor out, Tensor stats, Tensor accepted)");
   m.def("bn_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor stats, bool input_grad) -> "
         "(Tensor, Tensor, Tensor)");
   m.def("bn_eval(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor");
@@ -744,12 +837,14 @@ TORCH_LIBRARY(bnlab, m) {
 
 TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
   m.impl("bn_train", &bn_train);
+  m.impl("bn_train_", &bn_train_);
   m.impl("bn_backward", &bn_backward);
   m.impl("bn_eval", &bn_eval);
 }
 
 TORCH_LIBRARY_IMPL(bnlab, Autograd, m) {
   m.impl("bn_train", &bn_train_autograd);
+  m.impl("bn_train_", &bn_train__autograd);
   m.impl("bn_eval", &bn_eval_autograd);
   // Used inside bn_train's backward without grad mode; double backward differentiates the formula
   // above instead, so differentiating this operator is an error that names it.

@@ -16,7 +16,12 @@ more than the arithmetic. The kernels here do each step in the fewest passes:
 * backward (``bnlab::bn_backward``): two per-channel reductions (sum dy, sum dy*(x - mean)) in one
   read, then one elementwise pass ``dx = a*dy + k*(x - mean) + e``; saved for it: the input ``x``
   (the one input-sized tensor) plus per-channel float64 mean and 1/std;
-* eval forward (``bnlab::bn_eval``): one pass ``(x - running_mean) * scale + bias``.
+* eval forward (``bnlab::bn_eval``): one pass ``(x - running_mean) * scale + bias``;
+* ``bnlab::bn_train_``: ``bn_train`` with the running statistics and the counter updated in place
+  (as torch's native batch norm does) instead of returned. A BN module's eager forward uses it: on a
+  small layer (the Ioffe MLP's BatchNorm1d(100) at batch 60) the three returned statistics tensors
+  and the three ``copy_`` calls into the buffers cost a third of the layer; graph capture
+  (``torch.compile``, ``torch.export``, tracing) keeps the functional ``bn_train``.
 
 They cover CPU tensors of float32/float64 and float16/bfloat16 (float32 arithmetic, float64
 statistics) in NCHW, channels_last (2-D and 3-D images), (N, C) and (N, C, L) layouts, parallel over
@@ -258,10 +263,10 @@ def available() -> bool:
 def applies(x: Tensor, *others: Optional[Tensor]) -> bool:
     """Whether the kernels serve this call: CPU tensors of a supported dtype, a non-empty input, no
     torch.func transform or forward-AD level active, and kernels switched on and built. A decision on metadata only."""
-    if _mode == "off" or x.device.type != "cpu" or x.dtype not in _DTYPES or x.numel() == 0:
+    if _mode == "off" or not x.is_cpu or x.dtype not in _DTYPES or x.numel() == 0:
         return False
     for t in others:
-        if t is not None and (t.device.type != "cpu" or not t.is_floating_point()):
+        if t is not None and (not t.is_cpu or not t.is_floating_point()):
             return False
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
         return False  # vmap/grad/jacrev/hessian: the composite path, differentiable to any order
@@ -296,6 +301,10 @@ def _fake_train(x, weight, bias, running_mean, running_var, num_batches_tracked,
                   x.new_empty((), dtype=torch.bool))
 
 
+def _fake_train_inplace(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, cumulative, eps):
+    return _out_like(x), x.new_empty((3, x.shape[1]), dtype=torch.float64), x.new_empty((), dtype=torch.bool)
+
+
 def _fake_backward(grad_out, x, weight, stats, input_grad):
     c = x.shape[1]
     dx = _out_like(x) if input_grad else x.new_empty((0,))
@@ -310,6 +319,7 @@ def _fake_eval(x, weight, bias, running_mean, running_var, eps):
 def _register_python_parts() -> None:
     # The autograd formulas are registered in C++ (Autograd key), so a call costs no Python frame.
     torch.library.register_fake("bnlab::bn_train", _fake_train)
+    torch.library.register_fake("bnlab::bn_train_", _fake_train_inplace)
     torch.library.register_fake("bnlab::bn_backward", _fake_backward)
     torch.library.register_fake("bnlab::bn_eval", _fake_eval)
 

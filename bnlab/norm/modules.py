@@ -259,8 +259,11 @@ _HALF = (torch.float16, torch.bfloat16)
 def _dtypes_agree(x: Tensor, *others: Optional[Tensor]) -> bool:
     """torch.nn's rule for BN on mixed dtypes: parameters and buffers share the input's dtype, or
     all are float32 for a float16/bfloat16 input (half precision with float32 statistics)."""
+    dtype = x.dtype
+    if all(t is None or t.dtype == dtype for t in others):  # the common case, without building a set
+        return True
     dtypes = {t.dtype for t in others if t is not None}
-    return not dtypes or dtypes == {x.dtype} or (dtypes == {torch.float32} and x.dtype in _HALF)
+    return dtypes == {torch.float32} and dtype in _HALF
 
 
 def _check_dtypes(module: _BatchNorm, x: Tensor) -> None:
@@ -297,6 +300,14 @@ def _kernel_forward(module: _BatchNorm, x: Tensor) -> Optional[Tensor]:
     count = buffers.get("num_batches_tracked")
     if not module.track_running_stats or x.numel() // x.shape[1] <= 1 or (momentum is None and count is None):
         return None
+    if type(x) is Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        # Eager: the buffers are updated in place by the kernel (no returned copies to write back).
+        # Only a plain tensor (not a FakeTensor or another subclass) has a flag that may be read.
+        out, stats, accepted = torch.ops.bnlab.bn_train_(
+            x, weight, bias, rm, rv, count, 0.0 if momentum is None else momentum, momentum is None, eps)
+        if not accepted:  # nothing was updated, so the buffers still hold the statistics before the batch
+            report_kernel_rejection(accepted, stats, x.dtype, rm, rv, count, momentum)
+        return out
     out, stats, new_mean, new_var, new_count, accepted = torch.ops.bnlab.bn_train(
         x, weight, bias, rm, rv, count, 0.0 if momentum is None else momentum, momentum is None, eps)
     if not _traced(accepted):  # same rule as the functional path: never read a fake/traced flag

@@ -37,6 +37,7 @@ from bnlab.train.config import TrainConfig, config_hash, config_to_dict
 from bnlab.train.device import describe_device, resolve_device
 from bnlab.train.env import environment
 from bnlab.train.probes import ArrayStore, Probe, ProbeContext, _Guard, call_probe, probe_generator
+from bnlab.train.records import TrainRecords
 from bnlab.train.rundir import (ARRAYS, CHECKPOINT, CHECKPOINT_FORMAT, CONFIG, ENV, METRICS, MODEL, RunDir, RunLock,
                                 atomic_torch_save, atomic_write_bytes, read_json, read_metrics)
 from bnlab.train.schedule import lr_at
@@ -363,7 +364,18 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir | None,
 
         tb = TensorBoardLogger(rd.path, purge_step=start if start else None)
 
+    def write_train_records(records: list[dict[str, Any]], lines: list[str]) -> None:
+        rd.log_lines(lines)
+        if tb is not None:
+            for record in records:
+                tb.scalars(record["step"], "train", record)
+
+    # The per-step training records wait here and are written in bulk (see records.py); every other
+    # write flushes them first, so the file's order is the order of the steps.
+    train_records = TrainRecords(write_train_records, task.is_classification)
+
     def checkpoint(step: int) -> None:
+        train_records.flush()
         nbytes = rd.sync_metrics()
         rd.save_checkpoint({
             "format": CHECKPOINT_FORMAT, "step": step, "config_hash": h, "dataset": task.name,
@@ -375,6 +387,7 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir | None,
     def log(record: dict[str, Any]) -> None:
         if not writer:
             return
+        train_records.flush()
         rd.log(record)
         if tb is not None:
             prefix = record.get("split") or f"probe/{record.get('probe', 'event')}"
@@ -385,66 +398,71 @@ def _train_locked(spec: RunSpec, options: RunOptions, rd: RunDir | None,
     status, diverged_step, diverged_value = "done", None, None
 
     # --- the loop -------------------------------------------------------------------------------------
-    for step in range(start, cfg.steps + 1):
-        if writer and step > start and step % cfg.checkpoint_every == 0:
-            checkpoint(step)
-        last = step == cfg.steps
-        if writer and (step % cfg.eval_every == 0 or last):
-            # Evaluation, histograms and probes: this process alone (module docstring of bnlab.train.ddp)
-            with local_statistics():
-                log({"step": step, "split": "eval", **evaluate(model, cfg, task.x_eval, task.y_eval,
-                                                               task.is_classification)})
-                if tb is not None:
-                    guard = _Guard(model)
-                    try:
-                        tb.activation_histograms(step, model, task.x_probe)
-                    finally:
-                        guard.restore()
-        xb, yb = batches.batch(step)
-        if cfg.channels_last and xb.dim() == 4:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        lr = lr_at(cfg, step)
-        for probe in spec.probes if writer else ():
-            if step in probe_plan[probe.name]:
-                ctx = ProbeContext(step=step, model=model, cfg=cfg, seed=seed, probe_batch=probe_batch,
-                                   batch=(xb, yb), task=task, lr=lr, loss_fn=loss_fn,
-                                   generator=probe_generator(seed, probe.name, step),
-                                   state=probe_state[probe.name], optimizer=optimizer)
+    try:
+        for step in range(start, cfg.steps + 1):
+            if writer and step > start and step % cfg.checkpoint_every == 0:
+                checkpoint(step)
+            last = step == cfg.steps
+            if writer and (step % cfg.eval_every == 0 or last):
+                # Evaluation, histograms and probes: this process alone (module docstring of bnlab.train.ddp)
                 with local_statistics():
-                    scalars, arrays = call_probe(probe, ctx)
-                if scalars:
-                    log({"step": step, "probe": probe.name, **scalars})
-                store.add(probe.name, step, arrays)
-        if last:
-            break
+                    log({"step": step, "split": "eval", **evaluate(model, cfg, task.x_eval, task.y_eval,
+                                                                   task.is_classification)})
+                    if tb is not None:
+                        guard = _Guard(model)
+                        try:
+                            tb.activation_histograms(step, model, task.x_probe)
+                        finally:
+                            guard.restore()
+            xb, yb = batches.batch(step)
+            if cfg.channels_last and xb.dim() == 4:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            lr = lr_at(cfg, step)
+            for probe in spec.probes if writer else ():
+                if step in probe_plan[probe.name]:
+                    ctx = ProbeContext(step=step, model=model, cfg=cfg, seed=seed, probe_batch=probe_batch,
+                                       batch=(xb, yb), task=task, lr=lr, loss_fn=loss_fn,
+                                       generator=probe_generator(seed, probe.name, step),
+                                       state=probe_state[probe.name], optimizer=optimizer)
+                    with local_statistics():
+                        scalars, arrays = call_probe(probe, ctx)
+                    if scalars:
+                        log({"step": step, "probe": probe.name, **scalars})
+                    store.add(probe.name, step, arrays)
+            if last:
+                break
 
-        # The update at ``step``.
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if ranks is None:
-            out = model(xb)
-            loss = loss_fn(out, yb)
-            loss_value = loss.item()
-        else:
-            out, yb, loss, loss_value = _ranked_forward(net, ranks, loss_fn, cfg, xb, yb)
-        if not math.isfinite(loss_value):
-            status, diverged_step, diverged_value = "diverged", step, str(loss_value)
-            log({"step": step, "event": "diverged", "loss": diverged_value, "lr": lr})
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % cfg.log_every == 0:
-            record: dict[str, Any] = {"step": step, "split": "train", "loss": loss_value}
-            if task.is_classification:
+            # The update at ``step``.
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if ranks is None:
+                out = model(xb)
+                loss = loss_fn(out, yb)
+                loss_value = loss.item()
+            else:
+                out, yb, loss, loss_value = _ranked_forward(net, ranks, loss_fn, cfg, xb, yb)
+            if not math.isfinite(loss_value):
+                status, diverged_step, diverged_value = "diverged", step, str(loss_value)
+                log({"step": step, "event": "diverged", "loss": diverged_value, "lr": lr})
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if step % cfg.log_every == 0:
                 if ranks is None:
-                    record["acc"] = (out.argmax(dim=1) == yb).float().mean().item()
-                else:
-                    record["acc"] = ranks.all_sum((out.argmax(dim=1) == yb).sum()).item() / cfg.batch_size
-            record["lr"] = lr
-            log(record)
-        if progress is not None and step % every == 0:
-            progress(step)
+                    train_records.add(step, loss_value, lr, out, yb)
+                else:  # the accuracy over the global batch: a collective, so every rank takes part
+                    record: dict[str, Any] = {"step": step, "split": "train", "loss": loss_value}
+                    if task.is_classification:
+                        record["acc"] = ranks.all_sum((out.argmax(dim=1) == yb).sum()).item() / cfg.batch_size
+                    record["lr"] = lr
+                    log(record)
+            if progress is not None and step % every == 0:
+                progress(step)
+    except BaseException:
+        train_records.flush()  # what a crash of Python leaves is complete up to the failing step
+        raise
+    train_records.flush()
 
     # --- the end ------------------------------------------------------------------------------------
     if not writer:

@@ -4,7 +4,8 @@ Layout: ``<out>/<experiment>/<variant>-<hash8>/seed<k>/``
 
     config.json     the full TrainConfig plus experiment, variant, seed, profile, hash
     env.json        versions, threads, git commit, machine, dataset actually used (+ fallback note)
-    metrics.jsonl   one JSON object per line, append-only; flushed every record, fsynced at checkpoints
+    metrics.jsonl   one JSON object per line, append-only; flushed at every record but the per-step
+                    training ones (those at least once a second, see records.py), fsynced at checkpoints
     arrays.npz      probe arrays, stacked over the steps at which the probe ran
     checkpoint.pt   model, optimizer, RNG states, step, probe arrays, metrics byte offset
     model.pt        final weights (state_dict)
@@ -213,6 +214,12 @@ class RunDir:
         line = json.dumps(json_safe(dict(record)), allow_nan=False, separators=(",", ":")) + "\n"
         self._metrics.write(line.encode())
         self._metrics.flush()  # visible to readers (and to a crash of Python) at once
+
+    def log_lines(self, lines: list[str]) -> None:
+        """Append ready-made metrics.jsonl lines (each ending in a newline) with one write and flush."""
+        assert self._metrics is not None, "open_metrics first"
+        self._metrics.write("".join(lines).encode())
+        self._metrics.flush()
 
     def sync_metrics(self) -> int:
         """fsync metrics.jsonl and return its length in bytes (the resume point)."""
