@@ -230,7 +230,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.workers > 1:
             raise ConfigError("--nproc trains one run at a time over its processes; drop --workers "
                               "(or drop --nproc to train several runs side by side)")
-        small = {v: c.batch_size for v, c in exp.configs(profile, overrides).items() if c.batch_size < args.nproc}
+        # Only what equals the single-process run (to float32 rounding) may share its run directory:
+        # plain or no BN and no random layers. Other norms keep per-rank statistics, and dropout and
+        # noise would draw per rank (not the single-process draws, and not restored per rank on resume).
+        chosen = {v: c for v, c in exp.configs(profile, overrides).items() if not variants or v in variants}
+        odd = {v: (f"norm={c.norm}" if c.norm not in ("batch", "none") else f"dropout={c.dropout}")
+               for v, c in chosen.items() if c.norm not in ("batch", "none") or (c.dropout or 0) > 0}
+        if odd:
+            keep = [v for v in chosen if v not in odd]
+            raise ConfigError(
+                "--nproc trains arms with plain BN (synchronized) or none, without random layers; "
+                + ", ".join(f"{v} ({why})" for v, why in odd.items()) + " would not equal the single-process "
+                "run" + (f": run the others with --variants {','.join(keep)}" if keep else ""))
+        small = {v: c.batch_size for v, c in chosen.items() if c.batch_size < args.nproc}
         if small:
             v, b = next(iter(small.items()))
             raise ConfigError(f"variant {v!r} has batch_size={b}, fewer examples than --nproc {args.nproc} processes; "
@@ -995,7 +1007,9 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    rank_argv = os.environ.get("BNLAB_DDP_RANK_ARGV")
+    from bnlab.train.ddp import RANK_PROCESS_ENV
+
+    rank_argv = os.environ.get(RANK_PROCESS_ENV)
     if argv is None and rank_argv and not sys.argv[1:]:  # a rank process of `bnlab run --nproc` (bnlab.train.ddp)
         argv = json.loads(rank_argv)
     args = build_parser().parse_args(argv)
@@ -1013,7 +1027,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bnlab: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        if os.environ.get("BNLAB_DDP_RANK_ARGV"):
+        if os.environ.get(RANK_PROCESS_ENV):
             return EXIT_INTERRUPTED  # a rank stopped by torchrun: the launcher says what happened
         print("\nbnlab: interrupted; finished runs and the last checkpoints are kept: run the same "
               "command again to resume", file=sys.stderr)

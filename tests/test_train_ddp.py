@@ -289,3 +289,29 @@ def test_missing_torch_distributed_or_torchrun_is_one_clear_error(tmp_path, caps
     err = capsys.readouterr().err
     assert "this torch build has no torch.distributed, which --nproc needs" in err and err.count("\n") == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_nproc_refuses_arms_that_would_not_equal_one_process(tmp_path, capsys):
+    """Dropout and per-rank-statistics norms: one error naming them and the --variants that can run."""
+    from bnlab.cli import main
+
+    code = main(["run", "ioffe_lr_study", "--profile", "smoke", "--nproc", "2", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--nproc trains arms with plain BN" in err and "dropout=" in err and "--variants " in err
+    code = main(["run", "santurkar_vgg", "--profile", "smoke", "--nproc", "2", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "noisy_bn (norm=noisy_batch)" in err and "l1 (norm=l1)" in err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_the_rank_that_failed_is_named_not_the_one_torchrun_stopped():
+    """A rank that raised (exit 1) is the cause; a rank torchrun then stopped (-SIGTERM) is not, even
+    when its failure was recorded first."""
+    import signal
+    from types import SimpleNamespace
+
+    from bnlab.train import ddp
+
+    failures = {0: SimpleNamespace(exitcode=-signal.SIGTERM, timestamp=1.0, pid=10, signal_name=lambda: "SIGTERM"),
+                1: SimpleNamespace(exitcode=1, timestamp=2.0, pid=11, signal_name=lambda: "")}
+    assert ddp.failure_cause(failures)[0] == 1

@@ -398,7 +398,9 @@ def diagnose_run(run: RunResult) -> DoctorEntry:
         k = max(1, min(DOCTOR_BATCHES, DOCTOR_EXAMPLES // bs, len(batches)))
         parts = [batches.batch(i) for i in range(k)]
         x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-        nproc = int(((run.env or {}).get("distributed") or {}).get("nproc", 1))
+        dist = (run.env or {}).get("distributed") or {}
+        # with synchronized BN (what --nproc uses) BN's statistics are over the global batch
+        nproc = 1 if dist.get("sync_bn_layers") else int(dist.get("nproc", 1))
         entry.examples, entry.batch_per_process = int(x.shape[0]), max(1, bs // nproc)
         entry.findings = diagnose(r.model, x, y, batch_per_process=entry.batch_per_process)
     except ConfigError as err:

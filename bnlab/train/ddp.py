@@ -1,7 +1,7 @@
 """Data-parallel training of one run over several processes (``bnlab run NAME --nproc N``).
 
 Launched by torchrun (``bnlab.cli`` starts ``torch.distributed.run``; each rank process runs the same
-``bnlab run`` command with ``BNLAB_DDP_RANK_PROCESS=1`` set). The contract, and why:
+``bnlab run`` command with ``BNLAB_DDP_RANK_ARGV`` set to its arguments). The contract, and why:
 
 - **Same run as one process.** The global batch stays the config's ``batch_size``: every rank draws
   batch s of the same seeded order (``Batches`` is a function of (seed, step)) and keeps its slice,
@@ -12,8 +12,8 @@ Launched by torchrun (``bnlab.cli`` starts ``torch.distributed.run``; each rank 
   ranks, so the averaged gradient is the gradient of the mean over the global batch. Parameters,
   running statistics and logged losses equal the single-process run's to float32 rounding (not bit
   for bit: sums are taken in another order). Layers that draw random numbers (dropout, noisy BN)
-  draw them per rank, so they are not the single-process draws; BN variants other than plain BN
-  (ghost, renorm, noisy, ℓp) keep per-rank statistics.
+  would draw them per rank, and BN variants other than plain BN (ghost, renorm, noisy, ℓp) would
+  keep per-rank statistics, so ``bnlab run --nproc`` refuses such arms.
 - **Rank 0 alone writes** the run directory (lock, config, metrics, checkpoints, results) and prints;
   the other ranks write nothing. A checkpoint is read by rank 0 and sent to the others, so a resumed
   run continues from the same state on every rank (the run directory need not be shared between
@@ -34,6 +34,7 @@ CPU processes; ``SyncBatchNorm`` itself also runs under nccl on CUDA tensors.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -199,6 +200,19 @@ def torchrun_argv(nproc: int, torchrun_args: str | None) -> list[str]:
                                                           "-m", "bnlab.cli"])
 
 
+def failure_cause(failures: Mapping[int, Any]) -> tuple[int, Any]:
+    """(rank, failure) of the rank that made a --nproc run fail, from torchrun's ``ChildFailedError.failures``:
+    a rank killed by a signal first, then one that exited with an error, earliest first. Exit code 2
+    (a bnlab error the rank printed, e.g. a collective that failed because another rank died), 130 and
+    -SIGTERM (torchrun stopping the surviving ranks) are consequences, never the cause."""
+    def order(item: tuple[int, Any]) -> tuple[int, float, int]:
+        rank, f = item
+        stopped = f.exitcode in (2, 130, -signal.SIGTERM)
+        return (0 if f.exitcode < 0 and not stopped else 1 if not stopped else 2, f.timestamp, rank)
+
+    return min(failures.items(), key=order)
+
+
 def launch(argv: list[str], nproc: int, torchrun_args: str | None, threads: int) -> int:
     """Run ``bnlab <argv>`` in ``nproc`` processes per node through torchrun (``torch.distributed.run``,
     in this process, as ``python -m torch.distributed.run`` does) and wait for them. Returns 0 when
@@ -208,7 +222,6 @@ def launch(argv: list[str], nproc: int, torchrun_args: str | None, threads: int)
     import contextlib
     import io
     import logging
-    import signal
     from pathlib import Path
 
     if not dist.is_available():
@@ -247,12 +260,7 @@ def launch(argv: list[str], nproc: int, torchrun_args: str | None, threads: int)
         # collective that failed because another rank died): name a rank that died otherwise, if any.
         # Exit code 130 is a rank that torchrun stopped (SIGTERM) because another failed: the cause is
         # the others, a rank killed by a signal first.
-        def cause(item: tuple[int, Any]) -> tuple[int, float, int]:
-            rank, f = item
-            return (0 if f.exitcode < 0 and f.exitcode != -signal.SIGTERM else 1 if f.exitcode not in (2, 130) else 2,
-                    f.timestamp, rank)
-
-        rank, failure = min(err.failures.items(), key=cause)
+        rank, failure = failure_cause(err.failures)
         if failure.exitcode in (2, 130) and any(f.exitcode == 2 for f in err.failures.values()):
             return 2
         how = (f"was killed by signal {failure.signal_name()}" if failure.exitcode < 0
