@@ -96,7 +96,7 @@ def test_instruments_have_no_side_effects(norm, kind, device):
         assert_same(before, snapshot(model, opt))
         # wall-clock ratios vary with load (no timed assertion): only that each is a finite number >= 0
         consts = (cm.forward, cm.backward, cm.graph_backward, cm.double_backward, cm.vector_op, cm.basis_dot, cm.setup)
-        assert all(math.isfinite(c) and c >= 0 for c in consts) and cm.forward <= 1
+        assert all(math.isfinite(c) and c >= 0 for c in consts)
         assert f"bn_mode {bn_mode}" in cm.source and "batch 8" in cm.source
     # bn_mode matters (batch vs running statistics) and results are reproducible
     a = along_gradient(model, nn.functional.cross_entropy, (x, y), [0.1])

@@ -293,9 +293,10 @@ def dataset_text(runs: Sequence[RunResult]) -> str:
         req = d.get("requested")
         if req and req != used:
             text += f" ({DATASET_NAMES.get(req, req)} not installed)"
-        device = str(r.env.get("device") or "cpu")  # runs made before devices existed ran on the CPU
+        env = getattr(r, "env", None) or {}
+        device = str(env.get("device") or "cpu")  # runs made before devices existed ran on the CPU
         if device != "cpu":  # a verdict over CPU and GPU seeds lists both
-            gpu = r.env.get("gpu")
+            gpu = env.get("gpu")
             text += f", on {device}" + (f" ({gpu})" if gpu else "")
         out.add(text)
     return " / ".join(sorted(out)) or "unknown"
