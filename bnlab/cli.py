@@ -220,7 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.nproc is not None and (args.nproc > 1 or args.torchrun_args):
         from bnlab.train.ddp import RANK_PROCESS_ENV, launch
 
-        if os.environ.get(RANK_PROCESS_ENV):
+        if os.environ.get(_RANK_ENV):
             return _run_rank(args, exp, profile, overrides, seeds, variants, shard, root)
         from bnlab.train.device import resolve_device
 
@@ -1002,14 +1002,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# bnlab.train.ddp.RANK_PROCESS_ENV, spelled here because importing bnlab.train costs every command,
+# even `bnlab --help`, most of a second (tests/test_train_ddp.py checks the two agree)
+_RANK_ENV = "BNLAB_DDP_RANK_ARGV"
+
+
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bnlab.train.ddp import RANK_PROCESS_ENV
-
-    rank_argv = os.environ.get(RANK_PROCESS_ENV)
+    rank_argv = os.environ.get(_RANK_ENV)
     if argv is None and rank_argv and not sys.argv[1:]:  # a rank process of `bnlab run --nproc` (bnlab.train.ddp)
         argv = json.loads(rank_argv)
     args = build_parser().parse_args(argv)
@@ -1027,7 +1030,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bnlab: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        if os.environ.get(RANK_PROCESS_ENV):
+        if os.environ.get(_RANK_ENV):
             return EXIT_INTERRUPTED  # a rank stopped by torchrun: the launcher says what happened
         print("\nbnlab: interrupted; finished runs and the last checkpoints are kept: run the same "
               "command again to resume", file=sys.stderr)

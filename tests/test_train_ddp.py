@@ -315,3 +315,10 @@ def test_the_rank_that_failed_is_named_not_the_one_torchrun_stopped():
     failures = {0: SimpleNamespace(exitcode=-signal.SIGTERM, timestamp=1.0, pid=10, signal_name=lambda: "SIGTERM"),
                 1: SimpleNamespace(exitcode=1, timestamp=2.0, pid=11, signal_name=lambda: "")}
     assert ddp.failure_cause(failures)[0] == 1
+
+
+def test_the_cli_reads_the_rank_variable_ddp_sets():
+    import bnlab.cli
+    from bnlab.train import ddp
+
+    assert bnlab.cli._RANK_ENV == ddp.RANK_PROCESS_ENV
