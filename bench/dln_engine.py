@@ -15,10 +15,12 @@ per-step time the cost estimate assumes (``bnlab.train.cost.ms_per_step``, engin
 not) against the engine's (``engine/est``: 1.0 = the estimate is right). A run's time includes its
 set-up and final test pass, a few hundred ms, which a short run spreads over few steps.
 
-    python bench/dln_engine.py [--steps 1000] [--repeats 3] [--variants standard,bn,l1] [--lp-composite]
+    python bench/dln_engine.py [--steps 1000] [--repeats 3] [--variants standard,bn,l1] [--lp-composite | --lp-python]
 
 ``--lp-composite`` routes ℓp BN through its composite of torch ops instead of the one-node training
-path (``bnlab.norm.lp._LpTrain``; same numbers), to measure what that path saves.
+path (``bnlab.norm.lp._LpTrain``; same numbers), to measure what that path saves. ``--lp-python``
+keeps the one-node path but runs its operations from Python instead of through the C++ operators
+``bnlab::lp_train_``/``lp_backward`` (same numbers), to measure what those save.
 """
 from __future__ import annotations
 
@@ -66,17 +68,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default="standard,bn,l1")
-    ap.add_argument("--lp-composite", action="store_true")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--lp-composite", action="store_true")
+    mode.add_argument("--lp-python", action="store_true")
     args = ap.parse_args()
-    if args.lp_composite:
-        from bnlab.norm import lp
+    from bnlab.norm import lp
 
+    if args.lp_composite:
         lp._fused_applies = lambda *a: False
+    if args.lp_python:  # ℓp's operators off, BN's kernels untouched
+        lp._kernel_forward = lambda module, x: None
+        lp.kernels = type("NoLpKernels", (), {"applies": staticmethod(lambda *a: False)})
     torch.set_num_threads(1)
     exp = get_experiment("santurkar_dln")
     quick = exp.configs("quick")
     print(f"santurkar_dln, {args.steps} steps, 1 thread, torch {torch.__version__}, best of {args.repeats}"
-          + (", ℓp composite" if args.lp_composite else ""))
+          + (", ℓp composite" if args.lp_composite else ", ℓp from Python" if args.lp_python else ""))
     print(f"{'variant':<10} {'bare ms':>8} {'engine ms':>10} {'+probes ms':>11} {'engine/bare':>12} "
           f"{'+probes/bare':>13} {'est. ms':>8} {'engine/est':>11}")
     for v in args.variants.split(","):

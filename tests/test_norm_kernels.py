@@ -4,6 +4,7 @@ the operators, the switch, and an experiment that gives the same metrics on both
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from torch import nn
 import bnlab.norm as bn
 from bnlab.norm import kernels
 from bnlab.norm.functional import batch_norm
+from bnlab.norm.lp import gaussian_max_abs_mean
 from conftest import require_kernels  # noqa: E402
 
 
@@ -403,3 +405,21 @@ def test_a_lock_held_by_a_live_announced_builder_is_kept_and_a_dead_ones_removed
     with pytest.warns(RuntimeWarning, match="builder process is gone"):
         kernels._clear_stale_lock("bnlab_kernels_test")
     assert not lock.exists() and time.monotonic() - t0 < 10.0  # at once, not after the 300-s age rule
+
+
+def test_lp_operators_pass_torch_library_opcheck():
+    """ℓp's operators (bnlab::lp_train, lp_train_, lp_backward; bnlab.norm.lp): schema, fake
+    implementations and dispatch."""
+    gen = torch.Generator().manual_seed(5)
+    for p, shape in [(1.0, (7, 3)), (2.0, (4, 3, 5)), (math.inf, (2, 3, 4, 2))]:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        w, b = torch.rand(3, dtype=torch.float64).add(0.5), torch.randn(3, dtype=torch.float64)
+        cn = gaussian_max_abs_mean(x.numel() // 3) if math.isinf(p) else 0.0
+        torch.library.opcheck(torch.ops.bnlab.lp_train.default, (x, w, b, p, 1e-5, cn))
+        torch.library.opcheck(torch.ops.bnlab.lp_train_.default,
+                              (x, w, b, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                               torch.zeros((), dtype=torch.int64), p, 1e-5, cn, 0.1, False))
+        out, mu, s2, d, stat, r, scale, a, top = torch.ops.bnlab.lp_train(x, w, b, p, 1e-5, cn)
+        g = torch.randn(shape, generator=gen, dtype=torch.float64)
+        torch.library.opcheck(torch.ops.bnlab.lp_backward.default,
+                              (g, x, w, d, stat, r, scale, a, top, p, cn, True, True, True))

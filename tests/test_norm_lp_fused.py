@@ -1,7 +1,9 @@
 """ℓp BN's one-node training path (``bnlab.norm.lp._LpTrain``) against its composite of torch ops.
 
-The one-node path only saves autograd overhead, so the oracle is exact: the composite ``_lp_train``
-differentiated by autograd must give bit-identical outputs, running statistics and gradients
+The one-node path only saves autograd overhead (and, with bnlab's C++ operators built, the Python
+frame around each operation: ``bnlab::lp_train``/``lp_train_``/``lp_backward`` run the same ATen
+calls), so the oracle is exact, for both ways of running it (``kernel_mode`` "auto" and "off"): the
+composite ``_lp_train`` differentiated by autograd must give bit-identical outputs, running statistics and gradients
 (``torch.equal``), for every p, dtype, layout and affine setting, ties of the ℓ∞ maximum, constant
 channels and broadcast (stride-0) output gradients; a DLN trained a few steps either way must end
 with identical weights. Second derivatives go through the composite (gradgradcheck), and calls the
@@ -17,10 +19,21 @@ import pytest
 import torch
 
 from bnlab.models import build_model
-from bnlab.norm import lp
-from bnlab.norm.lp import LpBatchNorm1d, lp_batch_norm
+from bnlab.norm import kernels, lp
+from bnlab.norm.functional import NonFiniteBatchWarning
+from bnlab.norm.lp import LpBatchNorm1d, LpBatchNorm2d, LpBatchNorm3d, lp_batch_norm
+from conftest import require_kernels  # noqa: E402
 
 P_VALUES = (1, 2, math.inf)
+
+
+@pytest.fixture(params=["auto", "off"], autouse=True)
+def kernel_mode(request):
+    """Every test runs with the C++ operators (auto) and with the one-node path's Python body (off)."""
+    if request.param == "auto":
+        require_kernels()  # skips without a compiler on a user's machine, fails in CI
+    with kernels.use_mode(request.param):
+        yield request.param
 
 
 @contextlib.contextmanager
@@ -32,6 +45,11 @@ def composite_only():
         yield
     finally:
         lp._fused_applies = orig
+
+
+def _used_kernel(x, w, b, p) -> bool:
+    out = lp_batch_norm(x.clone().requires_grad_(), w, b, None, None, p=p, training=True).out
+    return bool(out.grad_fn.kernel)
 
 
 def _run(x, w, b, p, g, fused: bool):
@@ -49,6 +67,7 @@ def _run(x, w, b, p, g, fused: bool):
 
 def _assert_identical(x, w, b, p, g):
     node_f, fused = _run(x, w, b, p, g, fused=True)
+    assert _used_kernel(x, w, b, p) == (kernels.mode() == "auto")
     node_c, comp = _run(x, w, b, p, g, fused=False)
     assert node_f == "_LpTrainBackward", f"the one-node path was not taken ({node_f})"
     assert node_c != node_f
@@ -166,14 +185,45 @@ def test_calls_the_one_node_path_does_not_serve_take_the_composite():
     assert torch.allclose(torch.func.grad(f)(x), g_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_module_running_statistics_unchanged_by_the_path():
+@pytest.mark.parametrize("p", P_VALUES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cls, shape", [(LpBatchNorm1d, (32, 4)), (LpBatchNorm1d, (6, 4, 5)),
+                                        (LpBatchNorm2d, (3, 4, 5, 2)), (LpBatchNorm3d, (2, 4, 2, 3, 2))])
+@pytest.mark.parametrize("momentum, affine", [(0.1, True), (None, True), (0.3, False)])
+def test_module_training_steps_identical_either_way(p, dtype, cls, shape, momentum, affine):
+    """A module's training steps (the in-place path ``bnlab::lp_train_`` under "auto"): outputs, input
+    and parameter gradients, running statistics and num_batches_tracked equal the composite's bit for
+    bit, including the cumulative average (momentum=None)."""
     gen = torch.Generator().manual_seed(4)
-    xs = [torch.randn(32, 4, generator=gen, dtype=torch.float64) * 2 + 1 for _ in range(3)]
-    a, b = LpBatchNorm1d(4, p=1).double(), LpBatchNorm1d(4, p=1).double()
+    xs = [(torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1).to(dtype) for _ in range(3)]
+    a = cls(4, p=p, momentum=momentum, affine=affine).to(dtype)
+    b = cls(4, p=p, momentum=momentum, affine=affine).to(dtype)
     for x in xs:
-        a(x.clone().requires_grad_()).sum().backward()
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya = a(xa)
+        assert type(ya.grad_fn).__name__ == "_LpTrainBackward"
         with composite_only():
-            b(x.clone().requires_grad_()).sum().backward()
+            yb = b(xb)
+        assert torch.equal(ya, yb)
+        g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+        ya.backward(g)
+        yb.backward(g)
+        assert torch.equal(xa.grad, xb.grad)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
-    assert torch.equal(a.weight.grad, b.weight.grad) and torch.equal(a.bias.grad, b.bias.grad)
+    assert int(a.num_batches_tracked) == 3
+    if affine:
+        assert torch.equal(a.weight.grad, b.weight.grad) and torch.equal(a.bias.grad, b.bias.grad)
+
+
+@pytest.mark.parametrize("p", P_VALUES)
+def test_module_non_finite_batch_warns_and_keeps_the_statistics(p):
+    m = LpBatchNorm1d(3, p=p).double()
+    m(torch.randn(8, 3, dtype=torch.float64, requires_grad=True))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    bad = torch.randn(8, 3, dtype=torch.float64)
+    bad[2, 1] = float("nan")
+    with pytest.warns(NonFiniteBatchWarning, match="not added to the running statistics"):
+        m(bad.requires_grad_())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k  # num_batches_tracked not advanced either

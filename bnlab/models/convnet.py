@@ -38,6 +38,7 @@ from bnlab.models._base import (
     uses_norm,
 )
 from bnlab.models._init import glorot_, kaiming_
+from bnlab.models.pool import MaxPool2d
 from bnlab.norm.factory import make_norm
 
 
@@ -88,7 +89,7 @@ class ConvNet(LayeredModel):
         for k, out in enumerate(widths, start=1):
             if k > 1 and size >= 2:  # pool between stages; a 1x1 map is not pooled further
                 n_pools += 1
-                self._add(f"pool{n_pools}", nn.MaxPool2d(kernel_size=2, stride=2))  # (N, C, s/2, s/2)
+                self._add(f"pool{n_pools}", MaxPool2d(kernel_size=2, stride=2))  # (N, C, s/2, s/2)
                 size //= 2
             conv = nn.Conv2d(channels, out, kernel_size=3, padding=1, bias=bias)
             init_conv(conv)

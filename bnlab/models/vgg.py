@@ -54,6 +54,7 @@ from bnlab.models._base import (
     uses_norm,
 )
 from bnlab.models._init import glorot_, kaiming_
+from bnlab.models.pool import MaxPool2d
 from bnlab.norm.factory import make_norm
 
 # Conv channel counts at width 1; "M" is a 2x2 max-pool (Simonyan & Zisserman Table 1, configs A and D).
@@ -130,7 +131,7 @@ class VGG(LayeredModel):
             if item == "M":
                 if size >= 2:  # a 1x1 map cannot be pooled further: skip (module docstring)
                     n_pools += 1
-                    self._add(f"pool{n_pools}", nn.MaxPool2d(kernel_size=2, stride=2))  # (N, C, s/2, s/2)
+                    self._add(f"pool{n_pools}", MaxPool2d(kernel_size=2, stride=2))  # (N, C, s/2, s/2)
                     size //= 2
                 continue
             k += 1

@@ -22,7 +22,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -820,6 +822,227 @@ Tensor bn_eval_autograd(const Tensor& x, const c10::optional<Tensor>& weight, co
   return EvalFn::apply(x, weight, bias, running_mean, running_var, eps);
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// ℓp batch norm's one-node training path (bnlab/norm/lp.py, ``_LpTrain``): the same ATen operations, in
+// the same order and with the same operands, as that Python code (which mirrors the composite that
+// autograd differentiates), so the results are bit-identical; calling them from C++ only removes the
+// Python interpreter and argument parsing around each of the ~15 small operations, which on the deep
+// linear network's 1000 x 10 layers cost more than the arithmetic.
+
+using LpTrainOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+LpTrainOut lp_train(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                    double p, double eps, double cn) {
+  const auto dims = reduce_dims(x.dim());
+  const auto shape = channel_shape(x.dim());
+  Tensor mu = x.mean(dims, /*keepdim=*/true);
+  Tensor d = x - mu;
+  Tensor a, top, stat;  // a = |d| and top = its maximum, kept for the p = inf backward; empty otherwise
+  if (std::isinf(p)) {
+    a = d.abs();
+    top = a.amax(dims, /*keepdim=*/true);
+    stat = top / cn;
+  } else if (p == 1.0) {
+    stat = d.abs().mean(dims, /*keepdim=*/true) * std::sqrt(M_PI / 2);
+  } else {
+    stat = d.pow(2).mean(dims, /*keepdim=*/true).sqrt();
+  }
+  Tensor s2 = stat.pow(2);
+  Tensor r = (s2 + eps).rsqrt();
+  const bool has_w = weight.has_value() && weight->defined();
+  Tensor scale = has_w ? r * weight->view(shape) : r;
+  Tensor out = d * scale;
+  if (bias.has_value() && bias->defined()) out = out + bias->view(shape);
+  if (!a.defined()) {
+    a = at::empty({0}, x.options());
+    top = at::empty({0}, x.options());
+  }
+  return {out, mu, s2, d, stat, r, scale, a, top};
+}
+
+// lp_train plus the running-statistics update in place (as the ℓp module's forward does it through the
+// functional path: BN's unbiasing factor n/(n-1), skipped when a statistic is not finite). ``accepted``
+// says whether the batch was added.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lp_train_(
+    const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias, Tensor& running_mean,
+    Tensor& running_var, const c10::optional<Tensor>& num_batches_tracked, double p, double eps, double cn,
+    double momentum, bool cumulative) {
+  auto res = lp_train(x, weight, bias, p, eps, cn);
+  const int64_t n = x.numel() / x.size(1);
+  Tensor bmean = std::get<1>(res).flatten();
+  Tensor bvar = std::get<2>(res).flatten() * (static_cast<double>(n) / static_cast<double>(n - 1));
+  const bool finite = (at::isfinite(bmean).all() & at::isfinite(bvar).all()).item<bool>();
+  if (finite) {
+    const bool has_count = num_batches_tracked.has_value() && num_batches_tracked->defined();
+    double f = momentum;
+    if (has_count) {
+      Tensor count = *num_batches_tracked;
+      count.add_(1);
+      if (cumulative) f = 1.0 / static_cast<double>(count.item<int64_t>());
+    }
+    running_mean.lerp_(bmean.to(running_mean.scalar_type()), f);
+    running_var.lerp_(bvar.to(running_var.scalar_type()), f);
+  }
+  return std::tuple_cat(res, std::make_tuple(at::scalar_tensor(finite, x.options().dtype(at::kBool))));
+}
+
+// The backward of lp_train: the operations autograd's formulas apply to the composite (see
+// ``_LpTrain.backward`` in lp.py, line for line). Undefined outputs for gradients not asked for.
+std::tuple<Tensor, Tensor, Tensor> lp_backward(const Tensor& g, const Tensor& x, const c10::optional<Tensor>& weight,
+                                               const Tensor& d, const Tensor& stat, const Tensor& r,
+                                               const Tensor& scale, const Tensor& a, const Tensor& top, double p,
+                                               double cn, bool need_x,
+                                               bool need_w, bool need_b) {
+  const auto dims = reduce_dims(x.dim());
+  const auto shape = channel_shape(x.dim());
+  const int64_t c = x.size(1);
+  const int64_t n = x.numel() / c;
+  Tensor gx, gw, gb;
+  if (need_b) gb = g.sum(dims, /*keepdim=*/true).reshape({c});
+  Tensor gscale = (g * d).sum(dims, /*keepdim=*/true);
+  Tensor gr = gscale;
+  if (weight.has_value() && weight->defined()) {
+    if (need_w) gw = (gscale * r).reshape({c});
+    gr = gscale * weight->view(shape);
+  }
+  if (!need_x) return {gx, gw, gb};
+  Tensor gd = g * scale;
+  Tensor gstat = ((gr * -0.5) * r.pow(3)) * (stat * 2.0);
+  Tensor gd2;
+  if (p == 1.0) {
+    gd2 = ((gstat * std::sqrt(M_PI / 2)) / n) * d.sgn();
+  } else if (p == 2.0) {
+    gd2 = ((gstat / (stat * 2)) / n) * (d * 2.0);
+  } else {
+    Tensor mask = a.eq(top);
+    gd2 = ((gstat / cn) / mask.sum(dims, /*keepdim=*/true)) * mask * d.sgn();
+  }
+  gd = gd + gd2;
+  gx = gd + (-gd.sum(dims, /*keepdim=*/true)) / n;
+  return {gx, gw, gb};
+}
+
+
+// ---------------------------------------------------------------------------------------------------
+// 2x2, stride-2 max pooling (no padding, no dilation, floor mode) of NCHW-contiguous float32/float64
+// input: VGG's and the ConvNet's pools, which torch's general CPU kernel (any window, stride, padding,
+// dilation, with a division-heavy index computation per output) runs at about a tenth of the memory
+// speed. Same selection rule as torch's kernel, so the same values, the same chosen element and the
+// same gradients (tested against torch bit for bit, NaN, ties and infinities included): scan the
+// window row by row, take a value if it is greater than the maximum so far or NaN (so the first of tied
+// maxima, the last NaN), starting from -inf at the window's first element. The chosen element is kept
+// as its offset in the window (0..3, one byte) instead of torch's int64 index.
+
+// One output row: branch-free (so the compiler vectorizes it; a branch per comparison mispredicts on
+// ReLU outputs). Starting from the first value equals torch's start from -inf: a first value of -inf
+// is kept either way, and a NaN is taken either way.
+template <typename scalar_t>
+void pool2x2_row(const scalar_t* __restrict r0, const scalar_t* __restrict r1, scalar_t* __restrict yr,
+                 uint8_t* __restrict orow, int64_t ow) {
+  for (int64_t j = 0; j < ow; ++j) {
+    scalar_t best = r0[2 * j];
+    int32_t k = 0;
+    const scalar_t b = r0[2 * j + 1], c = r1[2 * j], d = r1[2 * j + 1];
+    bool t = (b > best) | (b != b);
+    best = t ? b : best;
+    k = t ? 1 : k;
+    t = (c > best) | (c != c);
+    best = t ? c : best;
+    k = t ? 2 : k;
+    t = (d > best) | (d != d);
+    best = t ? d : best;
+    k = t ? 3 : k;
+    yr[j] = best;
+    orow[j] = static_cast<uint8_t>(k);
+  }
+}
+
+template <typename scalar_t>
+void pool2x2_forward_impl(const scalar_t* x, scalar_t* y, uint8_t* off, int64_t planes, int64_t h, int64_t w,
+                          int64_t oh, int64_t ow) {
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, h * w));
+  at::parallel_for(0, planes, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t i = 0; i < oh; ++i) {
+        const scalar_t* r0 = x + p * h * w + 2 * i * w;
+        pool2x2_row<scalar_t>(r0, r0 + w, y + (p * oh + i) * ow, off + (p * oh + i) * ow, ow);
+      }
+    }
+  });
+}
+
+// One output row of the backward, branch-free: bit masks select 0 + grad or +0.0 (exact, NaN kept).
+template <typename scalar_t, typename bits_t>
+void pool2x2_backward_row(const scalar_t* __restrict gr, const uint8_t* __restrict orow, scalar_t* __restrict r0,
+                          scalar_t* __restrict r1, int64_t ow) {
+  static_assert(sizeof(scalar_t) == sizeof(bits_t), "bit width");
+  for (int64_t j = 0; j < ow; ++j) {
+    const scalar_t v = scalar_t(0) + gr[j];
+    bits_t vb;
+    std::memcpy(&vb, &v, sizeof(v));
+    const bits_t k = orow[j];
+    const bits_t m0 = bits_t(0) - bits_t(k == 0), m1 = bits_t(0) - bits_t(k == 1);
+    const bits_t m2 = bits_t(0) - bits_t(k == 2), m3 = bits_t(0) - bits_t(k == 3);
+    const bits_t o0 = vb & m0, o1 = vb & m1, o2 = vb & m2, o3 = vb & m3;
+    std::memcpy(&r0[2 * j], &o0, sizeof(v));
+    std::memcpy(&r0[2 * j + 1], &o1, sizeof(v));
+    std::memcpy(&r1[2 * j], &o2, sizeof(v));
+    std::memcpy(&r1[2 * j + 1], &o3, sizeof(v));
+  }
+}
+
+std::tuple<Tensor, Tensor> max_pool2x2(const Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+              "bnlab::max_pool2x2 takes a contiguous (N, C, H, W) float32/float64 tensor");
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  TORCH_CHECK(h >= 2 && w >= 2, "bnlab::max_pool2x2 needs H, W >= 2, got ", h, " x ", w);
+  const int64_t oh = h / 2, ow = w / 2;
+  Tensor y = at::empty({n, c, oh, ow}, x.options());
+  Tensor off = at::empty({n, c, oh, ow}, x.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlab_max_pool2x2", [&] {
+    pool2x2_forward_impl<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), off.data_ptr<uint8_t>(), n * c,
+                                   h, w, oh, ow);
+  });
+  return {y, off};
+}
+
+// Backward: each window's chosen element gets 0 + grad (the sum torch's kernel forms on its zeroed
+// gradient, which also turns a -0.0 gradient into +0.0), every other element 0.
+Tensor max_pool2x2_backward(const Tensor& grad_out, const Tensor& off, int64_t h, int64_t w) {
+  Tensor g = grad_out.contiguous();
+  TORCH_CHECK(g.dim() == 4 && off.sizes() == g.sizes() && off.scalar_type() == at::kByte,
+              "bnlab::max_pool2x2_backward: grad_out and offsets must have the forward output's shape");
+  const int64_t n = g.size(0), c = g.size(1), oh = g.size(2), ow = g.size(3);
+  Tensor gi = at::empty({n, c, h, w}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "bnlab_max_pool2x2_backward", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const uint8_t* op = off.data_ptr<uint8_t>();
+    scalar_t* ip = gi.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, h * w));
+    at::parallel_for(0, n * c, grain, [&](int64_t begin, int64_t end) {
+      const scalar_t zero = scalar_t(0);
+      for (int64_t p = begin; p < end; ++p) {
+        scalar_t* plane = ip + p * h * w;
+        for (int64_t i = 0; i < oh; ++i) {
+          scalar_t* r0 = plane + 2 * i * w;
+          scalar_t* r1 = r0 + w;
+          const scalar_t* gr = gp + (p * oh + i) * ow;
+          const uint8_t* orow = op + (p * oh + i) * ow;
+          if constexpr (sizeof(scalar_t) == 4) {
+            pool2x2_backward_row<scalar_t, uint32_t>(gr, orow, r0, r1, ow);
+          } else {
+            pool2x2_backward_row<scalar_t, uint64_t>(gr, orow, r0, r1, ow);
+          }
+          if (w % 2) r0[w - 1] = r1[w - 1] = zero;  // the column no window covers
+        }
+        if (h % 2) std::fill(plane + (h - 1) * w, plane + h * w, zero);  // the row no window covers
+      }
+    });
+  });
+  return gi;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bnlab, m) {
@@ -833,6 +1056,16 @@ TORCH_LIBRARY(bnlab, m) {
   m.def("bn_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor stats, bool input_grad) -> "
         "(Tensor, Tensor, Tensor)");
   m.def("bn_eval(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps) -> Tensor");
+  m.def("lp_train(Tensor x, Tensor? weight, Tensor? bias, float p, float eps, float cn) -> "
+        "(Tensor out, Tensor mu, Tensor s2, Tensor d, Tensor stat, Tensor r, Tensor scale, Tensor a, Tensor top)");
+  m.def("lp_train_(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, Tensor(b!) running_var, "
+        "Tensor(c!)? num_batches_tracked, float p, float eps, float cn, float momentum, bool cumulative) -> "
+        "(Tensor out, Tensor mu, Tensor s2, Tensor d, Tensor stat, Tensor r, Tensor scale, Tensor a, Tensor top, "
+        "Tensor accepted)");
+  m.def("lp_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor d, Tensor stat, Tensor r, Tensor scale, "
+        "Tensor a, Tensor top, float p, float cn, bool need_x, bool need_w, bool need_b) -> (Tensor, Tensor, Tensor)");
+  m.def("max_pool2x2(Tensor x) -> (Tensor out, Tensor offsets)");
+  m.def("max_pool2x2_backward(Tensor grad_out, Tensor offsets, int h, int w) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
@@ -840,6 +1073,11 @@ TORCH_LIBRARY_IMPL(bnlab, CPU, m) {
   m.impl("bn_train_", &bn_train_);
   m.impl("bn_backward", &bn_backward);
   m.impl("bn_eval", &bn_eval);
+  m.impl("lp_train", &lp_train);
+  m.impl("lp_train_", &lp_train_);
+  m.impl("lp_backward", &lp_backward);
+  m.impl("max_pool2x2", &max_pool2x2);
+  m.impl("max_pool2x2_backward", &max_pool2x2_backward);
 }
 
 TORCH_LIBRARY_IMPL(bnlab, Autograd, m) {
@@ -849,4 +1087,10 @@ TORCH_LIBRARY_IMPL(bnlab, Autograd, m) {
   // Used inside bn_train's backward without grad mode; double backward differentiates the formula
   // above instead, so differentiating this operator is an error that names it.
   m.impl("bn_backward", torch::autograd::autogradNotImplementedFallback());
+  // The ℓp operators run inside a Python autograd.Function (lp.py) that owns their gradient.
+  m.impl("lp_train", torch::autograd::autogradNotImplementedFallback());
+  m.impl("lp_train_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("lp_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("max_pool2x2", torch::autograd::autogradNotImplementedFallback());  // bnlab.models.pool owns the gradient
+  m.impl("max_pool2x2_backward", torch::autograd::autogradNotImplementedFallback());
 }

@@ -23,7 +23,19 @@ more than the arithmetic. The kernels here do each step in the fewest passes:
   and the three ``copy_`` calls into the buffers cost a third of the layer; graph capture
   (``torch.compile``, ``torch.export``, tracing) keeps the functional ``bn_train``.
 
-They cover CPU tensors of float32/float64 and float16/bfloat16 (float32 arithmetic, float64
+* ``bnlab::lp_train``/``lp_train_``/``lp_backward``: ℓp batch norm's one-node training path
+  (``bnlab.norm.lp``), not a fused kernel but the very ATen operations that path runs in Python, in
+  the same order on the same operands (so the numbers are bit-identical, tested), called from C++:
+  on the deep linear network's (1000, 10) layers the Python frame and argument parsing around each of
+  its ~15 small operations cost as much as the arithmetic (``bench/dln_engine.py --lp-python``
+  measures what the operators save).
+
+* ``bnlab::max_pool2x2``/``max_pool2x2_backward``: not BN, but VGG's 2x2, stride-2 max pools, which
+  torch's general CPU pooling kernel ran at about a seventh of memory speed (8 % of a quick-profile
+  VGG step); exact (torch's selection rule, bit-identical outputs and gradients), used by
+  ``bnlab.models.pool.MaxPool2d``.
+
+The BN kernels cover CPU tensors of float32/float64 and float16/bfloat16 (float32 arithmetic, float64
 statistics) in NCHW, channels_last (2-D and 3-D images), (N, C) and (N, C, L) layouts, parallel over
 channels or row blocks with ``at::parallel_for`` (so ``torch.set_num_threads`` applies).
 
@@ -316,12 +328,48 @@ def _fake_eval(x, weight, bias, running_mean, running_var, eps):
     return _out_like(x)
 
 
+def _lp_stat_like(x: Tensor) -> Tensor:
+    return x.new_empty((1, x.shape[1], *([1] * (x.dim() - 2))))
+
+
+def _fake_lp_train(x, weight, bias, p, eps, cn):
+    inf = p == float("inf")
+    return (torch.empty_like(x), _lp_stat_like(x), _lp_stat_like(x), torch.empty_like(x), _lp_stat_like(x),
+            _lp_stat_like(x), _lp_stat_like(x), torch.empty_like(x) if inf else x.new_empty((0,)),
+            _lp_stat_like(x) if inf else x.new_empty((0,)))
+
+
+def _fake_lp_train_inplace(x, weight, bias, running_mean, running_var, num_batches_tracked, p, eps, cn, momentum,
+                           cumulative):
+    return _fake_lp_train(x, weight, bias, p, eps, cn) + (x.new_empty((), dtype=torch.bool),)
+
+
+def _fake_lp_backward(grad_out, x, weight, d, stat, r, scale, a, top, p, cn, need_x, need_w, need_b):
+    c = x.shape[1]
+    return (torch.empty_like(x) if need_x else None, x.new_empty((c,)) if need_w else None,
+            x.new_empty((c,)) if need_b else None)
+
+
+def _fake_max_pool2x2(x):
+    shape = (x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.uint8)
+
+
+def _fake_max_pool2x2_backward(grad_out, offsets, h, w):
+    return grad_out.new_empty((grad_out.shape[0], grad_out.shape[1], h, w))
+
+
 def _register_python_parts() -> None:
     # The autograd formulas are registered in C++ (Autograd key), so a call costs no Python frame.
     torch.library.register_fake("bnlab::bn_train", _fake_train)
     torch.library.register_fake("bnlab::bn_train_", _fake_train_inplace)
     torch.library.register_fake("bnlab::bn_backward", _fake_backward)
     torch.library.register_fake("bnlab::bn_eval", _fake_eval)
+    torch.library.register_fake("bnlab::lp_train", _fake_lp_train)
+    torch.library.register_fake("bnlab::lp_train_", _fake_lp_train_inplace)
+    torch.library.register_fake("bnlab::lp_backward", _fake_lp_backward)
+    torch.library.register_fake("bnlab::max_pool2x2", _fake_max_pool2x2)
+    torch.library.register_fake("bnlab::max_pool2x2_backward", _fake_max_pool2x2_backward)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,11 @@ eps) + beta. The state_dict keys are BN's (``weight``, ``bias``, ``running_mean`
 
 Speed. In eager training (float32/float64, centred, something to differentiate) the forward is one
 autograd node whose backward is written out (``_LpTrain``) with gradients bit-identical to those of
-the composite of torch ops, which serves everything else (forward-mode AD, torch.func transforms,
-torch.compile, half precision, the uncentred reading) and second derivatives.
+the composite of torch ops; on the CPU, with bnlab's C++ operators built (``bnlab.norm.kernels``),
+its operations run from C++ (the same ATen calls, so the same numbers) and a module's training step
+updates its running statistics in the same call. The composite serves everything else (forward-mode
+AD, torch.func transforms, torch.compile, half precision, the uncentred reading) and second
+derivatives.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from bnlab.errors import ConfigError, ShapeError
+from bnlab.norm import kernels
 from bnlab.norm.functional import BatchNormOutput, NonFiniteBatchWarning, batch_norm, check_eps, check_momentum
 from bnlab.norm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -146,7 +150,7 @@ def lp_batch_norm(
         raise ShapeError(f"expected more than 1 value per channel when training, got input of shape {tuple(x.shape)}; "
                          f"use a batch size > 1, or call model.eval() to use the running statistics")
     if _fused_applies(x, weight, bias, centered):
-        out, mu, s2 = _LpTrain.apply(x, weight, bias, p, eps, dims, n)
+        out, mu, s2, _ = _LpTrain.apply(x, weight, bias, p, eps, dims, n, kernels.applies(x, weight, bias), None)
     else:
         out, mu, s2 = _lp_train(x, weight, bias, p, eps, dims, centered)
 
@@ -168,10 +172,12 @@ def lp_batch_norm(
                 new_mean = torch.lerp(running_mean, bmean.to(running_mean.dtype), f)
                 new_var = torch.lerp(running_var, bvar.to(running_var.dtype), f)
             else:
-                warnings.warn("ℓp batch norm got a training batch with NaN or inf values; its statistics were "
-                              "not added to the running statistics. Check the input data and the learning rate.",
-                              NonFiniteBatchWarning, stacklevel=2)
+                warnings.warn(_NON_FINITE_MESSAGE, NonFiniteBatchWarning, stacklevel=2)
     return BatchNormOutput(out, new_mean, new_var, new_count)
+
+
+_NON_FINITE_MESSAGE = ("ℓp batch norm got a training batch with NaN or inf values; its statistics were not added "
+                       "to the running statistics. Check the input data and the learning rate.")
 
 
 def _lp_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, p: float, eps: float, dims: list[int],
@@ -228,7 +234,26 @@ class _LpTrain(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, p, eps, dims, n):
+    def forward(ctx, x, weight, bias, p, eps, dims, n, kernel, update):
+        """``kernel``: run the operations through the C++ operators ``bnlab::lp_train``/``lp_train_``
+        (the same ATen calls in the same order, without a Python frame around each). ``update``: None,
+        or (running_mean, running_var, num_batches_tracked, momentum) updated in place by ``lp_train_``
+        (kernel only). Returns (out, mu, s2, accepted), accepted a bool tensor (or None without update)."""
+        ctx.p, ctx.eps, ctx.dims, ctx.n, ctx.kernel = p, eps, dims, n, kernel
+        cn = gaussian_max_abs_mean(n) if p == math.inf else 0.0
+        ctx.cn = cn
+        accepted = None
+        if kernel:
+            if update is None:
+                out, mu, s2, d, stat, r, scale, a, top = torch.ops.bnlab.lp_train(x, weight, bias, p, eps, cn)
+            else:
+                rm, rv, count, momentum = update
+                out, mu, s2, d, stat, r, scale, a, top, accepted = torch.ops.bnlab.lp_train_(
+                    x, weight, bias, rm, rv, count, p, eps, cn, 0.0 if momentum is None else momentum, momentum is None)
+                ctx.mark_non_differentiable(accepted)
+            ctx.save_for_backward(x, weight, bias, d, stat, r, scale, a, top)
+            ctx.mark_non_differentiable(mu, s2)
+            return out, mu, s2, accepted
         mu = x.mean(dim=dims, keepdim=True)
         d = x - mu
         if p == math.inf:  # lp_statistic's ops, keeping |d| and its maximum for the backward
@@ -246,22 +271,26 @@ class _LpTrain(torch.autograd.Function):
         if bias is not None:
             out = out + _per_channel(bias, x.dim())
         ctx.save_for_backward(x, weight, bias, d, stat, r, scale, a, top)
-        ctx.p, ctx.eps, ctx.dims, ctx.n = p, eps, dims, n
         ctx.mark_non_differentiable(mu, s2)
-        return out, mu, s2
+        return out, mu, s2, accepted
 
     @staticmethod
-    def backward(ctx, g, _gmu, _gs2):
+    def backward(ctx, g, _gmu, _gs2, _gaccepted):
         x, weight, bias, d, stat, r, scale, a, top = ctx.saved_tensors
         p, eps, dims, n = ctx.p, ctx.eps, ctx.dims, ctx.n
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        rest = (None,) * 6  # p, eps, dims, n, kernel, update
         if torch.is_grad_enabled():  # create_graph=True: differentiate the composite (any order)
             inputs = [t for t, need in ((x, need_x), (weight, need_w), (bias, need_b)) if need]
             with torch.enable_grad():
                 out = _lp_train(x, weight, bias, p, eps, dims, True)[0]
                 grads = iter(torch.autograd.grad(out, inputs, g, create_graph=True, allow_unused=True))
             return (next(grads) if need_x else None, next(grads) if need_w else None,
-                    next(grads) if need_b else None, None, None, None, None)
+                    next(grads) if need_b else None, *rest)
+        if ctx.kernel:
+            gx, gw, gb = torch.ops.bnlab.lp_backward(g, x, weight, d, stat, r, scale, a, top, p, ctx.cn, need_x,
+                                                     need_w and weight is not None, need_b and bias is not None)
+            return gx, gw, gb, *rest
         c = x.shape[1]
         # out = d * scale (+ b): autograd's MulBackward0/AddBackward0, reduced to the operand's shape.
         gb = g.sum(dims, keepdim=True).reshape(c) if need_b and bias is not None else None
@@ -274,7 +303,7 @@ class _LpTrain(torch.autograd.Function):
         else:
             gr = gscale
         if not need_x:
-            return None, gw, gb, None, None, None, None
+            return None, gw, gb, *rest
         gd = g * scale
         # r = rsqrt(s2 + eps), s2 = stat^2: RsqrtBackward0 (-0.5 * grad * r^3), PowBackward0 (grad * 2 stat).
         gstat = ((-0.5 * gr) * r.pow(3)) * (2.0 * stat)
@@ -288,8 +317,38 @@ class _LpTrain(torch.autograd.Function):
         gd = gd + gd2
         # d = x - mu, mu = mean(x): SubBackward0 (-grad summed to mu's shape), MeanBackward1 (grad / n).
         gx = gd + (-gd.sum(dims, keepdim=True)) / n
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, *rest
 
+
+
+def _kernel_forward(module, x: Tensor) -> Tensor | None:
+    """A training step of an ℓp layer in one C++ call (``bnlab::lp_train_``: the forward's operations
+    and the running-statistics update in place), the same numbers as the functional path (tested bit
+    for bit). Taken for an eager training call with running statistics on a valid CPU input whose
+    dtype the parameters and buffers share, centred statistics and something to differentiate; None
+    for everything else, which the general path handles (and explains, for bad input). Small layers
+    are dominated by per-call overhead, so this reads the module's dicts directly."""
+    if not module.training or not module.centered or not module.track_running_stats:
+        return None
+    params, buffers = module._parameters, module._buffers
+    weight, bias = params.get("weight"), params.get("bias")
+    rm, rv, count = buffers.get("running_mean"), buffers.get("running_var"), buffers.get("num_batches_tracked")
+    eps, momentum = module.eps, module.momentum
+    if (rm is None or rv is None or type(x) is not Tensor or x.dim() not in module._ranks()
+            or x.shape[1] != module.num_features or rm.dtype != x.dtype or rv.dtype != x.dtype
+            or not (isinstance(eps, float) and eps > 0)
+            or not (momentum is None or (isinstance(momentum, float) and 0.0 <= momentum <= 1.0))
+            or (momentum is None and count is None)
+            or not _fused_applies(x, weight, bias, True) or not kernels.applies(x, weight, bias, rm, rv)):
+        return None
+    n = x.numel() // x.shape[1]
+    if n <= 1:
+        return None
+    out, _, _, accepted = _LpTrain.apply(x, weight, bias, module.p, eps, _reduce_dims(x), n, True,
+                                         (rm, rv, count, momentum))
+    if not accepted:
+        warnings.warn(_NON_FINITE_MESSAGE, NonFiniteBatchWarning, stacklevel=3)
+    return out
 
 
 class _LpBatchNorm:
@@ -304,6 +363,9 @@ class _LpBatchNorm:
         self.centered = bool(centered)
 
     def forward(self, x: Tensor) -> Tensor:
+        out = _kernel_forward(self, x)
+        if out is not None:
+            return out
         self._check_input_dim(x)
         update = self.training and self.track_running_stats
         keep_running = not self.training or self.track_running_stats
