@@ -1,15 +1,49 @@
 """The BN doctor: each problem it lists is found in a model built to have it (one test each, the
-evidence checked), a healthy trained model gets no finding, and the model is never changed."""
+evidence checked), a healthy trained model gets no finding, and the model is never changed.
+
+Each check runs on four sources of the same model: the Python module, and the files a user would
+hand over: torch.jit.script and torch.jit.trace (torch.jit.save, loaded with torch.jit.load) and
+torch.export (torch.export.save, loaded with torch.export.load); the findings must be the same."""
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import pytest
 import torch
 from torch import nn
 
-from bnlab.doctor import diagnose, format_findings
+from bnlab.doctor import diagnose, format_findings, load_model_file
 from bnlab.errors import ConfigError
+
+SOURCES = ("module", "script", "trace", "export")
+# torch >= 2.10 marks TorchScript deprecated; users still hand over such files, so they are tested
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")]
+
+
+def _saved(model, kind, example, folder):
+    """``model`` as ``kind``: itself, or saved to a file in ``folder`` and loaded back the way a user
+    hands it to the doctor (bnlab.doctor.load_model_file)."""
+    if kind == "module":
+        return model
+    path = folder / f"model-{kind}-{id(model)}.{'pt2' if kind == 'export' else 'pt'}"
+    if kind == "script":
+        torch.jit.save(torch.jit.script(model), str(path))
+    elif kind == "trace":
+        torch.jit.save(torch.jit.trace(model, example), str(path))
+    else:  # a dynamic batch, so the doctor can use other batch sizes than the example's
+        dyn = ({0: torch.export.Dim("batch")},) if len(example) > 1 else None
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=dyn), str(path))
+    loaded = load_model_file(path)
+    assert type(loaded).__name__ == ("ExportedProgram" if kind == "export" else "RecursiveScriptModule")
+    return loaded
+
+
+@pytest.fixture(params=SOURCES)
+def source(request, tmp_path):
+    """The source kind, and a function turning a model (and an example batch) into that source."""
+    return request.param, lambda model, example: _saved(model, request.param, example, tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -45,94 +79,118 @@ def _checks(findings):
 
 
 def _state(model):
+    """Everything a diagnosis could change: tensors, training flags (and, for a program, its graph)."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return ({k: v.clone() for k, v in {**model.state_dict, **model.constants}.items()},
+                [str(model.graph)])
     return {k: v.clone() for k, v in model.state_dict().items()}, [m.training for m in model.modules()]
 
 
-def test_a_healthy_model_has_no_finding_and_is_not_changed(healthy, data):
+def _unchanged(before, model):
+    after = _state(model)
+    assert before[0].keys() == after[0].keys() and before[1] == after[1]
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+
+
+def test_a_healthy_model_has_no_finding_and_is_not_changed(healthy, data, source):
     x, y = data
-    before = _state(healthy)
+    model = source[1](healthy, x[:64])
+    before = _state(model)
     rng = torch.get_rng_state()
-    found = diagnose(healthy, x[:256], y[:256])
+    found = diagnose(model, x[:256], y[:256])
     assert found == [], format_findings(found)
     assert format_findings(found) == "BN doctor: no problem found"
-    after = _state(healthy)
-    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0]) and before[1] == after[1]
+    _unchanged(before, model)
     assert torch.equal(rng, torch.get_rng_state())
 
 
-def test_stale_running_statistics_and_the_train_eval_gap(healthy, data):
+def test_stale_running_statistics_and_the_train_eval_gap(healthy, data, source):
     x, y = data
     model = copy.deepcopy(healthy)
     with torch.no_grad():  # weights changed without a train-mode pass
         model[0].weight.mul_(3.0)
-    found = diagnose(model, x[:256], y[:256])
+    found = diagnose(source[1](model, x[:64]), x[:256], y[:256])
     assert ("train_eval_gap", "") in _checks(found) and found[0].severity == "error"
     stale = [f for f in found if f.check == "stale_running_stats"]
     assert stale and stale[0].layer == "1" and "the first layer where it starts" in stale[0].evidence
+    if source[0] != "module":  # the same numbers as on the Python module
+        assert [f.evidence for f in found] == [f.evidence for f in diagnose(model, x[:256], y[:256])]
 
 
-def test_statistics_never_updated(data):
+def test_statistics_never_updated(data, source):
     x, y = data
-    model = _net().eval()
+    model = source[1](_net().eval(), x[:64])
     found = diagnose(model, x[:64])
     assert {("statistics_never_updated", "1"), ("statistics_never_updated", "4")} <= _checks(found)
 
 
-def test_bn_in_train_mode_at_inference(healthy, data):
-    model = copy.deepcopy(healthy).train()
-    found = diagnose(model, data[0][:64])
+def test_bn_in_train_mode_at_inference_and_nothing_is_changed(healthy, data, source, tmp_path):
+    """A model in training mode is the one whose forward would move the running statistics and count
+    batches: after the doctor the model (and its file) are as before."""
+    model = source[1](copy.deepcopy(healthy).train(), data[0][:64])
+    files = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()}
+    before = _state(model)
+    found = diagnose(model, data[0][:64], data[1][:64])
     assert ("bn_in_train_mode", "1") in _checks(found)
     assert ("bn_in_train_mode", "1") not in _checks(diagnose(model, data[0][:64], for_inference=False))
+    _unchanged(before, model)
+    assert files == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()}
 
 
-def test_keras_style_momentum(healthy, data):
+def test_keras_style_momentum(healthy, data, source):
     model = copy.deepcopy(healthy)
     model[4].momentum = 0.99
-    f = [f for f in diagnose(model, data[0][:64]) if f.check == "keras_momentum"]
+    f = [f for f in diagnose(source[1](model, data[0][:64]), data[0][:64]) if f.check == "keras_momentum"]
     assert [x.layer for x in f] == ["4"] and "momentum=0.01" in f[0].fix
 
 
-def test_tiny_batch_and_batch_of_one(healthy, data):
+def test_tiny_batch_and_batch_of_one(healthy, data, source):
     x = data[0]
-    assert ("tiny_batch", "1") in _checks(diagnose(healthy, x[:64], batch_per_process=4))
-    assert ("batch_of_one", "1") in _checks(diagnose(healthy, x[:64], batch_per_process=1))
-    found = diagnose(healthy, x[:1])  # a training-mode forward on one example fails in torch
-    assert any(f.check == "batch_of_one" for f in found)
+    model = source[1](healthy, x[:64])
+    assert ("tiny_batch", "1") in _checks(diagnose(model, x[:64], batch_per_process=4))
+    assert ("batch_of_one", "1") in _checks(diagnose(model, x[:64], batch_per_process=1))
+    one = source[1](healthy, x[:1]) if source[0] == "export" else model  # a program exported for batch 1
+    found = diagnose(one, x[:1])  # a training-mode forward on one example fails in torch
+    assert [(f.check, f.layer) for f in found if f.severity == "error"] == [("batch_of_one", "")]
+    assert "more than 1 value per channel" in found[0].evidence
 
 
-def test_gamma_collapsed_and_saturated_channels(healthy, data):
+def test_gamma_collapsed_and_saturated_channels(healthy, data, source):
     model = copy.deepcopy(healthy)
     with torch.no_grad():
         model[1].weight[:3] = 1e-5
         model[4].bias[:2] = 10 * model[4].weight[:2].abs() + 1
-    found = diagnose(model, data[0][:64])
+    found = diagnose(source[1](model, data[0][:64]), data[0][:64])
     g = [f for f in found if f.check == "gamma_collapsed"]
     s = [f for f in found if f.check == "saturated_channels"]
     assert [f.layer for f in g] == ["1"] and g[0].evidence.startswith("3/32")
     assert [f.layer for f in s] == ["4"] and s[0].evidence.startswith("2/32")
 
 
-def test_dead_channels(healthy, data):
+def test_dead_channels(healthy, data, source):
     model = copy.deepcopy(healthy)
     with torch.no_grad():
         model[3].weight[:4] = 0.0  # the inputs of channels 0-3 of BN '4' are constant
-    f = [f for f in diagnose(model, data[0][:64]) if f.check == "dead_channels"]
+    f = [f for f in diagnose(source[1](model, data[0][:64]), data[0][:64]) if f.check == "dead_channels"]
     assert [x.layer for x in f] == ["4"] and f[0].evidence.startswith("4/32")
 
 
-def test_bias_before_bn(data):
+def test_bias_before_bn(data, source):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10),
+                          nn.BatchNorm1d(10, affine=False))
     model.train()
     for _ in range(3):
         model(torch.randn(16, 1, 8, 8))
-    found = diagnose(model.eval(), data[0][:32].reshape(32, 1, 8, 8))
-    assert ("bias_before_bn", "0") in _checks(found)
+    x = data[0][:32].reshape(32, 1, 8, 8)
+    found = diagnose(source[1](model.eval(), x), x)
+    bias = [f for f in found if f.check == "bias_before_bn"]
+    assert [f.layer for f in bias] == ["0", "4"] and "'0' has a bias and feeds '1' directly" in bias[0].evidence
 
 
-def test_a_model_without_bn_is_a_clear_error():
+def test_a_model_without_bn_is_a_clear_error(source):
     with pytest.raises(ConfigError, match="no BatchNorm"):
-        diagnose(nn.Linear(3, 2), torch.randn(4, 3))
+        diagnose(source[1](nn.Linear(3, 2), torch.randn(4, 3)), torch.randn(4, 3))
 
 
 class _Payload:
