@@ -159,7 +159,8 @@ class ScriptSource:
         self.module = module
         modules = dict(module.named_modules())
         self.calls: list[BNCall] = []
-        for k, (node, top) in enumerate(_ts_bn_nodes(module.inlined_graph)):
+        self._graph = module.inlined_graph  # held: its nodes are only valid while the graph lives
+        for k, (node, top) in enumerate(_ts_bn_nodes(self._graph)):
             paths = [_ts_path(node.inputsAt(i)) for i in range(1, 5)]
             owner = next((p.rsplit(".", 1)[0] if "." in p else "" for p in paths if p is not None), None)
             mod = modules.get(owner) if owner is not None else None

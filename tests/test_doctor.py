@@ -234,3 +234,110 @@ def test_cli_on_a_user_model_and_a_crafted_checkpoint(tmp_path, monkeypatch, cap
     code = main(["doctor", "--model", "usermodels:build", "--weights", str(tmp_path / "evil.pt"), "--data", "digits"])
     err = capsys.readouterr().err
     assert code == 2 and "refused" in err and "nothing was executed" in err and not marker.exists()
+
+
+class _Branchy(nn.Module):
+    """A BN called inside an if: in TorchScript its input cannot be measured (a nested block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(64, 8, bias=False), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.shape[0] > 0:
+            h = self.bn(h)
+        return h
+
+
+def test_what_cannot_be_checked_on_a_file_is_named_with_the_reason(data, tmp_path):
+    model = _Branchy()
+    with torch.no_grad():  # running statistics of this data (momentum=None: the cumulative average)
+        model.bn.momentum = None
+        model(data[0][:512])
+    model.bn.momentum = 0.1
+    model.eval()
+    found = diagnose(_saved(model, "script", None, tmp_path), data[0][:64])
+    skipped = {f.check for f in found if f.evidence.startswith("not checked: ")}
+    assert skipped == {"stale_running_stats", "dead_channels", "tiny_batch", "batch_of_one"}
+    assert all(f.severity == "info" and f.layer == "bn" and "control flow" in f.evidence for f in found)
+    assert diagnose(model, data[0][:64]) == []  # the Python module: every check ran, nothing found
+
+
+def test_the_api_takes_a_program_module_and_refuses_other_objects(healthy, data, tmp_path):
+    ep = _saved(healthy, "export", data[0][:64], tmp_path)
+    before = _state(ep)
+    model = copy.deepcopy(healthy)
+    with torch.no_grad():
+        model[1].weight[:3] = 1e-5
+    sick = _saved(model, "export", data[0][:64], tmp_path).module()  # ep.module(): BN are graph calls
+    assert ("gamma_collapsed", "1") in _checks(diagnose(sick, data[0][:64]))
+    assert diagnose(ep.module(), data[0][:64]) == [] and diagnose(ep, data[0][:64]) == []
+    _unchanged(before, ep)
+    with pytest.raises(ConfigError, match="give a torch.nn.Module, a TorchScript module"):
+        diagnose(str(tmp_path / "model.pt2"), data[0][:64])
+    with pytest.raises(ConfigError, match="no such file"):
+        load_model_file(tmp_path / "missing.pt2")
+    torch.save(healthy.state_dict(), tmp_path / "state.pt")
+    with pytest.raises(ConfigError, match="refused, a torch.save file .* nothing was loaded"):
+        load_model_file(tmp_path / "state.pt")
+    (tmp_path / "notes.txt").write_text("not a model")
+    with pytest.raises(ConfigError, match="neither a TorchScript nor a torch.export archive"):
+        load_model_file(tmp_path / "notes.txt")
+
+
+def _flat_net(momentum=0.1):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32, momentum=momentum), nn.ReLU(),
+                         nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize("kind", ["script", "trace", "export"])
+def test_cli_on_a_model_file(tmp_path, capsys, kind):
+    from bnlab.cli import main
+
+    path = tmp_path / f"model.{'pt2' if kind == 'export' else 'pt'}"
+    model = _saved(_flat_net(momentum=0.99).eval(), kind, torch.randn(8, 1, 8, 8), tmp_path)
+    (torch.export.save if kind == "export" else torch.jit.save)(model, str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    code = main(["doctor", "--model", str(path), "--data", "digits", "--batch-size", "64", "--html",
+                 str(tmp_path / "doctor.html")])
+    out = capsys.readouterr().out
+    assert code == 1 and "statistics_never_updated 2" in out and "keras_momentum 2" in out  # errors: rc 1
+    assert "bias_before_bn 1" in out and out.index("[ERROR") < out.index("[WARNING") < out.index("[INFO")
+    page = (tmp_path / "doctor.html").read_text()
+    label = "torch.export program" if kind == "export" else "TorchScript"
+    assert f"model.{'pt2' if kind == 'export' else 'pt'} ({label})" in page and "<code>keras_momentum</code>" in page
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    # options that do not apply to a file: one clear error each
+    assert main(["doctor", "--model", str(path), "--weights", str(path), "--data", "digits"]) == 2
+    assert "--weights goes with --model module:factory" in capsys.readouterr().err
+    assert main(["doctor", "--model", str(path), "--train-mode", "--data", "digits"]) == 2
+    assert "mode it was saved in" in capsys.readouterr().err
+    # data the model cannot run on: 8x8 images into a model for 7x7 ones
+    small = _saved(nn.Sequential(nn.Flatten(), nn.Linear(49, 4), nn.BatchNorm1d(4)).eval(), kind,
+                   torch.randn(8, 1, 7, 7), tmp_path)
+    (torch.export.save if kind == "export" else torch.jit.save)(small, str(tmp_path / "small.bin"))
+    assert main(["doctor", "--model", str(tmp_path / "small.bin"), "--data", "digits"]) == 2
+    assert "could not run on --data's inputs of shape (256, 1, 8, 8)" in capsys.readouterr().err
+
+
+def test_cli_refuses_missing_wrong_and_crafted_model_files(tmp_path, capsys):
+    from bnlab.cli import main
+
+    assert main(["doctor", "--model", str(tmp_path / "gone.pt2"), "--data", "digits"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    torch.save(_flat_net().state_dict(), tmp_path / "state.pt")
+    assert main(["doctor", "--model", str(tmp_path / "state.pt"), "--data", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "refused, a torch.save file" in err and "module:factory (with --weights" in err
+    marker = tmp_path / "marker"
+    torch.save({"model": _Payload(marker)}, tmp_path / "evil.pt")
+    assert main(["doctor", "--model", str(tmp_path / "evil.pt"), "--data", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "nothing was loaded" in err and not marker.exists()
+    # a program exported for one batch size: the error says how to fix it
+    torch.export.save(torch.export.export(_flat_net().eval(), (torch.randn(8, 1, 8, 8),)), tmp_path / "b8.pt2")
+    assert main(["doctor", "--model", str(tmp_path / "b8.pt2"), "--data", "digits", "--batch-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "only runs on batches of 8" in err and "--batch-size 8" in err and "dynamic_shapes" in err
+    assert main(["doctor", "--model", str(tmp_path / "b8.pt2"), "--data", "digits", "--batch-size", "8"]) == 1
