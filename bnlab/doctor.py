@@ -7,7 +7,7 @@ The checks (each names the layer; thresholds are stated in the evidence):
   accuracy 5 points lower, means the running statistics do not describe the data.
 * ``stale_running_stats``: per layer, |batch mean - running_mean| / sqrt(running_var) averaged over
   channels (above 0.5) or a batch/running variance ratio off by more than 2x; the first layer where
-  it starts is named (bnlab.measure.covariate_shift).
+  it starts is named (the measures of bnlab.measure.covariate_shift).
 * ``statistics_never_updated``: num_batches_tracked == 0 (running_mean 0, running_var 1: the
   defaults), though the layer has running statistics.
 * ``bn_in_train_mode``: BN layers in training mode in a model handed over for inference.
@@ -22,8 +22,13 @@ The checks (each names the layer; thresholds are stated in the evidence):
 * ``bias_before_bn``: a Conv/Linear with a bias whose output goes straight into BN: BN subtracts the
   mean, so the bias is a wasted parameter (use bias=False).
 
-Nothing here changes the model: forwards run with cloned buffers and restored flags and RNGs
-(bnlab.measure's isolation), and parameters are only read.
+The model: a torch.nn.Module, a TorchScript module or a torch.export program (``load_model_file``
+reads either from its file). A compiled model's BN layers are read from its graph
+(bnlab.doctor_graph); the same checks run, and one that cannot be done on a layer is listed as
+"not checked:" with the reason.
+
+Nothing here changes the model: a module's forwards run with cloned buffers and restored flags and
+RNGs (bnlab.measure's isolation), a compiled model's on private copies, and parameters are only read.
 """
 from __future__ import annotations
 
