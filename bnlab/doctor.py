@@ -204,8 +204,12 @@ def diagnose(model: nn.Module | torch.export.ExportedProgram, x: Tensor, y: Tens
     findings: list[Finding] = []
     n = batch_per_process or x.shape[0]
 
+    seen: set[str] = set()
     for c in calls:
         name = c.name
+        if name in seen:  # a layer called twice: its parameters are checked once, as for a module
+            continue
+        seen.add(name)
         has_stats = c.running_mean is not None
         nbt = c.num_batches_tracked
         if has_stats and nbt is not None and int(nbt) == 0:

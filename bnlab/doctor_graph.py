@@ -209,8 +209,10 @@ class ScriptSource:
         first = next(iter(g.nodes()), None)
         with g.insert_point_guard(first) if first is not None else _null():
             c_train, c_false, c_none = g.insertConstant(bn_mode == "batch"), g.insertConstant(False), g.insertConstant(None)
-        for node, _ in bns:
-            node.replaceInput(5, c_train)
+        with g.insert_point_guard(first) if first is not None else _null():
+            c_true = g.insertConstant(True)
+        for (node, _), call in zip(bns, self.calls):
+            node.replaceInput(5, c_train if call.running_mean is not None else c_true)  # no stats: batch ones
             if bn_mode == "batch":  # batch statistics, and nothing to update
                 node.replaceInput(3, c_none)
                 node.replaceInput(4, c_none)

@@ -19,7 +19,8 @@ from bnlab.errors import ConfigError
 SOURCES = ("module", "script", "trace", "export")
 # torch >= 2.10 marks TorchScript deprecated; users still hand over such files, so they are tested
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")]
+              pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
+              pytest.mark.filterwarnings("ignore:`isinstance(treespec, LeafSpec)`:FutureWarning")]
 
 
 def _saved(model, kind, example, folder):
@@ -115,6 +116,29 @@ def test_stale_running_statistics_and_the_train_eval_gap(healthy, data, source):
     assert stale and stale[0].layer == "1" and "the first layer where it starts" in stale[0].evidence
     if source[0] != "module":  # the same numbers as on the Python module
         assert [f.evidence for f in found] == [f.evidence for f in diagnose(model, x[:256], y[:256])]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_decomposed_program_gives_the_same_findings(healthy, data, mode):
+    """After run_decompositions BN is _native_batch_norm_legit_no_training (eval) or
+    _native_batch_norm_legit_functional (train, returning new running statistics): same findings,
+    same numbers, nothing changed."""
+    x, y = data
+    model = copy.deepcopy(healthy)
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    getattr(model, mode)()
+    ep = torch.export.export(model, (x[:64],), dynamic_shapes=({0: torch.export.Dim("batch")},)).run_decompositions()
+    op = "no_training" if mode == "eval" else "functional"
+    assert any(str(n.target).endswith(f"_native_batch_norm_legit_{op}.default") for n in ep.graph.nodes)
+    before = _state(ep)
+    found = diagnose(ep, x[:256], y[:256])
+    assert [(f.check, f.layer, f.evidence) for f in found] == \
+        [(f.check, f.layer, f.evidence.replace("the layer is in training mode", "the program computes this BN in "
+                                               "training mode (exported from a model in train mode)"))
+         for f in diagnose(model, x[:256], y[:256])]
+    assert ("bn_in_train_mode", "1") in _checks(found) if mode == "train" else "stale_running_stats" in str(found)
+    _unchanged(before, ep)
 
 
 def test_statistics_never_updated(data, source):
