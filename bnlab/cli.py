@@ -6,6 +6,7 @@
     bnlab reproduce ioffe --profile quick          # run what is missing, then write runs/quick/report.html
     bnlab report runs                              # rebuild every profile's report from stored runs only
     bnlab doctor
+    bnlab doctor --model model.pt2 --data fashion_mnist --html doctor.html   # BN problems of a saved model
 
 Runs of each profile live apart, under ``<out>/<profile>/<experiment>/...``: a smoke run never
 overwrites or mixes into a quick verdict, and smoke rows decide no claim.
@@ -967,8 +968,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "TorchScript (torch.jit.save of a scripted or traced model) or a torch.export program "
                         "(torch.export.save, .pt2), inspected in the mode it was saved in; the kind is read from "
                         "the file, and a torch.save pickle or state_dict is refused unloaded (use module:factory "
-                        "--weights). Trust: a model file carries code that runs when the model runs, and "
-                        "torch.export.load may unpickle parts of it: give only files you would run")
+                        "--weights). Trust: a model file carries code that runs when the model runs; a .pt2 member "
+                        "that torch.export.load would unpickle is tried weights-only first and the file refused "
+                        "if it holds Python objects. Give only files you would run")
     p.add_argument("--weights", default=None,
                    help="with module:factory: its state_dict file (loaded with weights_only=True)")
     p.add_argument("--data", default=None, help="a dataset name, or a tensor file (a tensor or {'x', 'y'})")

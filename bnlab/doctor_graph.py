@@ -77,7 +77,8 @@ def model_file_kind(path: str | Path) -> str:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError):
         names = []
-    if any(n.split("/", 1)[-1] in ("archive_format", "models/model.json") or "/models/" in n for n in names):
+    if any(n.split("/", 1)[-1] in ("archive_format", "models/model.json") or "/models/" in n
+           or n == "serialized_exported_program.json" for n in names):
         return "export"
     if any("/code/__torch__/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
         return "torchscript"
@@ -87,15 +88,61 @@ def model_file_kind(path: str | Path) -> str:
                       f"loaded; {_SAVE_HINT}")
 
 
+def _check_export_pickles(path: str | Path) -> None:
+    """Refuse a .pt2 whose pickled parts would construct or call Python objects when loaded.
+
+    ``torch.export.load`` unpickles some members with ``weights_only=False`` (weights or constants
+    marked ``use_pickle`` in the archive's payload configs, opaque/custom objects) and falls back to
+    it for sample inputs and legacy members. Each member it would unpickle is tried here first with
+    ``weights_only=True``, which executes nothing; opaque and custom objects are refused outright
+    (a BN model does not need them)."""
+    import io
+    import json
+    import pickle
+
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        pickled = [n for n in names if n.endswith(".pt")]  # sample inputs, legacy state_dict/constants
+        for cfg in (n for n in names if n.endswith("_config.json") and "/data/" in f"/{n}"):
+            try:
+                entries = json.loads(z.read(cfg)).get("config", {})
+            except (ValueError, AttributeError):
+                continue
+            folder = cfg.rsplit("/", 1)[0]
+            for fqn, meta in entries.items():
+                name = str(meta.get("path_name", ""))
+                if name.startswith(("custom_obj", "opaque")):
+                    raise ConfigError(f"--model {path}: refused, the program holds a Python object ({fqn!r}) that "
+                                      f"loading would unpickle (nothing was loaded); export a model whose state is "
+                                      f"tensors only, or use {_SAVE_HINT.split(', or')[0]}")
+                if meta.get("use_pickle"):
+                    pickled.append(f"{folder}/{name}")
+        for member in pickled:
+            if member not in names:
+                continue
+            try:
+                torch.load(io.BytesIO(z.read(member)), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                raise ConfigError(f"--model {path}: refused, its member {member} holds Python objects that "
+                                  f"torch.export.load would construct or call (nothing was executed); "
+                                  f"{_SAVE_HINT}") from None
+            except Exception:  # not a torch.save payload: torch's own loader reports it
+                continue
+
+
 def load_model_file(path: str | Path) -> torch.jit.ScriptModule | torch.export.ExportedProgram:
     """The model saved at ``path``: a TorchScript module (``torch.jit.load``) or an ExportedProgram
     (``torch.export.load``), on the CPU; the kind is read from the archive (``model_file_kind``).
 
-    Trust: a TorchScript file runs its own compiled code when the model runs; ``torch.export.load``
-    may unpickle parts of the archive (torch falls back to ``weights_only=False`` for constants).
-    Load only files you would run. Raises ConfigError for a missing file, a torch.save pickle or
-    state_dict (refused before loading), or an archive torch cannot load."""
+    Trust: a TorchScript file runs its own compiled code (TorchScript, not arbitrary Python) when the
+    model runs. ``torch.export.load`` unpickles some members with ``weights_only=False``; each of them
+    is first tried here with ``weights_only=True`` (``_check_export_pickles``) and the file is refused
+    if one would construct or call Python objects. Load only files you would run. Raises ConfigError
+    for a missing file, a torch.save pickle or state_dict (refused before loading), a program with
+    pickled Python objects (refused before loading), or an archive torch cannot load."""
     kind = model_file_kind(path)
+    if kind == "export":
+        _check_export_pickles(path)
     try:
         if kind == "torchscript":
             with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; the files still load

@@ -20,7 +20,7 @@ SOURCES = ("module", "script", "trace", "export")
 # torch >= 2.10 marks TorchScript deprecated; users still hand over such files, so they are tested
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning"),
-              pytest.mark.filterwarnings("ignore:`isinstance(treespec, LeafSpec)`:FutureWarning")]
+              pytest.mark.filterwarnings("ignore:.isinstance.treespec, LeafSpec:FutureWarning")]
 
 
 def _saved(model, kind, example, folder):
@@ -345,6 +345,28 @@ def test_cli_on_a_model_file(tmp_path, capsys, kind):
     assert "could not run on --data's inputs of shape (256, 1, 8, 8)" in capsys.readouterr().err
 
 
+def _plant_pickle(src, dst, obj):
+    """Copy the .pt2 ``src`` to ``dst`` with its first weight stored as a pickle of ``obj`` (marked
+    use_pickle in the archive's weights config, as torch.export.save does for some tensors)."""
+    import io
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin:
+        items = [(i, zin.read(i.filename)) for i in zin.infolist()]
+    cfg_name = next(i.filename for i, _ in items if i.filename.endswith("model_weights_config.json"))
+    cfg = json.loads(dict((i.filename, d) for i, d in items)[cfg_name])
+    first = next(iter(cfg["config"].values()))
+    first["use_pickle"] = True
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    target = cfg_name.rsplit("/", 1)[0] + "/" + first["path_name"]
+    with zipfile.ZipFile(dst, "w") as zout:
+        for i, d in items:
+            zout.writestr(i, json.dumps(cfg).encode() if i.filename == cfg_name
+                          else buf.getvalue() if i.filename == target else d)
+
+
 def test_cli_refuses_missing_wrong_and_crafted_model_files(tmp_path, capsys):
     from bnlab.cli import main
 
@@ -359,6 +381,13 @@ def test_cli_refuses_missing_wrong_and_crafted_model_files(tmp_path, capsys):
     assert main(["doctor", "--model", str(tmp_path / "evil.pt"), "--data", "digits"]) == 2
     err = capsys.readouterr().err
     assert "refused" in err and "nothing was loaded" in err and not marker.exists()
+    # a .pt2 whose weight is a pickle that runs code: torch.export.load would unpickle it with
+    # weights_only=False (it runs the payload); the doctor refuses the file first
+    torch.export.save(torch.export.export(_flat_net().eval(), (torch.randn(8, 1, 8, 8),)), tmp_path / "ok.pt2")
+    _plant_pickle(tmp_path / "ok.pt2", tmp_path / "evil.pt2", _Payload(marker))
+    assert main(["doctor", "--model", str(tmp_path / "evil.pt2"), "--data", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert "refused" in err and "nothing was executed" in err and not marker.exists()
     # a program exported for one batch size: the error says how to fix it
     torch.export.save(torch.export.export(_flat_net().eval(), (torch.randn(8, 1, 8, 8),)), tmp_path / "b8.pt2")
     assert main(["doctor", "--model", str(tmp_path / "b8.pt2"), "--data", "digits", "--batch-size", "64"]) == 2
