@@ -6,6 +6,7 @@
     bnlab reproduce ioffe --profile quick          # run what is missing, then write runs/quick/report.html
     bnlab report runs                              # rebuild every profile's report from stored runs only
     bnlab doctor
+    bnlab doctor --model model.pt2 --data fashion_mnist --html doctor.html   # BN problems of a saved model
 
 Runs of each profile live apart, under ``<out>/<profile>/<experiment>/...``: a smoke run never
 overwrites or mixes into a quick verdict, and smoke rows decide no claim.
@@ -654,17 +655,33 @@ def _safe_load(path: str | Path, flag: str, fix: str):
         raise ConfigError(f"{flag} {path}: {err}") from None
 
 
+def _is_model_file(spec: str) -> bool:
+    """--model names a file (TorchScript or torch.export) rather than module:factory: it exists, or it
+    has no ``:`` (a module:factory always has one)."""
+    return Path(spec).exists() or ":" not in spec
+
+
 def _load_user_model(spec: str, weights: str | None):
     """``module:factory`` (imported, called with no argument), then its state_dict from ``weights``
-    loaded with weights_only=True (a checkpoint that would run code on load is refused)."""
+    loaded with weights_only=True (a checkpoint that would run code on load is refused); or a model
+    file: TorchScript (torch.jit.save) or a torch.export program (torch.export.save), its kind read
+    from the archive (a torch.save pickle is refused before anything is loaded)."""
     import importlib
 
     import torch
 
+    if _is_model_file(spec):
+        from bnlab.doctor import load_model_file
+
+        if weights is not None:
+            raise ConfigError(f"--weights goes with --model module:factory; the file {spec} holds its own weights "
+                              "(leave out --weights)")
+        return load_model_file(spec)
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise ConfigError(f"--model {spec!r}: give module:factory, e.g. mypkg.models:resnet18 (a function that "
-                          "builds the model, importable from here: add its folder to PYTHONPATH)")
+                          "builds the model, importable from here: add its folder to PYTHONPATH), or a "
+                          "TorchScript / torch.export file")
     try:
         factory = getattr(importlib.import_module(mod_name), attr)
     except (ImportError, AttributeError) as err:
@@ -716,24 +733,33 @@ def cmd_doctor_model(args: argparse.Namespace) -> int:
 
     if args.data is None:
         raise ConfigError("--model needs --data (a dataset name or a tensor file of inputs)")
+    is_file = _is_model_file(args.model)
+    if is_file and args.train_mode:
+        raise ConfigError("--train-mode applies to --model module:factory; a model file is inspected in the mode "
+                          "it was saved in (leave out --train-mode)")
     model = _load_user_model(args.model, args.weights)
     x, y = _load_user_data(args.data, args.batch_size, args.data_dir)
-    if not args.train_mode:
+    if not args.train_mode and not is_file:
         model.eval()
     try:
         findings = diagnose(model, x, y, batch_per_process=args.batch_per_process)
     except RuntimeError as err:  # the model cannot run on these inputs (shapes, dtypes)
+        msg = next((ln for ln in str(err).strip().splitlines() if ln.strip()), type(err).__name__)
         raise ConfigError(f"the model could not run on --data's inputs of shape {tuple(x.shape)} "
-                          f"({str(err).strip().splitlines()[0]}); give data shaped as the model expects") from None
+                          f"({msg.strip()}); give data shaped as the model expects") from None
     print(format_findings(findings))
     rc = 1 if any(f.severity == "error" for f in findings) else 0  # a CI gate: errors fail the command
     if args.html is not None:
+        import torch
+
         from bnlab.atomic import atomic_write_bytes
         from bnlab.doctor import CHECKS
         from bnlab.report.html import render_doctor
 
         data = f"{args.data}, {x.shape[0]} examples" + ("" if y is not None else " (no targets: no train/eval gap)")
-        page = render_doctor(findings, model=args.model + (f" with {args.weights}" if args.weights else ""),
+        kind = (" (TorchScript)" if isinstance(model, torch.jit.ScriptModule) else " (torch.export program)") \
+            if is_file else ""
+        page = render_doctor(findings, model=args.model + kind + (f" with {args.weights}" if args.weights else ""),
                              data=data, checks=CHECKS)
         atomic_write_bytes(args.html, page.encode())
         print(f"report: {args.html}")
@@ -937,15 +963,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="versions, threads, dataset search paths and what was found; with "
                                       "--model: BN problems of your model on your data")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--model", default=None, help="module:factory that builds your model (importable from here)")
-    p.add_argument("--weights", default=None, help="its state_dict file (loaded with weights_only=True)")
+    p.add_argument("--model", default=None,
+                   help="your model: module:factory that builds it (importable from here), or a model file: "
+                        "TorchScript (torch.jit.save of a scripted or traced model) or a torch.export program "
+                        "(torch.export.save, .pt2), inspected in the mode it was saved in; the kind is read from "
+                        "the file, and a torch.save pickle or state_dict is refused unloaded (use module:factory "
+                        "--weights). Trust: a model file carries code that runs when the model runs; a .pt2 member "
+                        "that torch.export.load would unpickle is tried weights-only first and the file refused "
+                        "if it holds Python objects. Give only files you would run")
+    p.add_argument("--weights", default=None,
+                   help="with module:factory: its state_dict file (loaded with weights_only=True)")
     p.add_argument("--data", default=None, help="a dataset name, or a tensor file (a tensor or {'x', 'y'})")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="examples to inspect (default 256)")
     p.add_argument("--batch-per-process", type=_positive_int, default=None,
                    help="the batch size each process trains with (default: --batch-size)")
     p.add_argument("--html", type=Path, default=None, help="also write the findings as a self-contained HTML page")
     p.add_argument("--train-mode", action="store_true",
-                   help="inspect the model in the mode it was built in (default: eval, as for inference)")
+                   help="with module:factory: inspect the model in the mode it was built in (default: eval, as "
+                        "for inference)")
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("fold", help="fold a trained run's BN into its Linear/Conv layers; save a torch.export program")
