@@ -160,3 +160,6 @@ def test_pool_operators_pass_torch_library_opcheck():
         out, offsets = torch.ops.bnlab.max_pool2x2(x)
         torch.library.opcheck(torch.ops.bnlab.max_pool2x2_backward.default,
                               (torch.randn_like(out), offsets, shape[2], shape[3]))
+    out, offsets = torch.ops.bnlab.max_pool2x2(torch.randn(1, 2, 6, 6))
+    with pytest.raises(RuntimeError, match="does not give"):  # sizes that would write out of bounds
+        torch.ops.bnlab.max_pool2x2_backward(torch.randn_like(out), offsets, 4, 6)

@@ -423,3 +423,26 @@ def test_lp_operators_pass_torch_library_opcheck():
         g = torch.randn(shape, generator=gen, dtype=torch.float64)
         torch.library.opcheck(torch.ops.bnlab.lp_backward.default,
                               (g, x, w, d, stat, r, scale, a, top, p, cn, True, True, True))
+
+
+@pytest.mark.parametrize("cls, shape", [(bn.BatchNorm1d, (16, 4)), (bn.BatchNorm2d, (4, 4, 3, 3))])
+def test_a_reparametrized_weight_is_used(cls, shape):
+    """torch.nn.utils.parametrize moves ``weight`` out of ``_parameters``: the kernel path must not
+    then normalize without it (it hands the call to the general path, which reads the parametrized
+    value); compared with torch.nn's layer holding the tripled weight."""
+    from torch.nn.utils import parametrize
+
+    class Triple(nn.Module):
+        def forward(self, w):
+            return 3 * w
+
+    x = torch.randn(shape, dtype=torch.float64)
+    ours = cls(4).double()
+    ref = getattr(nn, cls.__name__)(4).double()
+    with torch.no_grad():
+        ref.weight.mul_(3)
+    parametrize.register_parametrization(ours, "weight", Triple())
+    for mode in (ours.train, ours.eval):
+        mode()
+        ref.train(ours.training)
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)

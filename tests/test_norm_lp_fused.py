@@ -47,6 +47,11 @@ def composite_only():
         lp._fused_applies = orig
 
 
+def _bits_equal(a, e) -> bool:
+    view = {torch.float64: torch.int64, torch.float32: torch.int32}[a.dtype]
+    return torch.equal(a.contiguous().view(view), e.contiguous().view(view))
+
+
 def _used_kernel(x, w, b, p) -> bool:
     out = lp_batch_norm(x.clone().requires_grad_(), w, b, None, None, p=p, training=True).out
     return bool(out.grad_fn.kernel)
@@ -73,8 +78,9 @@ def _assert_identical(x, w, b, p, g):
     assert node_c != node_f
     for i, (a, e) in enumerate(zip(fused, comp)):
         assert a.dtype == e.dtype and a.shape == e.shape
-        # exact (NaN where the composite has NaN: l2's sqrt has an infinite slope at a constant channel)
-        torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True, msg=f"tensor {i} differs")
+        # exact to the bit: signs of zeros and NaN payloads too (NaN where the composite has NaN: l2's
+        # sqrt has an infinite slope at a constant channel)
+        assert _bits_equal(a, e), f"tensor {i} differs"
 
 
 @pytest.mark.parametrize("p", P_VALUES)
@@ -100,6 +106,9 @@ def test_ties_constant_channels_and_broadcast_gradients(p):
     w, b = torch.tensor([1.5, 0.5, 2.0], dtype=torch.float64), torch.tensor([0.1, -0.2, 0.3], dtype=torch.float64)
     _assert_identical(x, w, b, p, torch.randn(x.shape, dtype=torch.float64))
     _assert_identical(x, w, b, p, torch.ones(()).double().expand(x.shape))  # the gradient of out.sum()
+    # all upstream gradients -0.0: the gradient's zero sums keep autograd's signs
+    _assert_identical(torch.tensor([[1.0], [2.0], [4.0]], dtype=torch.float64), None, None, p,
+                      torch.full((3, 1), -0.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("norm", ["l1", "l2", "linf"])
@@ -204,11 +213,11 @@ def test_module_training_steps_identical_either_way(p, dtype, cls, shape, moment
         assert type(ya.grad_fn).__name__ == "_LpTrainBackward"
         with composite_only():
             yb = b(xb)
-        assert torch.equal(ya, yb)
+        assert _bits_equal(ya, yb)
         g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
         ya.backward(g)
         yb.backward(g)
-        assert torch.equal(xa.grad, xb.grad)
+        assert _bits_equal(xa.grad, xb.grad)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
     assert int(a.num_batches_tracked) == 3
@@ -227,3 +236,23 @@ def test_module_non_finite_batch_warns_and_keeps_the_statistics(p):
         m(bad.requires_grad_())
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k  # num_batches_tracked not advanced either
+
+
+@pytest.mark.parametrize("p", P_VALUES)
+def test_a_reparametrized_weight_is_used(p):
+    """torch.nn.utils.parametrize moves ``weight`` out of ``_parameters``: the layer must still use the
+    parametrized value (the general path), never train without its weight."""
+    from torch.nn.utils import parametrize
+
+    class Triple(torch.nn.Module):
+        def forward(self, w):
+            return 3 * w
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(16, 4, generator=gen, dtype=torch.float64)
+    plain, reparam = LpBatchNorm1d(4, p=p).double(), LpBatchNorm1d(4, p=p).double()
+    with torch.no_grad():
+        plain.weight.mul_(3)
+    parametrize.register_parametrization(reparam, "weight", Triple())
+    assert _bits_equal(reparam(x.clone().requires_grad_()), plain(x.clone().requires_grad_()))
+    assert torch.equal(reparam.running_var, plain.running_var)

@@ -919,7 +919,7 @@ std::tuple<Tensor, Tensor, Tensor> lp_backward(const Tensor& g, const Tensor& x,
     gd2 = ((gstat / cn) / mask.sum(dims, /*keepdim=*/true)) * mask * d.sgn();
   }
   gd = gd + gd2;
-  gx = gd + (-gd.sum(dims, /*keepdim=*/true)) / n;
+  gx = gd + (-gd).sum(dims, /*keepdim=*/true) / n;
   return {gx, gw, gb};
 }
 
@@ -927,9 +927,8 @@ std::tuple<Tensor, Tensor, Tensor> lp_backward(const Tensor& g, const Tensor& x,
 // ---------------------------------------------------------------------------------------------------
 // 2x2, stride-2 max pooling (no padding, no dilation, floor mode) of NCHW-contiguous float32/float64
 // input: VGG's and the ConvNet's pools, which torch's general CPU kernel (any window, stride, padding,
-// dilation, with a division-heavy index computation per output) runs at about a tenth of the memory
-// speed. Same selection rule as torch's kernel, so the same values, the same chosen element and the
-// same gradients (tested against torch bit for bit, NaN, ties and infinities included): scan the
+// dilation, with a division-heavy index computation per output) runs far below memory speed. Same
+// selection rule as torch's kernel, so the same values, the same chosen element and the same gradients (tested against torch bit for bit, NaN, ties and infinities included): scan the
 // window row by row, take a value if it is greater than the maximum so far or NaN (so the first of tied
 // maxima, the last NaN), starting from -inf at the window's first element. The chosen element is kept
 // as its offset in the window (0..3, one byte) instead of torch's int64 index.
@@ -1009,11 +1008,14 @@ std::tuple<Tensor, Tensor> max_pool2x2(const Tensor& x) {
 
 // Backward: each window's chosen element gets 0 + grad (the sum torch's kernel forms on its zeroed
 // gradient, which also turns a -0.0 gradient into +0.0), every other element 0.
-Tensor max_pool2x2_backward(const Tensor& grad_out, const Tensor& off, int64_t h, int64_t w) {
+Tensor max_pool2x2_backward(const Tensor& grad_out, const Tensor& offsets, int64_t h, int64_t w) {
   Tensor g = grad_out.contiguous();
+  const Tensor off = offsets.contiguous();
   TORCH_CHECK(g.dim() == 4 && off.sizes() == g.sizes() && off.scalar_type() == at::kByte,
               "bnlab::max_pool2x2_backward: grad_out and offsets must have the forward output's shape");
   const int64_t n = g.size(0), c = g.size(1), oh = g.size(2), ow = g.size(3);
+  TORCH_CHECK(h / 2 == oh && w / 2 == ow, "bnlab::max_pool2x2_backward: an input of ", h, " x ", w,
+              " does not give the ", oh, " x ", ow, " output of the forward");
   Tensor gi = at::empty({n, c, h, w}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "bnlab_max_pool2x2_backward", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();

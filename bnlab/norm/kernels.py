@@ -31,8 +31,8 @@ more than the arithmetic. The kernels here do each step in the fewest passes:
   measures what the operators save).
 
 * ``bnlab::max_pool2x2``/``max_pool2x2_backward``: not BN, but VGG's 2x2, stride-2 max pools, which
-  torch's general CPU pooling kernel ran at about a seventh of memory speed (8 % of a quick-profile
-  VGG step); exact (torch's selection rule, bit-identical outputs and gradients), used by
+  torch's general CPU pooling kernel runs far below memory speed (8 % of a quick-profile VGG
+  step); exact (torch's selection rule, bit-identical outputs and gradients), used by
   ``bnlab.models.pool.MaxPool2d``.
 
 The BN kernels cover CPU tensors of float32/float64 and float16/bfloat16 (float32 arithmetic, float64

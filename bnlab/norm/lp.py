@@ -315,8 +315,9 @@ class _LpTrain(torch.autograd.Function):
             mask = a == top
             gd2 = ((gstat / gaussian_max_abs_mean(n)) / mask.sum(dims, keepdim=True)) * mask * d.sgn()
         gd = gd + gd2
-        # d = x - mu, mu = mean(x): SubBackward0 (-grad summed to mu's shape), MeanBackward1 (grad / n).
-        gx = gd + (-gd.sum(dims, keepdim=True)) / n
+        # d = x - mu, mu = mean(x): SubBackward0 (-grad, summed to mu's shape), MeanBackward1 (grad / n);
+        # negated before the sum, as autograd does (-(sum) would differ in the sign of a zero sum).
+        gx = gd + (-gd).sum(dims, keepdim=True) / n
         return gx, gw, gb, *rest
 
 
@@ -332,6 +333,8 @@ def _kernel_forward(module, x: Tensor) -> Tensor | None:
         return None
     params, buffers = module._parameters, module._buffers
     weight, bias = params.get("weight"), params.get("bias")
+    if module.affine and (weight is None or bias is None):
+        return None  # weight/bias reparametrized (torch.nn.utils.parametrize, weight_norm): the general path reads them
     rm, rv, count = buffers.get("running_mean"), buffers.get("running_var"), buffers.get("num_batches_tracked")
     eps, momentum = module.eps, module.momentum
     if (rm is None or rv is None or type(x) is not Tensor or x.dim() not in module._ranks()
@@ -347,7 +350,7 @@ def _kernel_forward(module, x: Tensor) -> Tensor | None:
     out, _, _, accepted = _LpTrain.apply(x, weight, bias, module.p, eps, _reduce_dims(x), n, True,
                                          (rm, rv, count, momentum))
     if not accepted:
-        warnings.warn(_NON_FINITE_MESSAGE, NonFiniteBatchWarning, stacklevel=3)
+        warnings.warn(_NON_FINITE_MESSAGE, NonFiniteBatchWarning, stacklevel=2)
     return out
 
 

@@ -289,6 +289,8 @@ def _kernel_forward(module: _BatchNorm, x: Tensor) -> Optional[Tensor]:
     path reads the module's dicts directly and makes only the checks that pick it."""
     params, buffers = module._parameters, module._buffers
     weight, bias, rm, rv = params.get("weight"), params.get("bias"), buffers.get("running_mean"), buffers.get("running_var")
+    if module.affine and (weight is None or bias is None):
+        return None  # weight/bias reparametrized (torch.nn.utils.parametrize, weight_norm): the general path reads them
     eps, momentum = module.eps, module.momentum
     if (rm is None or rv is None or not isinstance(x, Tensor) or x.dim() not in module._ranks()
             or x.shape[1] != module.num_features or not (isinstance(eps, float) and eps > 0)
