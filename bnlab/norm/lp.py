@@ -321,7 +321,6 @@ class _LpTrain(torch.autograd.Function):
         return gx, gw, gb, *rest
 
 
-
 def _kernel_forward(module, x: Tensor) -> Tensor | None:
     """A training step of an ℓp layer in one C++ call (``bnlab::lp_train_``: the forward's operations
     and the running-statistics update in place), the same numbers as the functional path (tested bit
@@ -339,7 +338,7 @@ def _kernel_forward(module, x: Tensor) -> Tensor | None:
     eps, momentum = module.eps, module.momentum
     if (rm is None or rv is None or type(x) is not Tensor or x.dim() not in module._ranks()
             or x.shape[1] != module.num_features or rm.dtype != x.dtype or rv.dtype != x.dtype
-            or not (isinstance(eps, float) and eps > 0)
+            or not (isinstance(eps, float) and 0 < eps < math.inf)
             or not (momentum is None or (isinstance(momentum, float) and 0.0 <= momentum <= 1.0))
             or (momentum is None and count is None)
             or not _fused_applies(x, weight, bias, True) or not kernels.applies(x, weight, bias, rm, rv)):
