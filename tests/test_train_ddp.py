@@ -272,7 +272,10 @@ def test_cli_a_killed_rank_ends_the_command_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert f"bnlab: error: rank 1 of the --nproc 2 run was killed by signal SIGKILL (pid {pid})" in err
     assert "run the same command again to resume" in err and "Traceback" not in err
-    assert seconds < 30
+    # The bound (bnlab.train.ddp): torchrun's agent sees the death within 0.1 s and stops the other
+    # rank with SIGTERM, then SIGKILL after its 30-s grace period when that rank is blocked in a
+    # collective; usually 3-6 s here, 31 s once on a loaded CI machine. Never the 30-min gloo timeout.
+    assert seconds < 60
 
 
 def test_missing_torch_distributed_or_torchrun_is_one_clear_error(tmp_path, capsys, monkeypatch):

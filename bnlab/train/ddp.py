@@ -23,8 +23,9 @@ Launched by torchrun (``bnlab.cli`` starts ``torch.distributed.run``; each rank 
   the same work W times on the same fixed batches for the same numbers; on rank 0 alone they are what
   a single-process run measures. The other ranks meanwhile wait in the next step's first collective.
 - **Failures.** A rank that raises or dies ends its process; torchrun's agent (polling every 0.1 s)
-  then stops the other ranks and the command fails with one line naming the rank and its exit code or
-  signal (``bnlab.cli``). A rank that stalls without dying makes the others wait up to the process
+  then stops the other ranks (SIGTERM; SIGKILL after torchrun's 30-s grace period for a rank blocked in
+  a collective, so within about 30 s) and the command fails with one line naming the rank and its exit
+  code or signal (``bnlab.cli``). A rank that stalls without dying makes the others wait up to the process
   group's timeout (torch's default, 30 minutes for gloo), then fail.
 
 Backend: gloo. The engine trains on the CPU (its data and models are CPU tensors), so the ranks are
