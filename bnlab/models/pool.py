@@ -24,14 +24,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from bnlab.norm import kernels
 
 __all__ = ["MaxPool2d"]
-
-
-def _pair_is(v, n: int) -> bool:
-    return v == n or (isinstance(v, (tuple, list)) and len(v) == 2 and v[0] == n and v[1] == n)
 
 
 class _MaxPool2x2(torch.autograd.Function):
@@ -77,8 +74,8 @@ class MaxPool2d(nn.MaxPool2d):
     def _kernel_forward(self, x: Tensor) -> Tensor | None:
         if (torch.compiler.is_compiling() or torch.jit.is_tracing() or type(x) is not Tensor or x.dim() != 4
                 or x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous() or x.shape[2] < 2
-                or x.shape[3] < 2 or self.ceil_mode or self.return_indices or not _pair_is(self.kernel_size, 2)
-                or not _pair_is(self.stride, 2) or not _pair_is(self.padding, 0) or not _pair_is(self.dilation, 1)
+                or x.shape[3] < 2 or self.ceil_mode or self.return_indices or _pair(self.kernel_size) != (2, 2)
+                or _pair(self.stride) != (2, 2) or _pair(self.padding) != (0, 0) or _pair(self.dilation) != (1, 1)
                 or not kernels.applies(x)):
             return None
         return _MaxPool2x2.apply(x)
