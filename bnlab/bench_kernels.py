@@ -15,11 +15,17 @@ from other processes hits them alike; a speedup is the median of the per-round r
   outputs land in warm memory and the time is the kernels' own.
 
 The bandwidth bound of a case counts the passes over the tensor that no implementation can avoid,
-timed on this machine in the same run: a read pass (``x.sum()``) and a copy pass (``y.copy_(x)``
-into a preallocated ``y``): training forward = 1 read (statistics) + 1 copy (normalize); forward +
-backward adds 2 reads (the two reductions over x and dy) + 1 copy-like pass that reads 2 and writes
-1 (counted as 1 read + 1 copy); eval = 1 copy. ``bandwidth_fraction`` = bound / time of bnlab's
-training forward+backward in the steady loop (geometric mean over the large shapes).
+timed on this machine in the same rounds as the candidates (this machine's memory speed drifts by
+2x over minutes, so a bound timed apart from the candidates is meaningless): a read pass
+(``x.sum()``) and a copy pass (``y.copy_(x)`` into a preallocated ``y``): training forward = 1 read
+(statistics) + 1 copy (normalize); forward + backward adds 2 reads (the two reductions over x and dy)
++ 1 copy-like pass that reads 2 and writes 1 (counted as 1 read + 1 copy); eval = 1 copy. With fresh
+outputs the bound adds the cost of each fresh output (forward and eval: 1; forward+backward: 2, the
+output and the input gradient), timed as a copy into a new tensor minus a copy into an old one.
+Per round: ``of bound`` = bound / bnlab's time and ``max x`` = torch's time / bound, the largest
+speedup over torch.nn that any implementation could reach in that case; medians over the rounds.
+``bandwidth_fraction`` = bound / time of bnlab's training forward+backward in the steady loop
+(geometric mean over the large shapes); ``*_ceiling`` keys: geometric means of ``max x``.
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ SHAPES = [
 SMALL = "60x100"
 CASES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
 CANDIDATES = ("torch", "kernels", "composite")
-_PASSES = {"train_fwd": (1, 1), "train_fwd_bwd": (4, 2), "eval_fwd": (0, 1)}  # (reads, copies)
+_PASSES = {"train_fwd": (1, 1, 1), "train_fwd_bwd": (4, 2, 2), "eval_fwd": (0, 1, 1)}  # (reads, copies, outputs)
 
 
 @dataclass
@@ -58,6 +64,8 @@ class Row:
     ms: dict = field(default_factory=dict)  # candidate -> median ms per call
     speedup: dict = field(default_factory=dict)  # candidate -> median ratio torch / candidate
     bound_ms: float | None = None
+    bound_fraction: float | None = None  # median over rounds of bound / bnlab's (kernels) time
+    ceiling: float | None = None  # median over rounds of torch's time / bound
 
 
 def _geomean(values: list[float]) -> float:
@@ -131,6 +139,28 @@ def measure_bandwidth(shape=(128, 64, 32, 32), repeats: int = 9) -> dict[str, fl
             "copy_ms": copy * 1e3, "fresh_alloc_ms": max(fresh - copy, 0.0) * 1e3, "bytes": nbytes}
 
 
+def _probes(shape, fresh: bool) -> dict[str, Callable[[], object]]:
+    """The passes the bound is made of, timed in the same rounds as the candidates."""
+    x = torch.randn(shape)
+    y = torch.empty_like(x)
+    probes = {"_read": lambda: x.sum(), "_copy": lambda: y.copy_(x)}
+    if fresh:
+        probes["_fresh_copy"] = lambda: torch.empty_like(x).copy_(x)
+    return probes
+
+
+def _bound_per_round(case: str, t: dict[str, list[float]]) -> list[float]:
+    """Seconds per round that no implementation can go below (see the module docstring)."""
+    reads, copies, outputs = _PASSES[case]
+    bounds = []
+    for i in range(len(t["_read"])):
+        b = reads * t["_read"][i] + copies * t["_copy"][i]
+        if "_fresh_copy" in t:
+            b += outputs * max(t["_fresh_copy"][i] - t["_copy"][i], 0.0)
+        bounds.append(b)
+    return bounds
+
+
 def run(repeats: int = 7, small_repeats: int = 15, threads: int | None = None, shapes=None,
         regimes=("fresh", "steady")) -> dict:
     """All measurements of ``bnlab bench kernels``; returns the JSON-able summary (see the module
@@ -152,16 +182,20 @@ def run(repeats: int = 7, small_repeats: int = 15, threads: int | None = None, s
             machine[regime] = measure_bandwidth()
             for name, shape, fmt in shapes:
                 small = name == SMALL
-                bw = measure_bandwidth(shape) if not small else None
                 for case in CASES:
-                    t = _interleaved(_calls(case, shape, fmt), small_repeats if small else repeats, 200 if small else 1)
+                    fns = _calls(case, shape, fmt)
+                    if not small:
+                        fns.update(_probes(shape, fresh=regime == "fresh"))
+                    t = _interleaved(fns, small_repeats if small else repeats, 200 if small else 1)
                     row = Row(name, case, regime)
                     for kind in CANDIDATES:
                         row.ms[kind] = statistics.median(t[kind]) * 1e3
                         row.speedup[kind] = statistics.median(a / b for a, b in zip(t["torch"], t[kind]))
-                    if bw is not None:
-                        reads, copies = _PASSES[case]
-                        row.bound_ms = reads * bw["read_ms"] + copies * bw["copy_ms"]
+                    if not small:
+                        bound = _bound_per_round(case, t)
+                        row.bound_ms = statistics.median(bound) * 1e3
+                        row.bound_fraction = statistics.median(b / k for b, k in zip(bound, t["kernels"]))
+                        row.ceiling = statistics.median(a / b for a, b in zip(t["torch"], bound))
                     rows.append(row)
     finally:
         kernels.set_mode(previous)
@@ -171,6 +205,9 @@ def run(repeats: int = 7, small_repeats: int = 15, threads: int | None = None, s
 def _summary(rows: list[Row], machine: dict, threads: int) -> dict:
     def pick(case, regime, kind="kernels", small=False):
         return [r.speedup[kind] for r in rows if r.case == case and r.regime == regime and (r.shape == SMALL) == small]
+
+    def ceiling(case, regime):
+        return [r.ceiling for r in rows if r.case == case and r.regime == regime and r.ceiling]
 
     large_steady_fb = [r for r in rows if r.case == "train_fwd_bwd" and r.regime == "steady" and r.shape != SMALL]
     # (no steady regime measured: the fraction is NaN)
@@ -188,7 +225,11 @@ def _summary(rows: list[Row], machine: dict, threads: int) -> dict:
         "small_layer_fwd_bwd_speedup": _geomean(pick("train_fwd_bwd", "fresh", small=True)),
         "small_layer_train_fwd_speedup": _geomean(pick("train_fwd", "fresh", small=True)),
         "small_layer_eval_fwd_speedup": _geomean(pick("eval_fwd", "fresh", small=True)),
-        "bandwidth_fraction": _geomean([r.bound_ms / r.ms["kernels"] for r in large_steady_fb if r.bound_ms]),
+        "bandwidth_fraction": _geomean([r.bound_fraction for r in large_steady_fb if r.bound_fraction]),
+        "train_fwd_bwd_speedup_ceiling": _geomean(ceiling("train_fwd_bwd", "fresh")),
+        "eval_fwd_speedup_ceiling": _geomean(ceiling("eval_fwd", "fresh")),
+        "train_fwd_bwd_speedup_steady_ceiling": _geomean(ceiling("train_fwd_bwd", "steady")),
+        "eval_fwd_speedup_steady_ceiling": _geomean(ceiling("eval_fwd", "steady")),
         "machine": machine,
         "rows": [r.__dict__ for r in rows],
     }
@@ -202,17 +243,19 @@ def format_table(summary: dict) -> str:
         lines.append(f"  machine ({regime}): read {m['read_gbps']:.1f} GB/s, copy {m['copy_gbps']:.1f} GB/s, "
                      f"fresh {m['bytes'] / 1e6:.1f} MB output costs {m['fresh_alloc_ms']:.2f} ms")
     head = (f"{'regime':<7}{'shape':<15}{'case':<15}{'torch':>9}{'kernels':>9}{'x':>6}{'composite':>10}{'x':>6}"
-            f"{'bound':>8}{'of bound':>9}")
+            f"{'bound':>8}{'of bound':>9}{'max x':>7}")
     lines += ["", head, "-" * len(head)]
     for r in summary["rows"]:
-        bound = f"{r['bound_ms']:8.2f}{r['bound_ms'] / r['ms']['kernels']:8.0%} " if r["bound_ms"] else f"{'':>8}{'':>9}"
+        bound = (f"{r['bound_ms']:8.2f}{r['bound_fraction']:8.0%} {r['ceiling']:7.2f}" if r["bound_ms"]
+                 else f"{'':>8}{'':>9}{'':>7}")
         lines.append(f"{r['regime']:<7}{r['shape']:<15}{r['case']:<15}{r['ms']['torch']:9.3f}{r['ms']['kernels']:9.3f}"
                      f"{r['speedup']['kernels']:6.2f}{r['ms']['composite']:10.3f}{r['speedup']['composite']:6.2f}{bound}")
     lines.append("")
     for key in ("train_fwd_speedup", "train_fwd_bwd_speedup", "eval_fwd_speedup", "train_fwd_speedup_steady",
                 "train_fwd_bwd_speedup_steady", "eval_fwd_speedup_steady", "composite_train_fwd_bwd_speedup",
                 "composite_eval_fwd_speedup", "small_layer_train_fwd_speedup", "small_layer_fwd_bwd_speedup",
-                "small_layer_eval_fwd_speedup", "bandwidth_fraction"):
+                "small_layer_eval_fwd_speedup", "bandwidth_fraction", "train_fwd_bwd_speedup_ceiling",
+                "eval_fwd_speedup_ceiling", "train_fwd_bwd_speedup_steady_ceiling", "eval_fwd_speedup_steady_ceiling"):
         lines.append(f"{key}: {summary[key]:.3f}")
     return "\n".join(lines)
 

@@ -195,6 +195,67 @@ def test_module_warns_and_keeps_statistics_for_a_nan_batch_on_the_eager_path():
     assert int(layer.num_batches_tracked) == before[2]
 
 
+@pytest.mark.parametrize("affine", ["both", "frozen_weight", "none"])
+def test_eager_backward_node_has_torch_nn_autograd_semantics(affine):
+    """The eager module forward's backward node (bn_train_'s, written like torch's generated nodes):
+    gradients for exactly the inputs that need them, double backward, a second backward without
+    retain_graph refused, an input changed in place after the forward refused, hooks called, all as
+    with torch.nn.BatchNorm1d in float64 (the oracle)."""
+    ours, ref = _layer(1, 5)
+    if affine == "none":
+        ours, ref = bn.BatchNorm1d(5, affine=False).double(), nn.BatchNorm1d(5, affine=False).double()
+    elif affine == "frozen_weight":
+        ours.weight.requires_grad_(False)
+        ref.weight.requires_grad_(False)
+    torch.manual_seed(3)
+    x0 = torch.randn(9, 5, dtype=torch.float64) * 2 + 1
+    g = torch.randn(9, 5, dtype=torch.float64)
+    results = []
+    for layer in (ours, ref):
+        x = x0.clone().requires_grad_()
+        y = layer(x)
+        seen = []
+        y.register_hook(lambda t: seen.append(t.shape) or None)
+        (gx,) = torch.autograd.grad(y, x, g, create_graph=True, retain_graph=True)
+        second = torch.autograd.grad((gx * gx).sum(), [x] + [p for p in layer.parameters() if p.requires_grad],
+                                     allow_unused=True)  # dL/dx does not depend on the bias
+        y.backward(g, retain_graph=True)
+        params = [None if p.grad is None else p.grad.clone() for p in layer.parameters()]
+        y.backward(g)
+        with pytest.raises(RuntimeError, match="second time"):
+            y.backward(g)
+        y2 = layer(x)
+        with torch.no_grad():
+            x.mul_(2.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y2.backward(g)
+        results.append((gx.detach(), second, params, x.grad, seen))
+    (gx, second, params, xgrad, seen), (rgx, rsecond, rparams, rxgrad, rseen) = results
+    assert "bnlab::bn_train_" in _ops_called(lambda: ours(x0.clone().requires_grad_()))
+    assert ours(x0.clone().requires_grad_()).grad_fn.name() == "BnTrainBackward"
+    torch.testing.assert_close(gx, rgx, rtol=1e-10, atol=1e-12)
+    assert len(second) == len(rsecond)
+    for a, b in zip(second + tuple(params), rsecond + tuple(rparams)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(xgrad, rxgrad, rtol=1e-10, atol=1e-12)
+    assert seen == rseen == [x0.shape] * 4  # the refused backward runs the hook too, in both
+
+
+def test_eager_forward_records_no_graph_when_nothing_needs_a_gradient():
+    layer = bn.BatchNorm1d(5)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    assert layer(torch.randn(8, 5)).grad_fn is None
+    layer.weight.requires_grad_(True)
+    y = layer(torch.randn(8, 5))
+    y.sum().backward()
+    assert layer.weight.grad is not None and layer.bias.grad is None
+    with torch.no_grad():
+        assert layer(torch.randn(8, 5, requires_grad=True)).grad_fn is None
+
+
 def test_gradcheck_through_the_kernels():
     torch.manual_seed(0)
     for shape, fmt in (((5, 3, 2, 3), None), ((5, 3, 2, 3), torch.channels_last), ((7, 4), None)):
@@ -295,10 +356,24 @@ def test_bench_kernels_reports_every_key_and_the_cli_knows_it():
     for key in ("train_fwd_bwd_speedup", "eval_fwd_speedup", "small_layer_fwd_bwd_speedup", "train_fwd_speedup"):
         assert summary[key] > 0 and summary[key] == summary[key], key
     assert "bandwidth_fraction" in summary and summary["machine"]["fresh"]["copy_gbps"] > 0
+    assert summary["eval_fwd_speedup_ceiling"] > 0 and summary["train_fwd_bwd_speedup_ceiling"] > 0
+    assert all(r["bound_ms"] > 0 and r["ceiling"] > 0 for r in summary["rows"] if r["shape"] != "60x100")
     assert len(summary["rows"]) == 3 * 3 and "train_fwd_bwd" in format_table(summary)
     json.dumps(summary)
     args = build_parser().parse_args(["bench", "kernels", "--json"])
     assert args.json and args.what == "kernels"
+
+
+def test_bench_bound_counts_passes_and_fresh_outputs_per_round():
+    """The bound of a round, by hand: forward+backward = 4 reads + 2 copies, plus 2 fresh outputs
+    (fresh copy minus copy) when outputs are fresh; eval = 1 copy + 1 output."""
+    from bnlab.bench_kernels import _bound_per_round
+
+    t = {"_read": [1.0, 2.0], "_copy": [3.0, 5.0]}
+    assert _bound_per_round("train_fwd_bwd", t) == [4 * 1 + 2 * 3, 4 * 2 + 2 * 5]
+    t["_fresh_copy"] = [10.0, 4.0]  # a fresh copy faster than a warm one counts as no cost
+    assert _bound_per_round("train_fwd_bwd", t) == [4 + 6 + 2 * 7, 8 + 10]
+    assert _bound_per_round("eval_fwd", t) == [3 + 7, 5]
 
 
 def test_training_under_fake_tensor_mode_reads_no_values():

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <sys/mman.h>
@@ -695,9 +696,37 @@ std::vector<int64_t> channel_shape(int64_t dim) {
   return s;
 }
 
-// The training forward's autograd (bn_train, or bn_train_ with ``inplace``); the backward is shared.
-template <bool inplace>
-class TrainFnT : public torch::autograd::Function<TrainFnT<inplace>> {
+// The gradients of the training forward (x, weight, bias; undefined where not needed). Without grad
+// mode: the compact kernel. With it (create_graph=True): the textbook formula in differentiable torch
+// ops, so that double backward (any order) works.
+std::tuple<Tensor, Tensor, Tensor> train_grads(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& stats,
+                                               double eps, bool need_x, bool need_w, bool need_b) {
+  Tensor gx, gw, gb;
+  if (at::GradMode::is_enabled()) {
+    const auto dims = reduce_dims(x.dim());
+    const auto shape = channel_shape(x.dim());
+    const at::ScalarType ct = compute_type(x.scalar_type());
+    Tensor xc = x.to(ct), g = dy.to(ct);
+    Tensor mu = xc.mean(dims, true);
+    Tensor xmu = xc - mu;
+    Tensor invstd = (xmu * xmu).mean(dims, true).add(eps).rsqrt();
+    Tensor xhat = xmu * invstd;
+    Tensor scale = w.defined() ? invstd * w.to(ct).reshape(shape) : invstd;
+    if (need_x) gx = (scale * (g - g.mean(dims, true) - xhat * (g * xhat).mean(dims, true))).to(x.scalar_type());
+    if (need_w) gw = (g * xhat).sum(dims).to(w.scalar_type());
+    if (need_b) gb = g.sum(dims).to(w.defined() ? w.scalar_type() : ct);
+    return {gx, gw, gb};
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  auto out = backward_op().call(dy, x, w.defined() ? c10::optional<Tensor>(w) : c10::nullopt, stats, need_x);
+  if (need_x) gx = std::move(std::get<0>(out));
+  if (need_w) gw = std::move(std::get<1>(out));
+  if (need_b) gb = std::move(std::get<2>(out));
+  return {gx, gw, gb};
+}
+
+// bn_train's autograd (the functional operator that graph capture records).
+class TrainFn : public torch::autograd::Function<TrainFn> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const c10::optional<Tensor>& weight,
                                const c10::optional<Tensor>& bias, const c10::optional<Tensor>& running_mean,
@@ -705,20 +734,12 @@ class TrainFnT : public torch::autograd::Function<TrainFnT<inplace>> {
                                double momentum, bool cumulative, double eps) {
     at::AutoDispatchBelowADInplaceOrView guard;
     // The statistics and the flag never receive a gradient: without this, every backward would
-    // allocate zero-filled gradients for them (two tensors per call, a visible cost on small layers).
+    // allocate zero-filled gradients for them.
     ctx->set_materialize_grads(false);
-    variable_list result;
-    if constexpr (inplace) {
-      Tensor rm = *running_mean, rv = *running_var;
-      auto out = train_inplace_op().call(x, weight, bias, rm, rv, count, momentum, cumulative, eps);
-      result = {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
-      ctx->mark_non_differentiable({result[1], result[2]});
-    } else {
-      auto out = train_op().call(x, weight, bias, running_mean, running_var, count, momentum, cumulative, eps);
-      result = {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out),
-                std::get<5>(out)};
-      ctx->mark_non_differentiable({result[1], result[2], result[3], result[4], result[5]});
-    }
+    auto out = train_op().call(x, weight, bias, running_mean, running_var, count, momentum, cumulative, eps);
+    variable_list result = {std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
+                            std::get<4>(out), std::get<5>(out)};
+    ctx->mark_non_differentiable({result[1], result[2], result[3], result[4], result[5]});
     const Tensor w = weight.has_value() ? *weight : Tensor();
     ctx->save_for_backward({x, w, result[1]});
     ctx->saved_data["eps"] = eps;
@@ -731,38 +752,13 @@ class TrainFnT : public torch::autograd::Function<TrainFnT<inplace>> {
     const Tensor& x = saved[0];
     const Tensor& w = saved[1];
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const double eps = ctx->saved_data["eps"].toDouble();
-    Tensor dy = grads[0];
     variable_list result(9);
-    if (!dy.defined()) return result;
+    if (!grads[0].defined()) return result;
     // needs_input_grad counts only the tensor arguments that were given (an absent weight has no edge)
     const bool need_x = ctx->needs_input_grad(0), need_w = w.defined() && ctx->needs_input_grad(1);
     const bool need_b = has_bias && ctx->needs_input_grad(w.defined() ? 2 : 1);
-    Tensor gx, gw, gb;
-    if (at::GradMode::is_enabled()) {
-      // create_graph=True: the textbook formula in differentiable torch ops (any order).
-      const auto dims = reduce_dims(x.dim());
-      const auto shape = channel_shape(x.dim());
-      const at::ScalarType ct = compute_type(x.scalar_type());
-      Tensor xc = x.to(ct), g = dy.to(ct);
-      Tensor mu = xc.mean(dims, true);
-      Tensor xmu = xc - mu;
-      Tensor invstd = (xmu * xmu).mean(dims, true).add(eps).rsqrt();
-      Tensor xhat = xmu * invstd;
-      Tensor scale = w.defined() ? invstd * w.to(ct).reshape(shape) : invstd;
-      if (need_x) gx = (scale * (g - g.mean(dims, true) - xhat * (g * xhat).mean(dims, true))).to(x.scalar_type());
-      if (need_w) gw = (g * xhat).sum(dims).to(w.scalar_type());
-      if (need_b) gb = g.sum(dims).to(w.defined() ? w.scalar_type() : ct);
-    } else {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      auto out = backward_op().call(dy, x, w.defined() ? c10::optional<Tensor>(w) : c10::nullopt, saved[2], need_x);
-      if (need_x) gx = std::get<0>(out);
-      if (need_w) gw = std::get<1>(out);
-      if (need_b) gb = std::get<2>(out);
-    }
-    result[0] = gx;
-    result[1] = gw;
-    result[2] = gb;
+    std::tie(result[0], result[1], result[2]) =
+        train_grads(grads[0], x, w, saved[2], ctx->saved_data["eps"].toDouble(), need_x, need_w, need_b);
     return result;
   }
 };
@@ -770,16 +766,66 @@ class TrainFnT : public torch::autograd::Function<TrainFnT<inplace>> {
 TrainOut bn_train_autograd(const Tensor& x, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                            const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
                            const c10::optional<Tensor>& count, double momentum, bool cumulative, double eps) {
-  auto r = TrainFnT<false>::apply(x, weight, bias, running_mean, running_var, count, momentum, cumulative, eps);
+  auto r = TrainFn::apply(x, weight, bias, running_mean, running_var, count, momentum, cumulative, eps);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
 }
+
+// bn_train_'s backward node, written like torch's generated nodes (NativeBatchNormBackward0) rather than
+// through torch::autograd::Function: bn_train_ serves only the eager forward of a BN module, where a
+// small layer (the Ioffe MLP's BatchNorm1d(100) at batch 60) is dominated by per-call costs, and the
+// generic Function machinery (edges for all six tensor arguments, the saved_data map, wrapping of
+// every output) cost a fifth of such a layer's forward+backward. The gradients are train_grads, as
+// for bn_train. (Like the Function, it has no compiled-autograd support.)
+struct BnTrainBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable x_, weight_, stats_;
+  bool has_weight = false, has_bias = false;
+  double eps = 0;
+
+  std::string name() const override { return "BnTrainBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x_.reset_data();
+    weight_.reset_data();
+    stats_.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list result(3);  // edges: x, weight, bias (an absent weight/bias has an invalid edge)
+    if (!grads[0].defined()) return result;
+    const bool need_x = task_should_compute_output(0), need_w = has_weight && task_should_compute_output(1);
+    const bool need_b = has_bias && task_should_compute_output(2);
+    std::tie(result[0], result[1], result[2]) =
+        train_grads(grads[0], x_.unpack(), weight_.unpack(), stats_.unpack(), eps, need_x, need_w, need_b);
+    return result;
+  }
+};
 
 TrainInplaceOut bn_train__autograd(const Tensor& x, const c10::optional<Tensor>& weight,
                                    const c10::optional<Tensor>& bias, Tensor& running_mean, Tensor& running_var,
                                    const c10::optional<Tensor>& count, double momentum, bool cumulative, double eps) {
-  auto r = TrainFnT<true>::apply(x, weight, bias, c10::optional<Tensor>(running_mean),
-                                 c10::optional<Tensor>(running_var), count, momentum, cumulative, eps);
-  return {r[0], r[1], r[2]};
+  const Tensor w = weight.has_value() ? *weight : Tensor(), b = bias.has_value() ? *bias : Tensor();
+  c10::intrusive_ptr<BnTrainBackward> grad_fn;
+  if (torch::autograd::compute_requires_grad(x, w, b)) {
+    grad_fn = c10::make_intrusive<BnTrainBackward>();
+    grad_fn->set_next_edges(torch::autograd::collect_next_edges(x, w, b));
+  }
+  TrainInplaceOut out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = train_inplace_op().call(x, weight, bias, running_mean, running_var, count, momentum, cumulative, eps);
+  }
+  if (grad_fn) {  // only the output is differentiable; the statistics and the flag have no history
+    torch::autograd::set_history(std::get<0>(out), grad_fn);
+    grad_fn->x_ = torch::autograd::SavedVariable(x, false);
+    grad_fn->weight_ = torch::autograd::SavedVariable(w, false);
+    grad_fn->stats_ = torch::autograd::SavedVariable(std::get<1>(out), false);
+    grad_fn->has_weight = w.defined();
+    grad_fn->has_bias = b.defined();
+    grad_fn->eps = eps;
+  }
+  return out;
 }
 
 class EvalFn : public torch::autograd::Function<EvalFn> {
