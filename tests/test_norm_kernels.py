@@ -46,13 +46,14 @@ def _layer(dims, c, dtype=torch.float64):
 
 
 # Shapes that reach every code path: planar fused per channel, planar two-phase (a channel larger
-# than the cache budget), rows (channels_last, (N, C)) with one and many row blocks, 3-D images,
-# non-contiguous inputs (made contiguous), several threads.
+# than the cache budget), rows (channels_last, (N, C)) with one and many row blocks (few and many
+# channels), 3-D images, non-contiguous inputs (made contiguous), several threads.
 LAYOUTS = [
     ("planar", (6, 5, 4, 7), None),
     ("planar_big_channel", (130, 2, 40, 20), None),
     ("channels_last", (8, 5, 6, 7), torch.channels_last),
     ("channels_last_many_blocks", (64, 32, 16, 16), torch.channels_last),
+    ("channels_last_wide", (40, 256, 3, 3), torch.channels_last),  # > 128 channels: 64-row statistics blocks
     ("rows_nc", (60, 100), None),
     ("ncl", (6, 4, 9), None),
     ("channels_last_3d", (3, 4, 2, 3, 2), torch.channels_last_3d),
@@ -256,6 +257,27 @@ def test_eager_forward_records_no_graph_when_nothing_needs_a_gradient():
         assert layer(torch.randn(8, 5, requires_grad=True)).grad_fn is None
 
 
+def test_compiled_autograd_needs_the_composite_path():
+    """The kernels' autograd nodes have no compiled-autograd support (documented in
+    bnlab.norm.kernels); with the kernels off, a backward compiled by compiled autograd gives
+    torch.nn's gradients (float64)."""
+    import torch._dynamo.compiled_autograd as ca
+
+    torch.manual_seed(0)
+    x0 = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    grads = []
+    for layer, mode in ((nn.BatchNorm2d(4).double(), "on"), (bn.BatchNorm2d(4).double(), "off")):
+        x = x0.clone().requires_grad_()
+        with kernels.use_mode(mode), ca._enable(torch.compile(backend="eager")):
+            (layer(x) ** 3).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+    x = x0.clone().requires_grad_()
+    with pytest.raises(Exception, match="compiled_args not implemented: BnTrainBackward"):
+        with ca._enable(torch.compile(backend="eager")):
+            bn.BatchNorm2d(4).double()(x).sum().backward()
+
+
 def test_gradcheck_through_the_kernels():
     torch.manual_seed(0)
     for shape, fmt in (((5, 3, 2, 3), None), ((5, 3, 2, 3), torch.channels_last), ((7, 4), None)):
@@ -374,6 +396,32 @@ def test_bench_bound_counts_passes_and_fresh_outputs_per_round():
     t["_fresh_copy"] = [10.0, 4.0]  # a fresh copy faster than a warm one counts as no cost
     assert _bound_per_round("train_fwd_bwd", t) == [4 + 6 + 2 * 7, 8 + 10]
     assert _bound_per_round("eval_fwd", t) == [3 + 7, 5]
+
+
+def test_bench_fresh_outputs_ask_for_huge_pages_on_their_aligned_interior(monkeypatch):
+    """The bound's fresh outputs are allocated as the kernels allocate theirs (madvise on the 2 MiB-
+    aligned interior of outputs of at least 8 MiB), so the bound does not charge 4 KiB page faults
+    that bnlab does not pay."""
+    import sys as _sys
+    from bnlab import bench_kernels
+
+    calls = []
+
+    class FakeLibc:
+        def madvise(self, start, length, advice):
+            calls.append((start.value, length.value, advice))
+            return 0
+
+    monkeypatch.setattr(bench_kernels, "_libc", lambda: FakeLibc())
+    monkeypatch.setattr(_sys, "platform", "linux")
+    small = torch.empty(1 << 20)  # 4 MiB: left alone
+    assert bench_kernels._ask_huge_pages(small) is small and calls == []
+    big = torch.empty(5 << 20)  # 20 MiB
+    bench_kernels._ask_huge_pages(big)
+    (start, length, advice), = calls
+    huge = 1 << 21
+    assert advice == 14 and start % huge == 0 and length % huge == 0 and length > 0
+    assert big.data_ptr() <= start < big.data_ptr() + huge and start + length <= big.data_ptr() + big.nbytes
 
 
 def test_training_under_fake_tensor_mode_reads_no_values():

@@ -21,6 +21,9 @@
 
 #include <sys/mman.h>
 
+#include <cstdlib>
+#include <string>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -38,6 +41,10 @@ template <> struct OpMath<double> { using type = double; };
 
 constexpr int64_t kBlock = 2048;          // values per block in the planar layout
 constexpr int64_t kRowBlockValues = 8192;  // values per row block in the rows layout
+// ... but at least this many rows per block in the statistics: each block ends in a merge per channel
+// (divisions), which with few rows per block (many channels) cost as much as reading the block.
+// (Layers of up to 128 channels keep kRowBlockValues / C rows, so their statistics are unchanged.)
+constexpr int64_t kMinStatRows = 64;
 constexpr int64_t kGrainValues = 32768;   // fewer values than this per task: no extra thread
 constexpr int64_t kCacheBytes = 768 * 1024;  // a channel this small is processed while it stays in cache
 
@@ -67,12 +74,18 @@ Tensor dense_input(const Tensor& x, Layout& L) {
 
 // A fresh output in x's layout. Large outputs are fresh pages from the OS, and first-touch page faults
 // of 4 KiB pages cost more than the arithmetic of BN; asking for transparent huge pages (2 MiB, where
-// the kernel allows them: THP "madvise" or "always") makes that cost a few faults per tensor.
+// the kernel allows them: THP "madvise" or "always") makes that cost a few faults per tensor. With
+// THP defrag in "madvise" mode such a fault may compact memory first (a rare stall of tens of ms,
+// measured in bnlab bench kernels); BNLAB_HUGE_PAGES=0 (read once) turns the hint off.
 Tensor empty_out(const Tensor& x) {
   Tensor y = at::empty_like(x);
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
   const size_t bytes = y.nbytes();
-  if (bytes >= 4 * kHuge) {
+  static const bool hint = [] {
+    const char* v = std::getenv("BNLAB_HUGE_PAGES");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  if (hint && bytes >= 4 * kHuge) {
     const uintptr_t p = reinterpret_cast<uintptr_t>(y.data_ptr());
     const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
     if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);  // a hint; errors ignored
@@ -158,7 +171,7 @@ void channel_moments(const T* x, const Layout& L, std::vector<Moments>& out) {
     });
     return;
   }
-  const int64_t rows_per_block = std::max<int64_t>(1, kRowBlockValues / C);
+  const int64_t rows_per_block = std::max<int64_t>(kMinStatRows, kRowBlockValues / C);
   const int64_t nblocks = (L.R + rows_per_block - 1) / rows_per_block;
   const int64_t grain = std::max<int64_t>(1, kGrainValues / (rows_per_block * C));
   // Partial moments per chunk of blocks (not per thread id, which need not be below the thread

@@ -53,14 +53,26 @@ dispatch key in C++ (a Python formula through ``torch.library.register_autograd`
 microseconds per call, more than a whole small BN layer): a ``torch::autograd::Function`` for
 ``bn_train`` and ``bn_eval``, and for ``bn_train_``, which every eager training step of a BN module
 calls, a backward node written like torch's generated ones (``BnTrainBackward``: three edges, three
-saved tensors), which took the Ioffe MLP's BatchNorm1d(100) at batch 60 from 0.90x to 1.03x
-torch.nn's forward+backward on one thread. So ``torch.compile(fullgraph=True)`` and ``torch.export`` capture the kernels as single
-nodes and ``torch.library.opcheck`` validates the registrations. The composite torch path of
-``bnlab.norm.functional`` (torch's ops, differentiable to any order) serves everything the kernels
-do not: other devices, ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ``hessian``,
+saved tensors), which took the Ioffe MLP's BatchNorm1d(100) at batch 60 from 0.90x to 1.01-1.04x
+torch.nn's forward+backward on one thread. So ``torch.compile(fullgraph=True)`` and ``torch.export``
+capture the kernels as single nodes and ``torch.library.opcheck`` validates the registrations.
+Neither node supports compiled autograd (``torch._dynamo.compiled_autograd``), which needs
+``compiled_args``/``apply_with_saved`` on each node: a training step whose backward is compiled that
+way needs ``BNLAB_KERNELS=off``.
+
+The composite torch path of ``bnlab.norm.functional`` (torch's ops) serves everything the kernels do
+not: other devices, ``torch.func`` transforms (``vmap``, ``grad``, ``jacrev``, ``hessian``,
 ``jvp``, ``jacfwd``), forward-mode AD (inside ``torch.autograd.forward_ad.dual_level()``: a C++
-autograd Function has no jvp rule), TorchScript and empty batches; double backward through a kernel's output (``create_graph=True``)
-differentiates the textbook backward formula written in torch ops.
+autograd node has no jvp rule), TorchScript and empty batches. Double backward through a kernel's
+output (``create_graph=True``) differentiates the textbook formula written in torch ops, from x
+itself, so derivatives of every order are right. The composite path's training statistics come from
+torch's fused batch norm, whose derivatives are right to second order (Hessians, Hessian-vector
+products) but silently wrong from the third order on (pytorch/pytorch#186256): the same as
+torch.nn.
+
+Large outputs (8 MiB and more) ask the OS for transparent huge pages (``madvise``), which makes
+their first touch cheaper; ``BNLAB_HUGE_PAGES=0`` (read once, at the first kernel call) turns that
+off, e.g. where THP compaction stalls show up.
 
 Switch: ``BNLAB_KERNELS=auto`` (default: kernels where they apply), ``off`` (always the composite
 path) or ``on`` (like auto, but a failed build raises instead of falling back), read at import; in
@@ -284,7 +296,7 @@ def applies(x: Tensor, *others: Optional[Tensor]) -> bool:
         if t is not None and (not t.is_cpu or not t.is_floating_point()):
             return False
     if not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active():
-        return False  # vmap/grad/jacrev/hessian: the composite path, differentiable to any order
+        return False  # vmap/grad/jacrev/hessian: the composite path (torch's ops), which torch.func can transform
     if _forward_ad._current_level >= 0:
         # Inside torch.autograd.forward_ad.dual_level(): the kernels' autograd formula is a C++
         # torch::autograd::Function, which has no forward-mode (jvp) rule; the composite path has.
