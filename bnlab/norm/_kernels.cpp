@@ -75,9 +75,12 @@ Tensor dense_input(const Tensor& x, Layout& L) {
 // A fresh output in x's layout. Large outputs are fresh pages from the OS, and first-touch page faults
 // of 4 KiB pages cost more than the arithmetic of BN; asking for transparent huge pages (2 MiB, where
 // the kernel allows them: THP "madvise" or "always") makes that cost a few faults per tensor. With
-// THP defrag in "madvise" mode such a fault may compact memory first (a rare stall of tens of ms,
-// measured in bnlab bench kernels); BNLAB_HUGE_PAGES=0 (read once) turns the hint off.
-Tensor empty_out(const Tensor& x) {
+// THP defrag in "madvise" mode such a fault may compact memory first: stalls of tens of ms, frequent
+// in some periods on the machine bnlab was measured on (bnlab bench kernels). The training outputs
+// take the hint (forward+backward 1.28-1.49x torch with it, 1.12-1.13x without, 2 threads); the
+// eval output does not (there the stalls made one case 0.55x torch in 5 of 6 runs, and without the
+// hint eval is 1.00-1.07x every time). BNLAB_HUGE_PAGES=0 (read once) turns the hint off entirely.
+Tensor empty_out(const Tensor& x, bool huge_pages = true) {
   Tensor y = at::empty_like(x);
   constexpr uintptr_t kHuge = uintptr_t(1) << 21;
   const size_t bytes = y.nbytes();
@@ -85,7 +88,7 @@ Tensor empty_out(const Tensor& x) {
     const char* v = std::getenv("BNLAB_HUGE_PAGES");
     return v == nullptr || std::string(v) != "0";
   }();
-  if (hint && bytes >= 4 * kHuge) {
+  if (huge_pages && hint && bytes >= 4 * kHuge) {
     const uintptr_t p = reinterpret_cast<uintptr_t>(y.data_ptr());
     const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
     if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);  // a hint; errors ignored
@@ -665,7 +668,7 @@ Tensor bn_eval(const Tensor& x_in, const c10::optional<Tensor>& weight, const c1
   const std::vector<double> rm = channel_values(running_mean, C, 0.0), rv = channel_values(running_var, C, 1.0);
   std::vector<double> a(C);
   for (int64_t c = 0; c < C; ++c) a[c] = w[c] / std::sqrt(rv[c] + eps);
-  Tensor y = empty_out(x);
+  Tensor y = empty_out(x, /*huge_pages=*/false);
   if (x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnlab_bn_eval", [&] {
     affine_pass<scalar_t>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), L, rm, a, b);

@@ -70,9 +70,10 @@ torch's fused batch norm, whose derivatives are right to second order (Hessians,
 products) but silently wrong from the third order on (pytorch/pytorch#186256): the same as
 torch.nn.
 
-Large outputs (8 MiB and more) ask the OS for transparent huge pages (``madvise``), which makes
-their first touch cheaper; ``BNLAB_HUGE_PAGES=0`` (read once, at the first kernel call) turns that
-off, e.g. where THP compaction stalls show up.
+Large training outputs (8 MiB and more: the output and the input gradient) ask the OS for
+transparent huge pages (``madvise``), which makes their first touch cheaper; the eval output does not
+(there THP compaction stalls cost more than the hint saved; see ``empty_out`` in the C++ source).
+``BNLAB_HUGE_PAGES=0`` (read once, at the first kernel call) turns the hint off entirely.
 
 Switch: ``BNLAB_KERNELS=auto`` (default: kernels where they apply), ``off`` (always the composite
 path) or ``on`` (like auto, but a failed build raises instead of falling back), read at import; in
