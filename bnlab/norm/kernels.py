@@ -53,7 +53,7 @@ dispatch key in C++ (a Python formula through ``torch.library.register_autograd`
 microseconds per call, more than a whole small BN layer): a ``torch::autograd::Function`` for
 ``bn_train`` and ``bn_eval``, and for ``bn_train_``, which every eager training step of a BN module
 calls, a backward node written like torch's generated ones (``BnTrainBackward``: three edges, three
-saved tensors), which took the Ioffe MLP's BatchNorm1d(100) at batch 60 from 0.90x to 1.01-1.04x
+saved tensors), which took the Ioffe MLP's BatchNorm1d(100) at batch 60 from 0.90x to 1.01-1.06x
 torch.nn's forward+backward on one thread. So ``torch.compile(fullgraph=True)`` and ``torch.export``
 capture the kernels as single nodes and ``torch.library.opcheck`` validates the registrations.
 Neither node supports compiled autograd (``torch._dynamo.compiled_autograd``), which needs
