@@ -6,7 +6,9 @@ thread count; measured in the same process, alternating, median of ``--repeats``
 * ``engine``: ``bnlab.train.train_run`` as the CLI runs it (per-step loss record in metrics.jsonl,
   NaN check, lr schedule, checkpoints), minus evaluation and probes, with bnlab's BN;
 * ``plain torch.nn BN``: the compute floor, forward/backward/step over batches sliced beforehand
-  (a cycle of at most 200), with the model's BN layers converted to torch.nn's (``bnlab.convert``);
+  (a cycle of at most ``--cycle`` batches, default 200: 37.6 MB of MLP input, which the caches hold
+  better than a whole epoch, ``--cycle 1000``, the 188 MB the engine reads), with the model's BN layers
+  converted to torch.nn's (``bnlab.convert``);
 * ``plain bnlab BN``: the same loop with bnlab's BN (bnlab's BN against torch.nn's, all else equal);
 * ``plain + gather``: the plain bnlab loop, but each batch gathered at its step by
   ``bnlab.data.Batches`` as the engine does (random rows of the training tensor): the floor of any
@@ -19,7 +21,7 @@ Models: the Ioffe MLP (784-100-100-100-10, sigmoid, BN, batch 60) on Fashion-MNI
 VGG-11 at width 1/4 (BN, batch 128) on CIFAR-10 when installed, else random 3x32x32 tensors of the
 same size (the throughput does not depend on the pixel values).
 
-    python bench/train_throughput.py [--threads 1] [--repeats 3] [--quick] [--clock wall|cpu]
+    python bench/train_throughput.py [--threads 1] [--repeats 3] [--quick] [--clock wall|cpu] [--cycle N]
 
 Ratios are steps/s over steps/s (> 1: the first is faster). The last lines are
 ``vgg_engine_overhead`` and ``mlp_engine_overhead`` (engine time per step / plain bnlab BN time per
@@ -49,6 +51,7 @@ from bnlab.train.task import Task, build_network, build_task, loss_function
 
 _CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = _CLOCKS["wall"]  # --clock cpu: the process's CPU time (one thread), immune to time slices lost to others
+_CYCLE = 200  # --cycle: distinct pre-sliced batches the plain loops cycle over
 
 
 def _random_task(shape: tuple[int, ...], n: int) -> Task:
@@ -126,7 +129,7 @@ def plain_steps_per_second(cfg: TrainConfig, task: Task, threads: int, bn: str, 
                                 weight_decay=cfg.weight_decay)
     loss_fn = loss_function(cfg)
     batches = Batches(task.x_train, task.y_train, cfg.batch_size, seed=0)
-    data = [batches.batch(step) for step in range(min(cfg.steps, 200))]
+    data = [batches.batch(step) for step in range(min(cfg.steps, _CYCLE))]
     warmup = max(1, cfg.steps // 10)
     t0 = None
     for step in range(cfg.steps):
@@ -197,11 +200,16 @@ def main() -> None:
     parser.add_argument("--clock", choices=tuple(_CLOCKS), default="wall",
                         help="wall (default) or cpu: the process's CPU time, meaningful with --threads 1 "
                              "on a machine where other processes take the core part of the time")
+    parser.add_argument("--cycle", type=int, default=200,
+                        help="distinct pre-sliced batches in the plain loops (default 200; 1000 = one MLP epoch)")
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu sums the CPU time of all threads; use it with --threads 1")
-    global _clock
+    if args.cycle < 1:
+        parser.error("--cycle must be at least 1")
+    global _clock, _CYCLE
     _clock = _CLOCKS[args.clock]
+    _CYCLE = args.cycle
 
     common = dict(eval_subset=500, probe_schedule="none", log_every=1, checkpoint_every=10**9)
     mlp_task, mlp_data = _load_or_random("mnist", (1, 28, 28), 60_000, fallback=True)  # or Fashion-MNIST
@@ -213,7 +221,8 @@ def main() -> None:
                       steps=20 if args.quick else 80, **common)
     vgg = dataclasses.replace(vgg, eval_every=vgg.steps)
 
-    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}, {args.clock} clock")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}, {args.clock} clock, "
+          f"plain loops cycle over {_CYCLE} batches")
     print(f"Ioffe MLP data: {mlp_data}; VGG-11 data: {vgg_data}")
     torch.set_num_threads(args.threads)
     ours_us, loader_us = batch_fetch_microseconds(mlp_task, 60)
