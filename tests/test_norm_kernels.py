@@ -399,9 +399,9 @@ def test_bench_bound_counts_passes_and_fresh_outputs_per_round():
 
 
 def test_bench_fresh_outputs_ask_for_huge_pages_on_their_aligned_interior(monkeypatch):
-    """The bound's fresh outputs are allocated as the kernels allocate theirs (madvise on the 2 MiB-
-    aligned interior of outputs of at least 8 MiB), so the bound does not charge 4 KiB page faults
-    that bnlab does not pay."""
+    """The bound's fresh training outputs are allocated as the kernels allocate theirs (madvise on the
+    2 MiB-aligned interior of outputs of at least 8 MiB, unless BNLAB_HUGE_PAGES=0), so the bound does
+    not charge 4 KiB page faults that bnlab does not pay."""
     import sys as _sys
     from bnlab import bench_kernels
 
@@ -414,6 +414,10 @@ def test_bench_fresh_outputs_ask_for_huge_pages_on_their_aligned_interior(monkey
 
     monkeypatch.setattr(bench_kernels, "_libc", lambda: FakeLibc())
     monkeypatch.setattr(_sys, "platform", "linux")
+    monkeypatch.setenv("BNLAB_HUGE_PAGES", "0")  # the kernels' opt-out applies to the bound too
+    bench_kernels._ask_huge_pages(torch.empty(5 << 20))
+    assert calls == []
+    monkeypatch.delenv("BNLAB_HUGE_PAGES")
     small = torch.empty(1 << 20)  # 4 MiB: left alone
     assert bench_kernels._ask_huge_pages(small) is small and calls == []
     big = torch.empty(5 << 20)  # 20 MiB
