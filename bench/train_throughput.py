@@ -6,9 +6,9 @@ thread count; measured in the same process, alternating, median of ``--repeats``
 * ``engine``: ``bnlab.train.train_run`` as the CLI runs it (per-step loss record in metrics.jsonl,
   NaN check, lr schedule, checkpoints), minus evaluation and probes, with bnlab's BN;
 * ``plain torch.nn BN``: the compute floor, forward/backward/step over batches sliced beforehand
-  (a cycle of at most ``--cycle`` batches, default 200: 37.6 MB of MLP input, which the caches hold
-  better than a whole epoch, ``--cycle 1000``, the 188 MB the engine reads), with the model's BN layers
-  converted to torch.nn's (``bnlab.convert``);
+  (by default one epoch of distinct batches, the bytes the engine reads: 1000 MLP batches, 188 MB;
+  ``--cycle N`` cycles over N instead, e.g. 200, 37.6 MB, which the caches hold better), with the
+  model's BN layers converted to torch.nn's (``bnlab.convert``);
 * ``plain bnlab BN``: the same loop with bnlab's BN (bnlab's BN against torch.nn's, all else equal);
 * ``plain + gather``: the plain bnlab loop, but each batch gathered at its step by
   ``bnlab.data.Batches`` as the engine does (random rows of the training tensor): the floor of any
@@ -21,14 +21,18 @@ Models: the Ioffe MLP (784-100-100-100-10, sigmoid, BN, batch 60) on Fashion-MNI
 VGG-11 at width 1/4 (BN, batch 128) on CIFAR-10 when installed, else random 3x32x32 tensors of the
 same size (the throughput does not depend on the pixel values).
 
-    python bench/train_throughput.py [--threads 1] [--repeats 3] [--quick] [--clock wall|cpu] [--cycle N]
+    python bench/train_throughput.py [--threads 1] [--repeats 5] [--quick] [--clock wall|cpu] [--cycle N]
 
-Ratios are steps/s over steps/s (> 1: the first is faster). The last lines are
-``vgg_engine_overhead`` and ``mlp_engine_overhead`` (engine time per step / plain bnlab BN time per
-step - 1, as a fraction), ``mlp_bnlab_vs_torch_bn: <plain bnlab BN / plain torch.nn BN>``,
-``mlp_gather_overhead`` (plain + gather over plain), ``mlp_engine_overhead_over_gather`` (engine over
-plain + gather) and ``engine_vs_dataloader_speedup: <ratio for the Ioffe MLP>``; ratios and overheads
-are medians of the per-round values (the loops of one round run back to back).
+Ratios are steps/s over steps/s (> 1: the first is faster); an overhead of A over B is A's time per
+step / B's - 1. Each is computed per round (the loops of one round run back to back, so background
+load hits them alike) and reported as the median over the rounds with a 95 % t-interval of the mean
+(``scipy.stats``; this machine's memory speed drifts, so single rounds scatter by several percent).
+The last lines are ``vgg_engine_overhead`` and ``mlp_engine_overhead`` (engine over plain bnlab BN:
+same BN, so only the data path and the bookkeeping differ), ``mlp_engine_overhead_vs_torch_floor``
+(engine over plain torch.nn BN: the compute floor as the speed target defines it),
+``mlp_bnlab_vs_torch_bn: <plain bnlab BN / plain torch.nn BN>``, ``mlp_gather_overhead`` (plain +
+gather over plain), ``mlp_engine_overhead_over_gather`` (engine over plain + gather) and
+``engine_vs_dataloader_speedup: <ratio for the Ioffe MLP>``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy import stats
 from torch.utils.data import DataLoader, TensorDataset
 
 from bnlab.errors import BnlabError
@@ -51,7 +57,7 @@ from bnlab.train.task import Task, build_network, build_task, loss_function
 
 _CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 _clock = _CLOCKS["wall"]  # --clock cpu: the process's CPU time (one thread), immune to time slices lost to others
-_CYCLE = 200  # --cycle: distinct pre-sliced batches the plain loops cycle over
+_CYCLE: int | None = None  # --cycle: distinct pre-sliced batches the plain loops cycle over (None: one epoch)
 
 
 def _random_task(shape: tuple[int, ...], n: int) -> Task:
@@ -129,7 +135,8 @@ def plain_steps_per_second(cfg: TrainConfig, task: Task, threads: int, bn: str, 
                                 weight_decay=cfg.weight_decay)
     loss_fn = loss_function(cfg)
     batches = Batches(task.x_train, task.y_train, cfg.batch_size, seed=0)
-    data = [batches.batch(step) for step in range(min(cfg.steps, _CYCLE))]
+    cycle = len(batches) if _CYCLE is None else _CYCLE
+    data = [] if gather else [batches.batch(step) for step in range(min(cfg.steps, cycle))]
     warmup = max(1, cfg.steps // 10)
     t0 = None
     for step in range(cfg.steps):
@@ -163,8 +170,29 @@ def batch_fetch_microseconds(task: Task, batch_size: int, n: int = 2000) -> tupl
     return ours, (_clock() - t0) / n * 1e6
 
 
-def compare(label: str, cfg: TrainConfig, task: Task, threads: int, repeats: int) -> dict[str, float]:
-    """Median steps/s of each loop (alternating round by round); prints one line per loop."""
+def paired(numerator: list[float], denominator: list[float]) -> tuple[float, float | None, float | None]:
+    """Per-round values ``numerator / denominator - 1``: (median, low, high), low/high a 95 %
+    t-interval of their mean (None with fewer than 3 rounds)."""
+    values = np.array([a / b - 1.0 for a, b in zip(numerator, denominator)])
+    med = float(np.median(values))
+    if len(values) < 3:
+        return med, None, None
+    if float(values.std()) == 0.0:
+        return med, med, med
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
+    return med, float(low), float(high)
+
+
+def _fmt(name: str, value: tuple[float, float | None, float | None]) -> str:
+    med, low, high = value
+    if low is None:
+        return f"{name}: {med:.3f} (no interval: fewer than 3 rounds)"
+    return f"{name}: {med:.3f} (95% interval of the mean {low:+.3f} to {high:+.3f})"
+
+
+def compare(label: str, cfg: TrainConfig, task: Task, threads: int, repeats: int) -> dict[str, object]:
+    """Median steps/s of each loop (alternating round by round) and the paired per-round overheads;
+    prints one line per loop."""
     loops = {
         "engine": lambda: engine_steps_per_second(cfg, task, threads),
         "plain torch.nn BN": lambda: plain_steps_per_second(cfg, task, threads, "torch"),
@@ -176,36 +204,38 @@ def compare(label: str, cfg: TrainConfig, task: Task, threads: int, repeats: int
     for _ in range(repeats):  # alternate, so background load hits all alike
         for name, fn in loops.items():
             rates[name].append(fn())
-    med = {k: statistics.median(v) for k, v in rates.items()}
+    med: dict[str, object] = {k: statistics.median(v) for k, v in rates.items()}
     floor = med["plain torch.nn BN"]
     print(label)
-    for name, r in med.items():
+    for name in loops:
+        r = med[name]
         print(f"  {name:<20} {r:8.1f} steps/s  {1000 / r:7.2f} ms/step   vs compute floor {r / floor:5.2f}x")
-    # per-round ratios (each round's loops ran back to back under the same background load)
+    # Per-round values: each round's loops ran back to back under the same background load.
+    # Overhead of A over B = (time per step of A) / (time per step of B) - 1 = rate B / rate A - 1.
     med["ratio bnlab/torch"] = statistics.median(b / t for b, t in zip(rates["plain bnlab BN"],
                                                                        rates["plain torch.nn BN"]))
-    med["engine overhead"] = statistics.median(p / e - 1 for p, e in zip(rates["plain bnlab BN"], rates["engine"]))
-    med["gather overhead"] = statistics.median(p / g - 1 for p, g in zip(rates["plain bnlab BN"],
-                                                                         rates["plain + gather"]))
-    med["engine over gather"] = statistics.median(g / e - 1 for g, e in zip(rates["plain + gather"],
-                                                                            rates["engine"]))
+    med["engine overhead"] = paired(rates["plain bnlab BN"], rates["engine"])
+    med["engine overhead vs torch floor"] = paired(rates["plain torch.nn BN"], rates["engine"])
+    med["gather overhead"] = paired(rates["plain bnlab BN"], rates["plain + gather"])
+    med["engine over gather"] = paired(rates["plain + gather"], rates["engine"])
     return med
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as per worker)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (default 5; the intervals need 3 or more)")
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke test of the script)")
     parser.add_argument("--clock", choices=tuple(_CLOCKS), default="wall",
                         help="wall (default) or cpu: the process's CPU time, meaningful with --threads 1 "
                              "on a machine where other processes take the core part of the time")
-    parser.add_argument("--cycle", type=int, default=200,
-                        help="distinct pre-sliced batches in the plain loops (default 200; 1000 = one MLP epoch)")
+    parser.add_argument("--cycle", type=int, default=None,
+                        help="distinct pre-sliced batches in the plain loops (default: one epoch, "
+                             "1000 for the MLP)")
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu sums the CPU time of all threads; use it with --threads 1")
-    if args.cycle < 1:
+    if args.cycle is not None and args.cycle < 1:
         parser.error("--cycle must be at least 1")
     global _clock, _CYCLE
     _clock = _CLOCKS[args.clock]
@@ -222,19 +252,20 @@ def main() -> None:
     vgg = dataclasses.replace(vgg, eval_every=vgg.steps)
 
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}, {args.clock} clock, "
-          f"plain loops cycle over {_CYCLE} batches")
+          f"plain loops cycle over {'one epoch of' if _CYCLE is None else _CYCLE} batches")
     print(f"Ioffe MLP data: {mlp_data}; VGG-11 data: {vgg_data}")
     torch.set_num_threads(args.threads)
     ours_us, loader_us = batch_fetch_microseconds(mlp_task, 60)
     print(f"{'batch fetch only (60 x 1x28x28)':<34} Batches {ours_us:6.1f} us/batch   DataLoader "
           f"{loader_us:6.1f} us/batch   ratio {loader_us / ours_us:5.2f}x")
     mlp_rates = compare("Ioffe MLP 784-100x3-10 BN, batch 60", mlp, mlp_task, args.threads, args.repeats)
-    vgg_rates = compare("VGG-11 width 1/4 BN, batch 128", vgg, vgg_task, args.threads, max(1, args.repeats - 1))
-    print(f"vgg_engine_overhead: {vgg_rates['engine overhead']:.3f}")
+    vgg_rates = compare("VGG-11 width 1/4 BN, batch 128", vgg, vgg_task, args.threads, max(3, args.repeats - 2))
+    print(_fmt("vgg_engine_overhead", vgg_rates["engine overhead"]))
     print(f"mlp_bnlab_vs_torch_bn: {mlp_rates['ratio bnlab/torch']:.3f}")
-    print(f"mlp_engine_overhead: {mlp_rates['engine overhead']:.3f}")
-    print(f"mlp_gather_overhead: {mlp_rates['gather overhead']:.3f}")
-    print(f"mlp_engine_overhead_over_gather: {mlp_rates['engine over gather']:.3f}")
+    print(_fmt("mlp_engine_overhead", mlp_rates["engine overhead"]))
+    print(_fmt("mlp_engine_overhead_vs_torch_floor", mlp_rates["engine overhead vs torch floor"]))
+    print(_fmt("mlp_gather_overhead", mlp_rates["gather overhead"]))
+    print(_fmt("mlp_engine_overhead_over_gather", mlp_rates["engine over gather"]))
     print(f"engine_vs_dataloader_speedup: {mlp_rates['engine'] / mlp_rates['DataLoader']:.2f}")
 
 

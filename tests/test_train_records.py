@@ -77,3 +77,31 @@ def test_records_with_varying_batch_shapes_and_regression():
     reg.flush()
     reg.flush()  # nothing pending: nothing written
     assert written == ['{"step":4,"split":"train","loss":2.25,"lr":0.5}\n']
+
+
+def test_records_copy_their_tensors_and_respect_the_buffer_cap():
+    """add() copies the logits and labels (the caller may reuse them); a buffer too small for
+    max_pending rows flushes when full; a dtype change flushes first. The lines are the per-step ones."""
+    torch.manual_seed(1)
+    written: list[str] = []
+    row_bytes = 20 * 4 * 4 + 20 * 8  # one record of (20, 4) float32 logits and (20,) int64 labels
+    sink = TrainRecords(lambda records, lines: written.extend(lines), classification=True, max_pending=100,
+                        max_seconds=math.inf, max_buffer_bytes=3 * row_bytes)
+    logits = torch.empty(20, 4)
+    labels = torch.empty(20, dtype=torch.int64)
+    expected = []
+    for step in range(8):
+        dtype = torch.float64 if step >= 5 else torch.float32
+        logits = logits.to(dtype)
+        logits.copy_(torch.randn(20, 4))  # the same tensors, overwritten every step
+        labels.copy_(torch.randint(0, 4, (20,)))
+        sink.add(step, 0.5, 0.1, logits, labels)
+        acc = (logits.argmax(dim=1) == labels).float().mean().item()
+        expected.append(_per_step_line({"step": step, "split": "train", "loss": 0.5, "acc": acc, "lr": 0.1}) + "\n")
+        if step == 2:
+            assert len(written) == 3  # three rows fit in the buffer: flushed when full
+        if step == 5:
+            # the float64 record flushed the two float32 ones first; one float64 row fills the cap
+            assert len(written) == 6
+    sink.flush()
+    assert written == expected

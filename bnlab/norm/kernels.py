@@ -72,7 +72,8 @@ torch.nn.
 
 Large training outputs (8 MiB and more: the output and the input gradient) ask the OS for
 transparent huge pages (``madvise``), which makes their first touch cheaper; the eval output does not
-(there THP compaction stalls cost more than the hint saved; see ``empty_out`` in the C++ source).
+(there stalls at the first touch of huge pages cost more than the hint saved; see ``empty_out`` in
+the C++ source).
 ``BNLAB_HUGE_PAGES=0`` (read once, at the first kernel call) turns the hint off entirely.
 
 Switch: ``BNLAB_KERNELS=auto`` (default: kernels where they apply), ``off`` (always the composite

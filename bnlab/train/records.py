@@ -7,9 +7,14 @@ a ``write`` and a ``flush`` per step, about 0.15 ms of a 1.6 ms step). ``TrainRe
 record needs and does the rest in bulk:
 
 * per step it stores the loss (a Python float the loop reads anyway for its divergence check), the
-  learning rate, a detached reference to the logits and the batch's labels;
-* at a flush it computes every pending accuracy with one stacked ``argmax``/compare/sum, and writes
-  the lines with one ``write`` through ``RunDir.log_lines``.
+  learning rate, and copies the logits and the batch's labels into one preallocated buffer (a row per
+  pending record, at most ``max_buffer_bytes``; a new buffer, after a flush, when their shape, dtype
+  or device changes). Keeping a reference to each step's logits instead pins up to ``max_pending``
+  small allocations, so a step's tensors no longer reuse the memory the step before freed; with the
+  copy the engine's Ioffe MLP step was 3.6 % faster (median of 10 paired rounds, faster in 7), although
+  the copy itself costs about 5 us per step;
+* at a flush it computes every pending accuracy with one ``argmax``/compare/sum over the buffer, and
+  writes the lines with one ``write`` through ``RunDir.log_lines``.
 
 The bytes written are those of the per-step version: the accuracy of ``k`` correct out of ``n`` is
 the float32 mean that ``(pred == y).float().mean().item()`` gives (computed once per ``(k, n)`` by
@@ -17,7 +22,8 @@ exactly that torch expression and cached), and a line is ``json.dumps`` of the r
 formatter is used only where it produces the same text, see ``format_train_line``).
 
 The loop flushes before every other record (evaluation, probes, events), before a checkpoint's
-fsync, when ``max_pending`` records wait, when ``max_seconds`` have passed since the last flush (so
+fsync, when ``max_pending`` records wait (or the buffer, at most ``max_buffer_bytes``, is full), when
+``max_seconds`` have passed since the last flush (so
 ``tail -f`` still follows a run), at the end, and when the loop is left by an exception. A SIGKILL
 loses at most the unflushed records, which a resume rewrites anyway (it truncates metrics.jsonl to
 the checkpoint's byte offset and replays the steps after it).
@@ -76,43 +82,56 @@ class TrainRecords:
     their metrics.jsonl lines (each ending in a newline)."""
 
     def __init__(self, write: Callable[[list[dict[str, Any]], list[str]], None], classification: bool, *,
-                 max_pending: int = 1000, max_seconds: float = 1.0) -> None:
+                 max_pending: int = 1000, max_seconds: float = 1.0, max_buffer_bytes: int = 16 << 20) -> None:
         self._write = write
         self._classification = classification
         self._max_pending = max_pending
         self._max_seconds = max_seconds
+        self._max_buffer_bytes = max_buffer_bytes
         self._steps: list[int] = []
         self._losses: list[float] = []
         self._lrs: list[float] = []
-        self._logits: list[torch.Tensor] = []
-        self._labels: list[torch.Tensor] = []
+        # logits and labels of the pending records, row i for record i (allocated at the first add)
+        self._logit_rows: torch.Tensor | None = None
+        self._label_rows: torch.Tensor | None = None
         self._last_flush = time.monotonic()
 
     def __len__(self) -> int:
         return len(self._steps)
 
     def add(self, step: int, loss: float, lr: float, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Queue the record of the update at ``step`` (``logits``: the model output of that update)."""
+        """Queue the record of the update at ``step`` (``logits``: the model output of that update;
+        both tensors are copied, so the caller may reuse or free them)."""
+        if self._classification:
+            logits = logits.detach()
+            rows, label_rows = self._logit_rows, self._label_rows
+            if (rows is None or rows.shape[1:] != logits.shape or rows.dtype != logits.dtype
+                    or rows.device != logits.device or label_rows.shape[1:] != labels.shape
+                    or label_rows.dtype != labels.dtype or label_rows.device != labels.device):
+                self.flush()  # the pending rows have the old shape: write them first
+                per_row = logits.numel() * logits.element_size() + labels.numel() * labels.element_size()
+                n = max(1, min(self._max_pending, self._max_buffer_bytes // max(per_row, 1)))
+                rows = self._logit_rows = logits.new_empty((n, *logits.shape))
+                label_rows = self._label_rows = labels.new_empty((n, *labels.shape))
+            i = len(self._steps)
+            rows[i].copy_(logits)
+            label_rows[i].copy_(labels)
         self._steps.append(step)
         self._losses.append(loss)
         self._lrs.append(lr)
-        if self._classification:
-            self._logits.append(logits.detach())
-            self._labels.append(labels)
-        if len(self._steps) >= self._max_pending or time.monotonic() - self._last_flush >= self._max_seconds:
+        if (len(self._steps) >= self._max_pending or time.monotonic() - self._last_flush >= self._max_seconds
+                or (self._logit_rows is not None and len(self._steps) >= self._logit_rows.shape[0])):
             self.flush()
 
     def _accuracies(self) -> list[float]:
-        logits, labels = self._logits, self._labels
-        shape, label_shape = logits[0].shape, labels[0].shape
-        if (len(shape) >= 2 and shape[:1] + shape[2:] == label_shape and all(t.shape == shape for t in logits)
-                and all(t.shape == label_shape for t in labels)):
+        n = len(self._steps)
+        logits, labels = self._logit_rows[:n], self._label_rows[:n]
+        shape, label_shape = logits.shape[1:], labels.shape[1:]
+        if len(shape) >= 2 and shape[:1] + shape[2:] == label_shape:
             # (records, batch, ...): argmax over each record's dim 1, as per record; counts are exact
-            pred = torch.stack(logits).argmax(dim=2)
-            correct = (pred == torch.stack(labels)).flatten(1).sum(dim=1).tolist()
-            total = label_shape.numel()
-            return [accuracy_fraction(k, total) for k in correct]
-        # anything else (shapes that vary or broadcast): the per-step expression itself
+            correct = (logits.argmax(dim=2) == labels).flatten(1).sum(dim=1).tolist()
+            return [accuracy_fraction(k, label_shape.numel()) for k in correct]
+        # anything else (labels that broadcast): the per-step expression itself
         return [(lg.argmax(dim=1) == lb).float().mean().item() for lg, lb in zip(logits, labels)]
 
     def flush(self) -> None:
@@ -129,5 +148,5 @@ class TrainRecords:
             record["lr"] = self._lrs[i]
             records.append(record)
             lines.append(format_train_line(record) + "\n")
-        self._steps, self._losses, self._lrs, self._logits, self._labels = [], [], [], [], []
+        self._steps, self._losses, self._lrs = [], [], []
         self._write(records, lines)
