@@ -9,11 +9,11 @@ call in the order they happen, so start-up effects are visible:
 * ``plain``: default 4 KiB pages;
 * ``hinted``: the 2 MiB-aligned interior asks for huge pages first (what the kernels do).
 
-It also prints the kernel's THP settings, whether the machine reports free memory to a hypervisor
-(free page reporting: a VM that hands free 2 MiB blocks back to its host, which then backs them again
-page by page when they are touched; see ``empty_out`` in bnlab/norm/_kernels.cpp), and the change in
-/proc/vmstat's compaction and THP counters over the run (a ``compact_stall`` of 0 means no fault
-waited for memory compaction).
+It also prints the kernel's THP settings and, over the run, the change in /proc/vmstat's compaction
+and THP counters (system-wide: other processes count too; a ``compact_stall`` change of 0 means no
+fault waited for memory compaction) and in the free page reporting counters where the kernel has them
+(a VM that hands free 2 MiB blocks back to its host: ``reported_kib`` grows when it does; see
+``empty_out`` in bnlab/norm/_kernels.cpp for why that matters).
 
     python bench/huge_pages.py [--threads 2] [--calls 30] [--mib 32]
 """
@@ -28,6 +28,18 @@ import time
 from pathlib import Path
 
 _COUNTERS = ("compact_stall", "thp_fault_alloc", "thp_fault_fallback")
+_REPORTING = Path("/sys/module/page_reporting/parameters")
+
+
+def _reporting() -> dict[str, int]:
+    """Free page reporting counters (empty where the kernel has none)."""
+    out = {}
+    for name in ("reported_kib", "passes"):
+        try:
+            out[name] = int((_REPORTING / name).read_text())
+        except (OSError, ValueError):
+            pass
+    return out
 
 
 def _vmstat() -> dict[str, int]:
@@ -68,24 +80,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads in the fill (default 2)")
     parser.add_argument("--calls", type=int, default=30, help="fresh outputs per process (default 30)")
-    parser.add_argument("--mib", type=int, default=32, help="output size in MiB (default 32, about the 33.6 MB "
-                                                            "of a (128, 64, 32, 32) float32 tensor)")
+    parser.add_argument("--mib", type=int, default=32, help="output size in MiB, at least 32 (default: 32, the "
+                                                            "33.6 MB of a (128, 64, 32, 32) float32 tensor)")
     parser.add_argument("--child", choices=("plain", "hinted"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         _child(args.child, args.threads, args.calls, args.mib)
         return
+    if args.mib < 32:
+        # glibc serves freed blocks below 32 MiB again from its heap (its mmap threshold grows with what is
+        # freed), so later calls would reuse warm memory instead of touching fresh pages
+        parser.error("--mib must be at least 32: smaller outputs may reuse warm heap memory, not fresh pages")
     if not sys.platform.startswith("linux"):
         sys.exit("huge_pages.py: transparent huge pages are a Linux feature; nothing to measure here")
     if os.environ.get("BNLAB_HUGE_PAGES") == "0":
         sys.exit("huge_pages.py: BNLAB_HUGE_PAGES=0 turns the hint off, so both kinds would be the same; "
                  "unset it to compare")
     print(f"THP enabled: {_setting('/sys/kernel/mm/transparent_hugepage/enabled')}; "
-          f"defrag: {_setting('/sys/kernel/mm/transparent_hugepage/defrag')}; free page reporting: "
-          f"{'on' if Path('/sys/module/page_reporting').exists() else 'off'}")
+          f"defrag: {_setting('/sys/kernel/mm/transparent_hugepage/defrag')}")
     print(f"{args.calls} fresh {args.mib} MiB outputs per process, filled by a copy with {args.threads} thread(s); "
           "ms per call, in order:")
-    before = _vmstat()
+    before, reported_before = _vmstat(), _reporting()
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for kind in ("plain", "hinted", "plain", "hinted"):  # alternating processes
@@ -97,8 +112,11 @@ def main() -> None:
         print(f"  {kind:<6} first {times[0]:6.1f}  median of the first 10 {statistics.median(times[:10]):6.1f}  "
               f"median of the second half {statistics.median(half):6.1f}  max {max(times):6.1f}")
         print("         " + " ".join(f"{t:.1f}" for t in times))
-    after = _vmstat()
-    print("vmstat change: " + ", ".join(f"{k} +{after[k] - before[k]}" for k in _COUNTERS if k in after))
+    after, reported_after = _vmstat(), _reporting()
+    print("/proc/vmstat change (system-wide): "
+          + ", ".join(f"{k} +{after[k] - before[k]}" for k in _COUNTERS if k in after))
+    print("free page reporting: " + (", ".join(f"{k} +{reported_after[k] - reported_before[k]}"
+                                               for k in reported_after) or "no counters (none on this kernel)"))
 
 
 if __name__ == "__main__":

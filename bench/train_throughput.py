@@ -6,9 +6,9 @@ thread count; measured in the same process, alternating, median of ``--repeats``
 * ``engine``: ``bnlab.train.train_run`` as the CLI runs it (per-step loss record in metrics.jsonl,
   NaN check, lr schedule, checkpoints), minus evaluation and probes, with bnlab's BN;
 * ``plain torch.nn BN``: the compute floor, forward/backward/step over batches sliced beforehand
-  (by default one epoch of distinct batches, the bytes the engine reads: 1000 MLP batches, 188 MB;
-  ``--cycle N`` cycles over N instead, e.g. 200, 37.6 MB, which the caches hold better), with the
-  model's BN layers converted to torch.nn's (``bnlab.convert``);
+  (by default one epoch of distinct batches, or the run's steps when fewer: the bytes the engine
+  reads, 1000 MLP batches, 188 MB; ``--cycle N`` cycles over N instead, e.g. 200, 37.6 MB, which the
+  caches hold better), with the model's BN layers converted to torch.nn's (``bnlab.convert``);
 * ``plain bnlab BN``: the same loop with bnlab's BN (bnlab's BN against torch.nn's, all else equal);
 * ``plain + gather``: the plain bnlab loop, but each batch gathered at its step by
   ``bnlab.data.Batches`` as the engine does (random rows of the training tensor): the floor of any
@@ -23,16 +23,18 @@ same size (the throughput does not depend on the pixel values).
 
     python bench/train_throughput.py [--threads 1] [--repeats 5] [--quick] [--clock wall|cpu] [--cycle N]
 
-Ratios are steps/s over steps/s (> 1: the first is faster); an overhead of A over B is A's time per
-step / B's - 1. Each is computed per round (the loops of one round run back to back, so background
-load hits them alike) and reported as the median over the rounds with a 95 % t-interval of the mean
-(``scipy.stats``; this machine's memory speed drifts, so single rounds scatter by several percent).
-The last lines are ``vgg_engine_overhead`` and ``mlp_engine_overhead`` (engine over plain bnlab BN:
+The table gives each loop's median steps/s over the rounds and its ratio to the median of the
+torch.nn floor. An overhead of A over B is A's time per step / B's - 1, computed per round (the loops
+of one round run back to back, in reversed order every other round, so background load and drift
+hit them alike) and reported as the mean over the rounds with a 95 % t-interval of that mean
+(``scipy.stats``; it treats rounds as independent, which slow drift of the machine's memory speed
+makes optimistic) and the median. The last lines are ``vgg_engine_overhead`` and ``mlp_engine_overhead`` (engine over plain bnlab BN:
 same BN, so only the data path and the bookkeeping differ), ``mlp_engine_overhead_vs_torch_floor``
 (engine over plain torch.nn BN: the compute floor as the speed target defines it),
-``mlp_bnlab_vs_torch_bn: <plain bnlab BN / plain torch.nn BN>``, ``mlp_gather_overhead`` (plain +
-gather over plain), ``mlp_engine_overhead_over_gather`` (engine over plain + gather) and
-``engine_vs_dataloader_speedup: <ratio for the Ioffe MLP>``.
+``mlp_gather_overhead`` (plain + gather over plain), ``mlp_engine_overhead_over_gather`` (engine over
+plain + gather), and without intervals ``mlp_bnlab_vs_torch_bn`` (median over the rounds of plain
+bnlab BN steps/s / plain torch.nn BN steps/s) and ``engine_vs_dataloader_speedup`` (ratio of the
+medians, Ioffe MLP).
 """
 
 from __future__ import annotations
@@ -170,24 +172,24 @@ def batch_fetch_microseconds(task: Task, batch_size: int, n: int = 2000) -> tupl
     return ours, (_clock() - t0) / n * 1e6
 
 
-def paired(numerator: list[float], denominator: list[float]) -> tuple[float, float | None, float | None]:
-    """Per-round values ``numerator / denominator - 1``: (median, low, high), low/high a 95 %
-    t-interval of their mean (None with fewer than 3 rounds)."""
+def paired(numerator: list[float], denominator: list[float]) -> tuple[float, float | None, float | None, float]:
+    """Per-round values ``numerator / denominator - 1``: (mean, low, high, median), low/high a 95 %
+    t-interval of the mean (None with fewer than 3 rounds)."""
     values = np.array([a / b - 1.0 for a, b in zip(numerator, denominator)])
-    med = float(np.median(values))
+    mean, med = float(values.mean()), float(np.median(values))
     if len(values) < 3:
-        return med, None, None
+        return mean, None, None, med
     if float(values.std()) == 0.0:
-        return med, med, med
-    low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
-    return med, float(low), float(high)
+        return mean, mean, mean, med
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=mean, scale=stats.sem(values))
+    return mean, float(low), float(high), med
 
 
-def _fmt(name: str, value: tuple[float, float | None, float | None]) -> str:
-    med, low, high = value
+def _fmt(name: str, value: tuple[float, float | None, float | None, float]) -> str:
+    mean, low, high, med = value
     if low is None:
-        return f"{name}: {med:.3f} (no interval: fewer than 3 rounds)"
-    return f"{name}: {med:.3f} (95% interval of the mean {low:+.3f} to {high:+.3f})"
+        return f"{name}: {mean:.3f} (mean; no interval with fewer than 3 rounds; median {med:.3f})"
+    return f"{name}: {mean:.3f} (mean; 95% interval {low:+.3f} to {high:+.3f}; median {med:.3f})"
 
 
 def compare(label: str, cfg: TrainConfig, task: Task, threads: int, repeats: int) -> dict[str, object]:
@@ -201,12 +203,13 @@ def compare(label: str, cfg: TrainConfig, task: Task, threads: int, repeats: int
         "DataLoader": lambda: dataloader_steps_per_second(cfg, task, threads),
     }
     rates: dict[str, list[float]] = {k: [] for k in loops}
-    for _ in range(repeats):  # alternate, so background load hits all alike
-        for name, fn in loops.items():
-            rates[name].append(fn())
+    order = list(loops)
+    for r in range(repeats):  # alternate, so background load hits all alike; reversed every other round
+        for name in (order if r % 2 == 0 else order[::-1]):
+            rates[name].append(loops[name]())
     med: dict[str, object] = {k: statistics.median(v) for k, v in rates.items()}
     floor = med["plain torch.nn BN"]
-    print(label)
+    print(f"{label} ({repeats} rounds)")
     for name in loops:
         r = med[name]
         print(f"  {name:<20} {r:8.1f} steps/s  {1000 / r:7.2f} ms/step   vs compute floor {r / floor:5.2f}x")
@@ -251,8 +254,8 @@ def main() -> None:
                       steps=20 if args.quick else 80, **common)
     vgg = dataclasses.replace(vgg, eval_every=vgg.steps)
 
-    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}, {args.clock} clock, "
-          f"plain loops cycle over {'one epoch of' if _CYCLE is None else _CYCLE} batches")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.clock} clock, "
+          f"plain loops cycle over {'one epoch (or the run) of' if _CYCLE is None else _CYCLE} batches")
     print(f"Ioffe MLP data: {mlp_data}; VGG-11 data: {vgg_data}")
     torch.set_num_threads(args.threads)
     ours_us, loader_us = batch_fetch_microseconds(mlp_task, 60)

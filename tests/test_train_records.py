@@ -105,3 +105,31 @@ def test_records_copy_their_tensors_and_respect_the_buffer_cap():
             assert len(written) == 6
     sink.flush()
     assert written == expected
+
+
+def test_records_of_rows_larger_than_the_buffer_grad_labels_and_inference_mode():
+    """A row larger than max_buffer_bytes is scored at once (nothing kept); labels that require grad
+    build no graph on the buffer; a first add under inference mode leaves a buffer later adds can use."""
+    torch.manual_seed(2)
+    written: list[str] = []
+    sink = TrainRecords(lambda records, lines: written.extend(lines), classification=True, max_pending=100,
+                        max_seconds=math.inf, max_buffer_bytes=1000)
+    expected = []
+
+    def check(step, logits, labels):
+        sink.add(step, 0.25, 0.1, logits, labels)
+        acc = (logits.argmax(dim=1) == labels).float().mean().item()
+        expected.append(_per_step_line({"step": step, "split": "train", "loss": 0.25, "acc": acc, "lr": 0.1}) + "\n")
+
+    with torch.inference_mode():
+        check(0, torch.randn(5, 3), torch.randint(0, 3, (5,)))  # 5*3*4 + 5*8 = 100 bytes: buffered
+    check(1, torch.randn(5, 3), torch.randint(0, 3, (5,)))
+    soft = torch.randint(0, 3, (5,)).float().requires_grad_()  # float labels that require grad
+    check(2, torch.randn(5, 3), soft * 1)
+    assert sink._label_rows is not None and sink._label_rows.grad_fn is None
+    check(3, torch.randn(40, 10), torch.randint(0, 10, (40,)))  # 40*10*4 + 320 = 1920 bytes > 1000: at once
+    check(4, torch.randn(40, 10), torch.randint(0, 10, (40,)))
+    assert sink._logit_rows.shape[1:] == (5, 3)  # nothing of the large rows kept
+    check(5, torch.randn(5, 3), torch.randint(0, 3, (5,)))
+    sink.flush()
+    assert written == expected

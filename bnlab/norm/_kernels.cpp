@@ -74,14 +74,14 @@ Tensor dense_input(const Tensor& x, Layout& L) {
 
 // A fresh output in x's layout. Large outputs are fresh pages from the OS, and first-touch page faults
 // of 4 KiB pages cost more than the arithmetic of BN; asking for transparent huge pages (2 MiB, where
-// the kernel allows them: THP "madvise" or "always") makes that cost a few faults per tensor. Inside a
-// VM that hands free memory back to its host (free page reporting works on free 2 MiB blocks), a huge
-// page can be one the host has discarded, backed again page by page at its first touch. On the VM
-// bnlab was measured on (free page reporting on; /proc/vmstat: no compaction stall, no THP fallback)
-// the first ten or so hinted 32 MiB outputs of a process took about 41 ms each instead of 7 ms with 2
-// threads, the later ones about 4 ms. The training outputs take the hint (forward+backward 1.28-1.49x
-// torch with it, 1.12-1.13x without, 2 threads); the eval output does not (there the stalls made one
-// case 0.55x torch in 5 of 6 runs, and without the hint eval is 1.00-1.07x every time).
+// the kernel allows them: THP "madvise" or "always") makes that cost a few faults per tensor. On the VM
+// bnlab was measured on, though, huge-page faults come in bursts: 41-68 ms per fresh 32 MiB output
+// instead of 4-7 ms, in the first 6-13 outputs of most processes with 2 threads (bench/huge_pages.py).
+// Not compaction (/proc/vmstat: no compaction stall, no THP fallback); the cause is not established (a
+// suspect: the VM hands free 2 MiB blocks back to its host, which must back them again on first touch).
+// Training outputs take the hint (forward+backward 1.28-1.49x torch with it, 1.12-1.13x without, 2
+// threads; a training loop soon leaves the bursts behind); the eval output does not (there the bursts
+// made one case 0.55x torch in 5 of 6 runs; without the hint eval is 1.00-1.08x).
 // BNLAB_HUGE_PAGES=0 (read once) turns the hint off entirely.
 Tensor empty_out(const Tensor& x, bool huge_pages = true) {
   Tensor y = at::empty_like(x);

@@ -8,11 +8,11 @@ record needs and does the rest in bulk:
 
 * per step it stores the loss (a Python float the loop reads anyway for its divergence check), the
   learning rate, and copies the logits and the batch's labels into one preallocated buffer (a row per
-  pending record, at most ``max_buffer_bytes``; a new buffer, after a flush, when their shape, dtype
-  or device changes). Keeping a reference to each step's logits instead pins up to ``max_pending``
-  small allocations, so a step's tensors no longer reuse the memory the step before freed; with the
-  copy the engine's Ioffe MLP step was 3.6 % faster (median of 10 paired rounds, faster in 7), although
-  the copy itself costs about 5 us per step;
+  pending record; a new buffer, after a flush, when their shape, dtype or device changes). Copies,
+  not references: up to ``max_pending`` kept outputs would pin as many allocations (and memory that
+  grows with the output size), so a step's tensors could not reuse what the step before freed. The
+  buffer holds at most ``max_buffer_bytes``; a record whose row alone is larger (say, segmentation
+  logits) gets its accuracy computed at once by the per-step expression, and nothing is kept;
 * at a flush it computes every pending accuracy with one ``argmax``/compare/sum over the buffer, and
   writes the lines with one ``write`` through ``RunDir.log_lines``.
 
@@ -44,12 +44,13 @@ __all__ = ["TrainRecords", "accuracy_fraction", "format_train_line"]
 
 
 @lru_cache(maxsize=4096)
-def accuracy_fraction(correct: int, total: int) -> float:
-    """``correct / total`` exactly as the float32 ``(pred == y).float().mean().item()`` rounds it.
+def accuracy_fraction(correct: int, total: int, device: str = "cpu") -> float:
+    """``correct / total`` exactly as the float32 ``(pred == y).float().mean().item()`` rounds it on
+    ``device`` (a device's mean may divide or multiply by 1/total, which round differently).
 
     Computed by that torch expression on a mask with ``correct`` ones (a float32 sum of 0/1 values
     is exact below 2**24, so only the count matters, not where the ones are), then cached."""
-    mask = torch.zeros(total, dtype=torch.bool)
+    mask = torch.zeros(total, dtype=torch.bool, device=device)
     mask[:correct] = True
     return mask.float().mean().item()
 
@@ -91,6 +92,7 @@ class TrainRecords:
         self._steps: list[int] = []
         self._losses: list[float] = []
         self._lrs: list[float] = []
+        self._direct: list[float] = []  # accuracies computed at add (rows larger than the buffer)
         # logits and labels of the pending records, row i for record i (allocated at the first add)
         self._logit_rows: torch.Tensor | None = None
         self._label_rows: torch.Tensor | None = None
@@ -103,34 +105,44 @@ class TrainRecords:
         """Queue the record of the update at ``step`` (``logits``: the model output of that update;
         both tensors are copied, so the caller may reuse or free them)."""
         if self._classification:
-            logits = logits.detach()
+            logits, labels = logits.detach(), labels.detach()
             rows, label_rows = self._logit_rows, self._label_rows
-            if (rows is None or rows.shape[1:] != logits.shape or rows.dtype != logits.dtype
-                    or rows.device != logits.device or label_rows.shape[1:] != labels.shape
-                    or label_rows.dtype != labels.dtype or label_rows.device != labels.device):
-                self.flush()  # the pending rows have the old shape: write them first
-                per_row = logits.numel() * logits.element_size() + labels.numel() * labels.element_size()
-                n = max(1, min(self._max_pending, self._max_buffer_bytes // max(per_row, 1)))
-                rows = self._logit_rows = logits.new_empty((n, *logits.shape))
-                label_rows = self._label_rows = labels.new_empty((n, *labels.shape))
-            i = len(self._steps)
-            rows[i].copy_(logits)
-            label_rows[i].copy_(labels)
+            per_row = logits.numel() * logits.element_size() + labels.numel() * labels.element_size()
+            direct = per_row > self._max_buffer_bytes
+            if direct != bool(self._direct) and self._steps:
+                self.flush()  # one kind of pending record at a time
+            if direct:
+                self._direct.append((logits.argmax(dim=1) == labels).float().mean().item())
+            else:
+                if (rows is None or rows.shape[1:] != logits.shape or rows.dtype != logits.dtype
+                        or rows.device != logits.device or label_rows.shape[1:] != labels.shape
+                        or label_rows.dtype != labels.dtype or label_rows.device != labels.device):
+                    self.flush()  # the pending rows have the old shape: write them first
+                    n = max(1, min(self._max_pending, self._max_buffer_bytes // max(per_row, 1)))
+                    with torch.inference_mode(False):  # an add under inference mode must not make it read-only
+                        rows = self._logit_rows = logits.new_empty((n, *logits.shape))
+                        label_rows = self._label_rows = labels.new_empty((n, *labels.shape))
+                i = len(self._steps)
+                rows[i].copy_(logits)
+                label_rows[i].copy_(labels)
         self._steps.append(step)
         self._losses.append(loss)
         self._lrs.append(lr)
-        if (len(self._steps) >= self._max_pending or time.monotonic() - self._last_flush >= self._max_seconds
-                or (self._logit_rows is not None and len(self._steps) >= self._logit_rows.shape[0])):
+        full = (not self._direct and self._logit_rows is not None
+                and len(self._steps) >= self._logit_rows.shape[0])
+        if len(self._steps) >= self._max_pending or time.monotonic() - self._last_flush >= self._max_seconds or full:
             self.flush()
 
     def _accuracies(self) -> list[float]:
+        if self._direct:
+            return self._direct
         n = len(self._steps)
         logits, labels = self._logit_rows[:n], self._label_rows[:n]
         shape, label_shape = logits.shape[1:], labels.shape[1:]
         if len(shape) >= 2 and shape[:1] + shape[2:] == label_shape:
             # (records, batch, ...): argmax over each record's dim 1, as per record; counts are exact
             correct = (logits.argmax(dim=2) == labels).flatten(1).sum(dim=1).tolist()
-            return [accuracy_fraction(k, label_shape.numel()) for k in correct]
+            return [accuracy_fraction(k, label_shape.numel(), logits.device.type) for k in correct]
         # anything else (labels that broadcast): the per-step expression itself
         return [(lg.argmax(dim=1) == lb).float().mean().item() for lg, lb in zip(logits, labels)]
 
@@ -148,5 +160,5 @@ class TrainRecords:
             record["lr"] = self._lrs[i]
             records.append(record)
             lines.append(format_train_line(record) + "\n")
-        self._steps, self._losses, self._lrs = [], [], []
+        self._steps, self._losses, self._lrs, self._direct = [], [], [], []
         self._write(records, lines)
