@@ -1,10 +1,11 @@
 """Training throughput: bnlab's engine against the compute floor and a DataLoader loop.
 
 Same model (built by the same code), same data tensors, same optimizer, same batch size, same
-thread count; measured in the same process, alternating, median of ``--repeats``. Loops:
+thread count; measured in the same process, alternating, over ``--repeats`` rounds. Loops:
 
 * ``engine``: ``bnlab.train.train_run`` as the CLI runs it (per-step loss record in metrics.jsonl,
-  NaN check, lr schedule, checkpoints), minus evaluation and probes, with bnlab's BN;
+  NaN check, lr schedule, the checkpoint and probe checks; no checkpoint falls due and no probe is
+  scheduled), minus evaluation, with bnlab's BN;
 * ``plain torch.nn BN``: the compute floor, forward/backward/step over batches sliced beforehand
   (by default one epoch of distinct batches, or the run's steps when fewer: the bytes the engine
   reads, 1000 MLP batches, 188 MB; ``--cycle N`` cycles over N instead, e.g. 200, 37.6 MB, which the
@@ -19,7 +20,8 @@ thread count; measured in the same process, alternating, median of ``--repeats``
 
 Models: the Ioffe MLP (784-100-100-100-10, sigmoid, BN, batch 60) on Fashion-MNIST (or MNIST), and
 VGG-11 at width 1/4 (BN, batch 128) on CIFAR-10 when installed, else random 3x32x32 tensors of the
-same size (the throughput does not depend on the pixel values).
+same size (the throughput does not depend on the pixel values); VGG runs ``max(3, --repeats - 2)``
+rounds.
 
     python bench/train_throughput.py [--threads 1] [--repeats 5] [--quick] [--clock wall|cpu] [--cycle N]
 
