@@ -76,7 +76,7 @@ Tensor dense_input(const Tensor& x, Layout& L) {
 // of 4 KiB pages cost more than the arithmetic of BN; asking for transparent huge pages (2 MiB, where
 // the kernel allows them: THP "madvise" or "always") makes that cost a few faults per tensor. On the VM
 // bnlab was measured on, though, huge-page faults come in bursts: 41-68 ms per fresh 32 MiB output
-// instead of 4-7 ms, in the first 6-13 outputs of most processes with 2 threads (bench/huge_pages.py).
+// instead of 4-7 ms, for 6-10 of the first 13 outputs of most processes, 2 threads (bench/huge_pages.py).
 // Not compaction (/proc/vmstat: no compaction stall, no THP fallback); the cause is not established (a
 // suspect: the VM hands free 2 MiB blocks back to its host, which must back them again on first touch).
 // Training outputs take the hint (forward+backward 1.28-1.49x torch with it, 1.12-1.13x without, 2
